@@ -1,0 +1,73 @@
+# The user interface of the pipeline. Targets are thin: all logic lives in `python -m pipelines`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+DATASET ?= sample
+TASK    ?= detection
+MASKS   ?= 0
+VAL_RATIO ?= 0.2
+SEED    ?= 0
+WORKERS ?=
+SHARDS  ?=
+IMAGES  ?= 300
+ANNOTATIONS ?=
+SKIP_INVALID ?= 0
+
+.PHONY: help setup lock sample data test bench bench-data demo clean
+
+help:
+	@echo "make setup                         create .venv and install requirements.lock"
+	@echo "make demo                          run the pipeline on the bundled sample"
+	@echo "make test                          run the test suite"
+	@echo "make sample [IMAGES=300]           (re)generate the bundled sample in datasets/sample"
+	@echo "make data DATASET=NAME [TASK=detection|segmentation] [MASKS=0|1] [VAL_RATIO=0.2] [SEED=0]"
+	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1]"
+	@echo "make bench                         run the benchmarks in bench/"
+
+$(STAMP): requirements.lock
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
+	  || { echo "error: set PYTHON=/path/to/python3.11"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check pip==24.3.1
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	$(PY) -m pip check
+	touch $@
+
+setup: $(STAMP)
+
+# Re-resolve the direct pins of pyproject.toml into requirements.lock (needs the registry).
+lock:
+	rm -rf /tmp/pipelines-lock && $(PYTHON) -m venv /tmp/pipelines-lock
+	/tmp/pipelines-lock/bin/pip install --quiet pip==24.3.1
+	/tmp/pipelines-lock/bin/pip install --quiet ".[test]"
+	{ echo "# Exact, fully resolved dependency set for Python 3.11 (Linux). Installed with --no-deps by 'make setup'."; \
+	  echo "# Regenerate with 'make lock' after changing the direct pins in pyproject.toml."; \
+	  /tmp/pipelines-lock/bin/pip freeze --all --exclude-editable | grep -v -E '^(pip|setuptools|annotator-pipelines)[=@ ]'; } > requirements.lock
+
+sample: $(STAMP)
+	$(PY) -m pipelines sample --out datasets/sample --num-images $(IMAGES)
+
+data: $(STAMP)
+	$(PY) -m pipelines data --dataset $(DATASET) --task $(TASK) --val-ratio $(VAL_RATIO) --seed $(SEED) \
+	  $(if $(filter 1,$(MASKS)),--masks) $(if $(filter 1,$(SKIP_INVALID)),--skip-invalid) \
+	  $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(if $(SHARDS),--shards $(SHARDS)) \
+	  $(if $(WORKERS),--workers $(WORKERS))
+
+demo: $(STAMP)
+	$(PY) -m pipelines demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: bench-data
+
+bench-data: $(STAMP)
+	$(PY) bench/bench_data.py
+
+clean:
+	rm -rf workspace/*/ bench/out

@@ -1,0 +1,142 @@
+"""`python -m pipelines STAGE ...`: one subcommand per stage; the Makefile calls these."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipelines.common import DATASETS_DIR, UserError, display_path, eprint
+
+SAMPLE_NAME = "sample"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError("must be at least 0 and below 1")
+    return value
+
+
+def add_data_parser(sub) -> None:
+    p = sub.add_parser(
+        "data", help="annotator export -> label map, TFRecord shards, summary, preview",
+        description="Read a dataset folder (coco-annotator export, COCO JSON or Pascal VOC XML), check it, and "
+                    "write workspace/NAME/data/: label_map.pbtxt, label_map.json, train-*/val-*.tfrecord shards, "
+                    "summary.json and preview.png.")
+    p.add_argument("--dataset", required=True,
+                   help="a folder name under datasets/, or a path to a dataset folder or annotation file "
+                        f"('{SAMPLE_NAME}' is generated on first use)")
+    p.add_argument("--task", choices=("detection", "segmentation"), default="detection",
+                   help="segmentation also writes a class-id PNG per image (default: detection)")
+    p.add_argument("--masks", action="store_true", help="write one instance mask PNG per object")
+    p.add_argument("--val-ratio", type=_ratio, default=0.2, help="share of images for validation (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument("--annotations", help="annotation file to use instead of the newest export / auto-detected one")
+    p.add_argument("--val-annotations", help="a separate annotation file for validation (no random split)")
+    p.add_argument("--images", help="extra folder to look for images in")
+    p.add_argument("--shards", type=_positive_int, help="shards per split (default: one per 500 images)")
+    p.add_argument("--workers", type=_positive_int, help="worker processes (default: all cores)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="drop invalid items (missing images, unknown ids, ...) instead of stopping; "
+                        "each is listed in summary.json")
+    p.add_argument("--out", help="output folder (default workspace/NAME/data)")
+
+
+def cmd_data(args) -> int:
+    from pipelines.data.convert import DataOptions, run
+
+    if args.dataset == SAMPLE_NAME:
+        _ensure_sample()
+    run(DataOptions(dataset=args.dataset, task=args.task, masks=args.masks, val_ratio=args.val_ratio,
+                    seed=args.seed, shards=args.shards, workers=args.workers, skip_invalid=args.skip_invalid,
+                    annotations=args.annotations, val_annotations=args.val_annotations, images=args.images,
+                    out=args.out))
+    return 0
+
+
+def _ensure_sample(num_images: int = 300) -> None:
+    from pipelines.data.sample import ensure_sample
+
+    target = DATASETS_DIR / SAMPLE_NAME
+    if not (target / ".exports").is_dir():
+        print(f"generating the bundled sample dataset in {display_path(target)} ({num_images} images)")
+        ensure_sample(target, num_images)
+
+
+def add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate the bundled sample dataset (coco-annotator layout)",
+                       description="Write a deterministic coco-annotator dataset folder of shapes, with the "
+                                   "export quirks of the real tool.")
+    p.add_argument("--out", default=str(DATASETS_DIR / SAMPLE_NAME), help="folder to write (replaced)")
+    p.add_argument("--num-images", type=_positive_int, default=300, help="number of images (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def cmd_sample(args) -> int:
+    from pipelines.data.sample import generate
+
+    export = generate(Path(args.out), args.num_images, args.seed)
+    print(f"wrote {args.num_images} images and {display_path(export)}")
+    return 0
+
+
+def add_demo_parser(sub) -> None:
+    sub.add_parser("demo", help="run the pipeline's stages on the bundled sample",
+                   description="Generate the bundled sample if needed, then run every stage that exists on it.")
+
+
+def cmd_demo(args) -> int:
+    from pipelines.data.convert import DataOptions, run
+
+    _ensure_sample()
+    steps = [
+        ("detection data, with instance masks", "make data DATASET=sample MASKS=1",
+         DataOptions(dataset=SAMPLE_NAME, masks=True)),
+        ("segmentation data", "make data DATASET=sample TASK=segmentation",
+         DataOptions(dataset=SAMPLE_NAME, task="segmentation", out=None)),
+    ]
+    from pipelines.common import workspace_dir
+
+    for title, command, opts in steps:
+        print(f"\n== {title}: {command}")
+        if opts.task == "segmentation":
+            opts.out = str(workspace_dir() / SAMPLE_NAME / "data-segmentation")
+            print(f"   (written to {display_path(opts.out)} so that it sits beside the detection data)")
+        run(opts)
+    print("\nThe data stage is done: look at the preview.png files above. Training, evaluation, export and "
+          "serving stages are not built yet (see README.md).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines",
+                                     description="Annotator exports to trained, served detection and "
+                                                 "segmentation models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    add_sample_parser(sub)
+    add_data_parser(sub)
+    add_demo_parser(sub)
+    return parser
+
+
+COMMANDS = {"sample": cmd_sample, "data": cmd_data, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        eprint(f"error: {e}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        eprint("interrupted: nothing was written")
+        return 130

@@ -1,0 +1,1 @@
+"""The data stage: annotator export -> checked dataset -> label map -> sharded TFRecords."""
