@@ -51,8 +51,6 @@ def default_workers() -> int:
 
 def run(opts: DataOptions) -> Path:
     """Run the data stage; returns the output folder. Raises UserError for bad input."""
-    from pipelines.data import tfrecords  # imports TensorFlow: only once the input is known
-
     if opts.task not in TASKS:
         raise UserError(None, f"unknown task '{opts.task}': choose one of {', '.join(TASKS)}")
     if not 0.0 <= opts.val_ratio < 1.0:
@@ -87,6 +85,8 @@ def run(opts: DataOptions) -> Path:
     counts = {s: sum(1 for split, _ in items if split == s) for s in ("train", "val")}
     workers = opts.workers or default_workers()
     options = EncodeOptions(instance_masks=opts.masks, class_mask=opts.task == "segmentation")
+
+    from pipelines.data import tfrecords  # imports TensorFlow: only once the input has been checked
 
     tally = Tally(categories)
     dropped = [r for s in sources for r in s.dropped]

@@ -80,7 +80,7 @@ class ShardWriter:
         self.written = 0
 
     def write(self, example: tf.train.Example) -> None:
-        self._writers[self.written % len(self._writers)].write(example.SerializeToString())
+        self._writers[self.written % len(self._writers)].write(example.SerializeToString(deterministic=True))
         self.written += 1
 
     def close(self) -> None:
