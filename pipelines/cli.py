@@ -97,22 +97,12 @@ def cmd_demo(args) -> int:
     from pipelines.data.convert import DataOptions, run
 
     _ensure_sample()
-    steps = [
-        ("detection data, with instance masks", "make data DATASET=sample MASKS=1",
-         DataOptions(dataset=SAMPLE_NAME, masks=True)),
-        ("segmentation data", "make data DATASET=sample TASK=segmentation",
-         DataOptions(dataset=SAMPLE_NAME, task="segmentation", out=None)),
-    ]
-    from pipelines.common import workspace_dir
-
-    for title, command, opts in steps:
-        print(f"\n== {title}: {command}")
-        if opts.task == "segmentation":
-            opts.out = str(workspace_dir() / SAMPLE_NAME / "data-segmentation")
-            print(f"   (written to {display_path(opts.out)} so that it sits beside the detection data)")
-        run(opts)
-    print("\nThe data stage is done: look at the preview.png files above. Training, evaluation, export and "
-          "serving stages are not built yet (see README.md).")
+    # One dataset serves both model families: boxes and instance masks for detection, the class
+    # mask for segmentation.
+    print("\n== data: make data DATASET=sample TASK=segmentation MASKS=1")
+    run(DataOptions(dataset=SAMPLE_NAME, task="segmentation", masks=True))
+    print("\nThe data stage is done: open workspace/sample/data/preview.png to see the labels. Training, "
+          "evaluation, export and serving are not built yet (see README.md).")
     return 0
 
 

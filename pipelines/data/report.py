@@ -97,25 +97,42 @@ def _font():
         return ImageFont.load_default()
 
 
+def _edges(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose right or lower neighbour has another value: the outlines of the regions."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    edge[:, 1:] |= edge[:, :-1].copy()
+    edge[1:, :] |= edge[:-1, :].copy()
+    return edge
+
+
 def draw_labels(rgb: Image.Image, image: EncodedImage, names: dict[int, str]) -> Image.Image:
-    """The image with its masks (class mask or instance masks) tinted and its boxes drawn."""
+    """The image with its masks (class mask or instance masks) tinted and outlined, boxes drawn."""
     base = np.asarray(rgb, dtype=np.float32)
     overlay = base.copy()
+    outlines = []
     if image.class_mask_png is not None:
         cmask = np.asarray(Image.open(io.BytesIO(image.class_mask_png)))
-        for value in np.unique(cmask):
-            if value == 0:
-                continue
-            color = (128, 128, 128) if value == 255 else class_color(int(value))
-            overlay[cmask == value] = color
+        regions = [(cmask == v, (128, 128, 128) if v == 255 else class_color(int(v))) for v in np.unique(cmask) if v]
+        outlines.append((_edges(cmask), cmask))
     else:
-        for obj in image.objects:
-            if obj.mask_png is not None:
-                overlay[np.asarray(Image.open(io.BytesIO(obj.mask_png))) > 0] = class_color(obj.label_id)
-    out = Image.fromarray(np.uint8(base * 0.55 + overlay * 0.45))
+        regions = [(np.asarray(Image.open(io.BytesIO(o.mask_png))) > 0, class_color(o.label_id))
+                   for o in image.objects if o.mask_png is not None]
+    for region, color in regions:
+        overlay[region] = color
+    out = np.float32(base * 0.5 + overlay * 0.5)
+    if image.class_mask_png is None:
+        for region, color in regions:
+            out[_edges(region.astype(np.uint8)) & region] = color
+    for edge, cmask in outlines:
+        for v in np.unique(cmask[edge]):
+            if v:
+                out[edge & (cmask == v)] = (128, 128, 128) if v == 255 else class_color(int(v))
+    out = Image.fromarray(np.uint8(out))
     draw = ImageDraw.Draw(out)
     font = _font()
-    thickness = max(2, round(max(out.size) / 250))
+    thickness = max(2, round(max(out.size) / 300))
     for obj in image.objects:
         color = class_color(obj.label_id)
         draw.rectangle(obj.box, outline=color, width=thickness)
