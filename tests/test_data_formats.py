@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -372,6 +373,7 @@ IMAGE_CASES = {
     "picture.bmp": ("BMP", "png", False),
     "scan.tif": ("TIFF", "png", False),
     "anim.gif": ("GIF", "png", False),
+    "disguised.jpg": ("RGB PNG named .jpg", "png", True),  # the format comes from the content
 }
 LOSSLESS_EXACT = {"palette.png", "picture.bmp", "scan.tif", "anim.gif"}
 
@@ -386,8 +388,8 @@ def _write_mode_images(folder: Path) -> dict[str, tuple[int, int]]:
         path = folder / name
         if name == "rgb.jpg":
             Image.fromarray(rgb).save(path, quality=92)
-        elif name == "rgb.png":
-            Image.fromarray(rgb).save(path)
+        elif name in ("rgb.png", "disguised.jpg"):
+            Image.fromarray(rgb).save(path, format="PNG")
         elif name == "gray.jpg":
             Image.fromarray(rgb).convert("L").save(path, quality=95)
         elif name == "rgba.png":
@@ -413,8 +415,9 @@ def _write_mode_images(folder: Path) -> dict[str, tuple[int, int]]:
             Image.fromarray(rgb).save(path)
         elif name == "anim.gif":
             Image.fromarray(rgb).quantize(colors=32).save(path)
-        assert Image.open(path).format == {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP",
-                                           "tif": "TIFF", "gif": "GIF"}[name.rsplit(".", 1)[1]]
+        by_extension = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "tif": "TIFF",
+                        "gif": "GIF"}[name.rsplit(".", 1)[1]]
+        assert Image.open(path).format == ("PNG" if name == "disguised.jpg" else by_extension)
     assert Image.open(folder / "cmyk.jpg").mode == "CMYK"
     assert Image.open(folder / "palette.png").mode == "P"
     assert Image.open(folder / "gray.jpg").mode == "L"
@@ -454,6 +457,9 @@ def test_image_modes_and_formats_are_normalised(tmp_path):
             assert rec["encoded"] == source.read_bytes(), f"{what} should be copied byte for byte"
         else:
             assert rec["encoded"] != source.read_bytes(), what
+            # Re-encoded means 8-bit RGB (3 channels), whatever the source mode was.
+            written = Image.open(io.BytesIO(rec["encoded"]))
+            assert written.mode == "RGB", f"{what}: re-encoded as {written.mode}"
         np.testing.assert_allclose(rec["boxes"], [[2.0, 3.0, 12.0, 11.0]], atol=1e-3)
 
         decoded = rec["image"].astype(np.int16)
@@ -477,8 +483,8 @@ def test_image_modes_and_formats_are_normalised(tmp_path):
             assert np.abs(decoded[..., 0] - decoded[..., 2]).max() <= 3, "grey stays grey"
 
     summary = load_summary(out)
-    assert summary["images"]["copied"] == sum(1 for _, _, c in IMAGE_CASES.values() if c) == 2
-    assert summary["images"]["reencoded"] == len(IMAGE_CASES) - 2
+    assert summary["images"]["copied"] == sum(1 for _, _, c in IMAGE_CASES.values() if c) == 3
+    assert summary["images"]["reencoded"] == len(IMAGE_CASES) - 3 == 9
     assert summary["images"]["train"] + summary["images"]["val"] == len(IMAGE_CASES)
 
 
@@ -507,10 +513,11 @@ def test_separate_train_and_val_annotation_files(tmp_path):
                          [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
                          [[(1, 2, 2, 10, 10)], [(2, 3, 3, 12, 9)], [(1, 1, 1, 5, 5), (2, 20, 10, 8, 8)],
                           [(2, 4, 4, 6, 6)], [(1, 6, 6, 9, 9)]])
-    # Val numbers its categories differently, lists them in another order and adds one.
+    # Val numbers its categories differently (by source id, val alone would make dog 1 and cat 2),
+    # lists them in another order and adds one.
     val = _simple_coco(root, "val_imgs", ["v0.jpg", "v1.jpg"],
-                       [{"id": 9, "name": "dog"}, {"id": 5, "name": "cat"}, {"id": 11, "name": "bird"}],
-                       [[(9, 2, 2, 10, 10), (5, 15, 5, 8, 8)], [(11, 3, 3, 7, 7), (5, 1, 1, 4, 4)]])
+                       [{"id": 5, "name": "cat"}, {"id": 11, "name": "bird"}, {"id": 4, "name": "dog"}],
+                       [[(4, 2, 2, 10, 10), (5, 15, 5, 8, 8)], [(11, 3, 3, 7, 7), (5, 1, 1, 4, 4)]])
     train_file = write_json(root / "train.json", train)
     val_file = write_json(root / "val.json", val)
     out = tmp_path / "out"
@@ -541,7 +548,7 @@ def test_separate_train_and_val_annotation_files(tmp_path):
             want = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                     for a in anns]
             np.testing.assert_allclose(rec["boxes"], want, atol=1e-3)
-    # Per-class counts agree with the files: val's "dog" (source id 9) is counted as train's dog.
+    # Per-class counts agree with the files: val's "dog" (source id 4) is counted as train's dog.
     classes = {c["name"]: c for c in summary["classes"]}
     assert classes["dog"]["objects"] == {"train": 3, "val": 1}
     assert classes["cat"]["objects"] == {"train": 3, "val": 2}

@@ -41,6 +41,10 @@ def load_annotations(path: Path, root: Path, image_dirs: list[Path]) -> SourceDa
     if path.suffix.lower() == ".xml":
         return load_voc(root, [path], image_dirs)
     fmt = "coco-annotator" if path.parent.name == ".exports" else "coco"
+    if path.stem.startswith("instances_"):  # official COCO: instances_val2017.json -> val2017/
+        split_dir = root / path.stem[len("instances_"):]
+        if split_dir.is_dir():
+            image_dirs = [*image_dirs, split_dir]
     return load_coco(path, root, image_dirs, fmt)
 
 
