@@ -61,11 +61,18 @@ def find_file(root: Path, extra_roots: list[Path], names: list[str]) -> Path | N
 
 
 def image_key(path: Path, roots: list[Path]) -> str:
-    for base in roots:
-        try:
-            return path.resolve().relative_to(base.resolve()).as_posix()
-        except ValueError:
-            continue
+    """The image's path relative to the first root it lies below (its identity in the dataset).
+
+    The path is tried as found before it is resolved, so a symlinked image keeps the name it
+    has in the dataset folder rather than its target's.
+    """
+    for candidate in (path, path.resolve()):
+        for base in roots:
+            for root in (base, base.resolve()):
+                try:
+                    return candidate.relative_to(root).as_posix()
+                except ValueError:
+                    continue
     return path.name
 
 

@@ -14,6 +14,7 @@ from pipelines.common import (UserError, atomic_output_dir, dataset_name, displa
                               resolve_dataset, workspace_dir)
 from pipelines.data.encode import EncodedImage, EncodeOptions, encode_or_report
 from pipelines.data.items import Report, SourceDataset
+from pipelines.data import tfrecords
 from pipelines.data.label_map import write_label_map
 from pipelines.data.report import PREVIEW_IMAGES, Tally, contact_sheet, format_table, reports_json
 from pipelines.data.sources import discover
@@ -84,9 +85,7 @@ def run(opts: DataOptions) -> Path:
         raise UserError(train_src.annotation_files[0], "no usable images")
     counts = {s: sum(1 for split, _ in items if split == s) for s in ("train", "val")}
     workers = opts.workers or default_workers()
-    options = EncodeOptions(instance_masks=opts.masks, class_mask=opts.task == "segmentation")
-
-    from pipelines.data import tfrecords  # imports TensorFlow: only once the input has been checked
+    options = EncodeOptions(names=names, instance_masks=opts.masks, class_mask=opts.task == "segmentation")
 
     tally = Tally(categories)
     dropped = [r for s in sources for r in s.dropped]
@@ -98,6 +97,7 @@ def run(opts: DataOptions) -> Path:
         write_label_map(tmp, categories)
         writers = {s: tfrecords.ShardWriter(tmp, s, tfrecords.shard_count(n, opts.shards))
                    for s, n in counts.items() if n}
+        converting = time.monotonic()
         progress = tqdm(total=len(items), unit="img", desc="writing TFRecords", disable=None, mininterval=1)
         try:
             results = ordered_parallel_map(encode_or_report, ((im, options) for _, im in items), workers)
@@ -108,7 +108,7 @@ def run(opts: DataOptions) -> Path:
                         raise _first_problem([result])
                     skipped.append(result)
                     continue
-                writers[split].write(tfrecords.to_example(result, names))
+                writers[split].write(result.example)
                 tally.add(split, result)
                 dropped += result.dropped
                 repaired += result.repaired
@@ -117,6 +117,7 @@ def run(opts: DataOptions) -> Path:
                 elif not result.objects and not preview_empty:
                     preview_empty.append((split, result))
         finally:
+            converting = time.monotonic() - converting
             progress.close()
             for writer in writers.values():
                 writer.close()
@@ -147,8 +148,9 @@ def run(opts: DataOptions) -> Path:
     total = sum(tally.images.values())
     print(format_table(summary))
     print(f"wrote {display_path(out)}/: label_map.pbtxt, {sum(len(w.names) for w in writers.values())} shard(s) "
-          f"({', '.join(f'{s}: {len(w.names)}' for s, w in writers.items())}), summary.json, preview.png "
-          f"-- {total} images in {elapsed:.1f}s ({total / elapsed:.1f} img/s, {workers} worker(s))")
+          f"({', '.join(f'{s}: {len(w.names)}' for s, w in writers.items())}), summary.json, preview.png")
+    print(f"{total} images converted in {converting:.1f}s ({total / max(converting, 1e-9):.0f} img/s, "
+          f"{workers} worker(s)); {elapsed:.1f}s in all")
     return out
 
 

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from pipelines.data import geometry
+from pipelines.data.tfrecords import example_features, serialize_example
 from pipelines.data.items import Report, SourceImage, SourceObject
 
 # Formats TensorFlow decodes and whose bytes are kept as they are (MPO is a camera JPEG).
@@ -33,6 +34,7 @@ Image.MAX_IMAGE_PIXELS = None  # annotated datasets hold large photos; the serve
 
 @dataclass
 class EncodeOptions:
+    names: dict[int, str] = field(default_factory=dict)  # label id -> class name
     instance_masks: bool = False  # image/object/mask, one PNG per object
     class_mask: bool = False  # image/segmentation/class/encoded
 
@@ -57,6 +59,7 @@ class EncodedImage:
     sha256: str
     objects: list[EncodedObject]
     class_mask_png: bytes | None = None
+    example: bytes = b""  # the serialized tf.Example
     copied: bool = True
     repaired: list[Report] = field(default_factory=list)
     dropped: list[Report] = field(default_factory=list)
@@ -88,30 +91,39 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _open(image: SourceImage) -> tuple[bytes, Image.Image]:
-    def fail(reason):
-        return ImageError(Report(image.key, image.item, reason))
+def _fail(image: SourceImage, reason: str) -> ImageError:
+    return ImageError(Report(image.key, image.item, reason))
 
+
+def _open(image: SourceImage) -> tuple[bytes, Image.Image]:
+    """Read the file and parse its headers (no pixels are decoded yet)."""
     try:
         with open(image.path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise fail(f"cannot read image file: {e.strerror or e}") from None
+        raise _fail(image, f"cannot read image file: {e.strerror or e}") from None
     if not data:
-        raise fail("image file is empty")
+        raise _fail(image, "image file is empty")
     try:
         img = Image.open(io.BytesIO(data))
-        if img.format in ("JPEG", "MPO"):
-            # Decoding at 1/8 scale still reads every byte (a truncated file fails) at a
-            # fraction of the cost; the pixels of a copied JPEG are not needed here.
-            probe = Image.open(io.BytesIO(data))
-            probe.draft("RGB", (max(1, probe.width // 8), max(1, probe.height // 8)))
-            probe.load()
-        else:
-            img.load()
     except Exception as e:  # PIL raises many types for corrupt data
-        raise fail(f"not a readable image ({type(e).__name__}: {e})") from None
+        raise _fail(image, f"not a readable image ({type(e).__name__}: {e})") from None
     return data, img
+
+
+def _check_copy(image: SourceImage, data: bytes, source_format: str) -> None:
+    """Make sure bytes that are copied as they are will decode, without paying for a full decode.
+
+    PNG: every chunk's CRC is verified. JPEG: a file ending in the end-of-image marker is
+    complete; one that does not (truncated, or with trailing data) is decoded in full to decide.
+    """
+    try:
+        if source_format == "PNG":
+            Image.open(io.BytesIO(data)).verify()
+        elif not data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
+            Image.open(io.BytesIO(data)).load()
+    except Exception as e:
+        raise _fail(image, f"not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _orient(image: SourceImage, img: Image.Image, repaired: list[Report]) -> tuple[Image.Image, bool]:
@@ -134,10 +146,12 @@ def _orient(image: SourceImage, img: Image.Image, repaired: list[Report]) -> tup
         repaired.append(Report(image.key, image.item,
                                f"EXIF orientation {orientation} applied to the pixels to match the "
                                f"annotated {want[0]}x{want[1]} frame"))
-        return ImageOps.exif_transpose(img), True
-    raise ImageError(Report(image.key, image.item,
-                            f"image is {raw_w}x{raw_h} pixels (EXIF orientation {orientation}) but "
-                            f"the annotations say {want[0]}x{want[1]}"))
+        try:
+            return ImageOps.exif_transpose(img), True
+        except Exception as e:  # the pixels are decoded here
+            raise _fail(image, f"not a readable image ({type(e).__name__}: {e})") from None
+    raise _fail(image, f"image is {raw_w}x{raw_h} pixels (EXIF orientation {orientation}) but "
+                       f"the annotations say {want[0]}x{want[1]}")
 
 
 def _object_rle(obj: SourceObject, width: int, height: int, image: SourceImage):
@@ -241,9 +255,13 @@ def encode_image(image: SourceImage, options: EncodeOptions) -> EncodedImage:
     width, height = img.size
 
     if not transformed and source_format in COPYABLE and img.mode == "RGB":
+        _check_copy(image, data, source_format)
         encoded, fmt, copied = data, COPYABLE[source_format], True
     else:
-        rgb = to_rgb(img)
+        try:
+            rgb = to_rgb(img)
+        except Exception as e:  # decoding happens here: corrupt pixel data
+            raise _fail(image, f"not a readable image ({type(e).__name__}: {e})") from None
         out = io.BytesIO()
         if source_format in LOSSY:
             rgb.save(out, format="JPEG", quality=JPEG_QUALITY)
@@ -266,10 +284,12 @@ def encode_image(image: SourceImage, options: EncodeOptions) -> EncodedImage:
         masks.append(mask)
 
     class_png = encode_png(class_mask(objects, masks, height, width)) if options.class_mask else None
-    return EncodedImage(
+    result = EncodedImage(
         key=image.key, source_id=image.source_id, encoded=encoded, format=fmt, width=width,
         height=height, sha256=hashlib.sha256(encoded).hexdigest(), objects=objects,
         class_mask_png=class_png, copied=copied, repaired=repaired, dropped=dropped)
+    result.example = serialize_example(example_features(result, options.names))
+    return result
 
 
 def encode_or_report(args) -> EncodedImage | Report:

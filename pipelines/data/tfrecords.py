@@ -6,58 +6,110 @@ image/filename, image/source_id, image/key/sha256, image/object/bbox/{xmin,xmax,
 image/object/is_crowd, image/object/area (pixels). With instance masks: image/object/mask (one
 PNG of 0/1 per object). For segmentation: image/segmentation/class/encoded (one PNG of class
 ids, 255 = ignore) and image/segmentation/class/format.
+
+The data stage does not import TensorFlow: its worker processes serialise each tf.Example with
+the small protobuf encoder below, and the writer frames records as TFRecord files are framed
+(length, masked CRC-32C of the length, data, masked CRC-32C of the data). Both formats are
+stable and documented; the tests read everything back with TensorFlow's own readers and compare
+the bytes with tf.train.Example's.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
-import tensorflow as tf
-
-from pipelines.data.encode import EncodedImage
+import google_crc32c
 
 IMAGES_PER_SHARD = 500  # default shard size when no shard count is given
 
 
-def _bytes(values):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+# --- tf.Example protobuf encoding --------------------------------------------------------------
+# message Example { Features features = 1; }
+# message Features { map<string, Feature> feature = 1; }
+# message Feature { oneof kind { BytesList bytes_list = 1; FloatList float_list = 2; Int64List int64_list = 3; } }
+# message BytesList { repeated bytes value = 1; }  FloatList { repeated float value = 1 [packed]; }
+# message Int64List { repeated int64 value = 1 [packed]; }
+
+def _varint(value: int) -> bytes:
+    value &= 0xFFFFFFFFFFFFFFFF  # int64: negative numbers as two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
-def _floats(values):
-    return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _ints(values):
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+def bytes_feature(values) -> bytes:
+    return _field(1, b"".join(_field(1, v) for v in values))
 
 
-def to_example(image: EncodedImage, names: dict[int, str]) -> tf.train.Example:
+def float_feature(values) -> bytes:
+    packed = struct.pack(f"<{len(values)}f", *values)
+    return _field(2, _field(1, packed) if values else b"")
+
+
+def int64_feature(values) -> bytes:
+    packed = b"".join(_varint(int(v)) for v in values)
+    return _field(3, _field(1, packed) if values else b"")
+
+
+def serialize_example(features: dict[str, bytes]) -> bytes:
+    """An Example from encoded Feature messages, keys sorted (deterministic bytes)."""
+    entries = b"".join(_field(1, _field(1, key.encode()) + _field(2, features[key])) for key in sorted(features))
+    return _field(1, entries)
+
+
+def example_features(image, names: dict[int, str]) -> dict[str, bytes]:
+    """The feature map of one encoded image (an encode.EncodedImage)."""
     w, h = float(image.width), float(image.height)
     objs = image.objects
+
+    def norm(values, size):
+        return [min(max(v / size, 0.0), 1.0) for v in values]
+
     feature = {
-        "image/encoded": _bytes([image.encoded]),
-        "image/format": _bytes([image.format.encode()]),
-        "image/height": _ints([image.height]),
-        "image/width": _ints([image.width]),
-        "image/filename": _bytes([image.key.encode("utf-8")]),
-        "image/source_id": _bytes([image.source_id.encode()]),
-        "image/key/sha256": _bytes([image.sha256.encode()]),
-        "image/object/bbox/xmin": _floats([min(max(o.box[0] / w, 0.0), 1.0) for o in objs]),
-        "image/object/bbox/xmax": _floats([min(max(o.box[2] / w, 0.0), 1.0) for o in objs]),
-        "image/object/bbox/ymin": _floats([min(max(o.box[1] / h, 0.0), 1.0) for o in objs]),
-        "image/object/bbox/ymax": _floats([min(max(o.box[3] / h, 0.0), 1.0) for o in objs]),
-        "image/object/class/text": _bytes([names[o.label_id].encode("utf-8") for o in objs]),
-        "image/object/class/label": _ints([o.label_id for o in objs]),
-        "image/object/is_crowd": _ints([int(o.is_crowd) for o in objs]),
-        "image/object/area": _floats([o.area for o in objs]),
+        "image/encoded": bytes_feature([image.encoded]),
+        "image/format": bytes_feature([image.format.encode()]),
+        "image/height": int64_feature([image.height]),
+        "image/width": int64_feature([image.width]),
+        "image/filename": bytes_feature([image.key.encode("utf-8")]),
+        "image/source_id": bytes_feature([image.source_id.encode()]),
+        "image/key/sha256": bytes_feature([image.sha256.encode()]),
+        "image/object/bbox/xmin": float_feature(norm([o.box[0] for o in objs], w)),
+        "image/object/bbox/xmax": float_feature(norm([o.box[2] for o in objs], w)),
+        "image/object/bbox/ymin": float_feature(norm([o.box[1] for o in objs], h)),
+        "image/object/bbox/ymax": float_feature(norm([o.box[3] for o in objs], h)),
+        "image/object/class/text": bytes_feature([names[o.label_id].encode("utf-8") for o in objs]),
+        "image/object/class/label": int64_feature([o.label_id for o in objs]),
+        "image/object/is_crowd": int64_feature([int(o.is_crowd) for o in objs]),
+        "image/object/area": float_feature([o.area for o in objs]),
     }
     if objs and objs[0].mask_png is not None:
-        feature["image/object/mask"] = _bytes([o.mask_png for o in objs])
+        feature["image/object/mask"] = bytes_feature([o.mask_png for o in objs])
     if image.class_mask_png is not None:
-        feature["image/segmentation/class/encoded"] = _bytes([image.class_mask_png])
-        feature["image/segmentation/class/format"] = _bytes([b"png"])
-    return tf.train.Example(features=tf.train.Features(feature=feature))
+        feature["image/segmentation/class/encoded"] = bytes_feature([image.class_mask_png])
+        feature["image/segmentation/class/format"] = bytes_feature([b"png"])
+    return feature
+
+
+# --- TFRecord files ----------------------------------------------------------------------------
+
+def _masked_crc(data: bytes) -> bytes:
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def frame_record(data: bytes) -> bytes:
+    length = struct.pack("<Q", len(data))
+    return length + _masked_crc(length) + data + _masked_crc(data)
 
 
 def shard_count(images: int, requested: int | None) -> int:
@@ -72,17 +124,17 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 class ShardWriter:
-    """Writes one split's examples round-robin over its shards (deterministic, streaming)."""
+    """Writes one split's serialized examples round-robin over its shards (deterministic, streaming)."""
 
     def __init__(self, folder: Path, split: str, count: int):
         self.names = [shard_name(split, i, count) for i in range(count)]
-        self._writers = [tf.io.TFRecordWriter(str(folder / n)) for n in self.names]
+        self._files = [open(folder / n, "wb") for n in self.names]
         self.written = 0
 
-    def write(self, example: tf.train.Example) -> None:
-        self._writers[self.written % len(self._writers)].write(example.SerializeToString(deterministic=True))
+    def write(self, serialized: bytes) -> None:
+        self._files[self.written % len(self._files)].write(frame_record(serialized))
         self.written += 1
 
     def close(self) -> None:
-        for writer in self._writers:
-            writer.close()
+        for f in self._files:
+            f.close()
