@@ -606,19 +606,13 @@ def _check_official(root: Path, out: Path, train: dict, val: dict):
             np.testing.assert_allclose(rec["boxes"], [[2.0, 2.0, 20.0, 15.0]], atol=1e-3)
 
 
-def test_official_coco_layout_is_detected(tmp_path):
-    """annotations/instances_train*.json + instances_val*.json are used as train/val without flags."""
+@pytest.mark.parametrize("file_name_with_folder", [True, False], ids=["file_name-with-folder", "bare-file_name"])
+def test_official_coco_layout_is_detected(tmp_path, file_name_with_folder):
+    """annotations/instances_train*.json + instances_val*.json are used as train/val without flags,
+    with `file_name` either naming the split folder or bare, as COCO 2017 ships (images in
+    train2017/ and val2017/)."""
     root = tmp_path / "coco"
-    train, val = _official_layout(root, file_name_with_folder=True)
-    out = tmp_path / "out"
-    run_cli("data", "--dataset", root, "--workers", "1", "--out", out, workspace=tmp_path / "ws", check=True)
-    _check_official(root, out, train, val)
-
-
-def test_official_coco_layout_with_bare_file_names(tmp_path):
-    """As COCO 2017 ships: `file_name` is a bare name and the image lies in train2017/ or val2017/."""
-    root = tmp_path / "coco"
-    train, val = _official_layout(root, file_name_with_folder=False)
+    train, val = _official_layout(root, file_name_with_folder=file_name_with_folder)
     out = tmp_path / "out"
     run_cli("data", "--dataset", root, "--workers", "1", "--out", out, workspace=tmp_path / "ws", check=True)
     _check_official(root, out, train, val)
