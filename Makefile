@@ -17,8 +17,14 @@ SHARDS  ?=
 IMAGES  ?= 300
 ANNOTATIONS ?=
 SKIP_INVALID ?= 0
+MODEL   ?= ssd_mobilenet_v2_fpnlite_320x320
+RUN     ?=
+BATCH   ?=
+STEPS   ?=
+CHECKPOINT ?=
+CHECKPOINT_TYPE ?=
 
-.PHONY: help setup lock sample data test bench bench-data demo clean
+.PHONY: help setup lock sample data config test bench bench-data demo clean
 
 help:
 	@echo "make setup                         create .venv and install requirements.lock"
@@ -27,6 +33,8 @@ help:
 	@echo "make sample [IMAGES=300]           (re)generate the bundled sample in datasets/sample"
 	@echo "make data DATASET=NAME [TASK=detection|segmentation] [MASKS=0|1] [VAL_RATIO=0.2] [SEED=0]"
 	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1]"
+	@echo "make config DATASET=NAME [MODEL=ssd_mobilenet_v2_fpnlite_320x320] [RUN=NAME] [BATCH=N] [STEPS=N]"
+	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification]"
 	@echo "make bench                         run the benchmarks in bench/"
 
 $(STAMP): requirements.lock
@@ -57,6 +65,11 @@ data: $(STAMP)
 	  $(if $(filter 1,$(MASKS)),--masks) $(if $(filter 1,$(SKIP_INVALID)),--skip-invalid) \
 	  $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(if $(SHARDS),--shards $(SHARDS)) \
 	  $(if $(WORKERS),--workers $(WORKERS))
+
+config: $(STAMP)
+	$(PY) -m pipelines config --dataset $(DATASET) --model $(MODEL) $(if $(RUN),--run $(RUN)) \
+	  $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--num-steps $(STEPS)) \
+	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(CHECKPOINT_TYPE),--checkpoint-type $(CHECKPOINT_TYPE))
 
 demo: $(STAMP)
 	$(PY) -m pipelines demo

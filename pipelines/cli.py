@@ -71,6 +71,31 @@ def _ensure_sample(num_images: int = 300) -> None:
         ensure_sample(target, num_images)
 
 
+def add_config_parser(sub) -> None:
+    p = sub.add_parser(
+        "config", help="rewrite a pipeline.config template for a dataset -> workspace/RUN/pipeline.config",
+        description="Copy a pipeline.config template (configs/MODEL.config or a file) for the dataset's label "
+                    "map and TFRecords, and write workspace/RUN/pipeline.config, printing what changed.")
+    p.add_argument("--dataset", required=True, help="the dataset name used with `make data`")
+    p.add_argument("--model", default="ssd_mobilenet_v2_fpnlite_320x320",
+                   help="a template name in configs/ or a path to a pipeline.config")
+    p.add_argument("--run", help="run name: writes workspace/RUN/ (default: the dataset name)")
+    p.add_argument("--batch-size", type=_positive_int, help="train_config.batch_size (learning rates scale with it)")
+    p.add_argument("--num-steps", type=_positive_int, help="train_config.num_steps (and the schedule's total_steps)")
+    p.add_argument("--checkpoint", help="fine_tune_checkpoint (a ckpt-N prefix); without it the field is removed")
+    p.add_argument("--checkpoint-type", choices=("detection", "classification"),
+                   help="fine_tune_checkpoint_type (default: the template's, else detection)")
+
+
+def cmd_config(args) -> int:
+    from pipelines.config.rewrite import ConfigOptions, write_run_config
+
+    write_run_config(ConfigOptions(dataset=args.dataset, model=args.model, run=args.run, batch_size=args.batch_size,
+                                   num_steps=args.num_steps, checkpoint=args.checkpoint,
+                                   checkpoint_type=args.checkpoint_type))
+    return 0
+
+
 def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate the bundled sample dataset (coco-annotator layout)",
                        description="Write a deterministic coco-annotator dataset folder of shapes, with the "
@@ -113,11 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     add_sample_parser(sub)
     add_data_parser(sub)
+    add_config_parser(sub)
     add_demo_parser(sub)
     return parser
 
 
-COMMANDS = {"sample": cmd_sample, "data": cmd_data, "demo": cmd_demo}
+COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

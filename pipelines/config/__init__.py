@@ -1,0 +1,1 @@
+"""pipeline.config: the user-facing configuration, read and rewritten as text."""

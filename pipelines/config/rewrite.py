@@ -1,0 +1,165 @@
+"""`make config`: rewrite a pipeline.config template for one dataset and run.
+
+Sets num_classes from the label map, the label map and TFRecord paths of both readers, and
+optionally the batch size, the number of steps and the fine-tune checkpoint. Everything else in
+the file (comments, order, the other fields) stays as the user or template wrote it. A changed
+batch size scales the learning rates linearly; a changed number of steps moves the cosine
+schedule's total_steps with it and scales warmup_steps in proportion (never past total_steps).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.common import REPO_ROOT, UserError, display_path, resolve_dataset, workspace_dir
+from pipelines.config import translate as tr
+from pipelines.config.textproto import TextProto
+from pipelines.data.label_map import read_label_map
+
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+
+@dataclass
+class ConfigOptions:
+    dataset: str
+    model: str = "ssd_mobilenet_v2_fpnlite_320x320"
+    run: str | None = None
+    batch_size: int | None = None
+    num_steps: int | None = None
+    checkpoint: str | None = None
+    checkpoint_type: str | None = None
+
+
+def template_path(model: str) -> Path:
+    candidates = [CONFIGS_DIR / f"{model}.config", CONFIGS_DIR / model, Path(model)]
+    for path in candidates:
+        if path.is_file():
+            return path
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.config"))
+    raise UserError(model, f"no such config template; choose one of {', '.join(names)} or give a file path")
+
+
+def data_dir(dataset: str) -> Path:
+    """The data stage's output for DATASET (a name under workspace/, or a dataset path's name)."""
+    direct = workspace_dir() / dataset / "data"
+    if direct.is_dir():
+        return direct
+    try:
+        name = resolve_dataset(dataset).name
+    except UserError:
+        name = Path(dataset).name
+    folder = workspace_dir() / name / "data"
+    if not folder.is_dir():
+        raise UserError(display_path(folder), f"no data for dataset '{dataset}': run `make data DATASET={dataset}` first")
+    return folder
+
+
+def portable(path: Path) -> str:
+    """Paths below the repository are written relative to it, so a checkout can move."""
+    try:
+        return Path(path).resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
+    """Apply the rewrite rules to `doc`; returns what was changed, one line each."""
+    notes = []
+    labels = read_label_map(data / "label_map.pbtxt")
+    doc.set(f"{tr.SSD}.num_classes", len(labels))
+    label_map = portable(data / "label_map.pbtxt")
+    for reader, split in (("train_input_reader", "train"), ("eval_input_reader", "val")):
+        if not doc.set(f"{reader}.label_map_path", label_map):
+            doc.add(reader, "label_map_path", label_map)
+        pattern = portable(data) + f"/{split}-*.tfrecord"
+        paths = doc.find(f"{reader}.tf_record_input_reader.input_path")
+        if len(paths) > 1:
+            doc.remove(f"{reader}.tf_record_input_reader.input_path")
+            doc.add(f"{reader}.tf_record_input_reader", "input_path", pattern)
+        elif not doc.set(f"{reader}.tf_record_input_reader.input_path", pattern):
+            raise UserError(doc.source, f"{reader}.tf_record_input_reader: missing")
+
+    if opts.batch_size:
+        old = int(doc.get("train_config.batch_size", opts.batch_size))
+        doc.set("train_config.batch_size", opts.batch_size)
+        if old != opts.batch_size:
+            factor = opts.batch_size / old
+            for name in ("learning_rate_base", "warmup_learning_rate"):
+                value = doc.get(f"{tr.COSINE}.{name}")
+                if value is not None:
+                    doc.set(f"{tr.COSINE}.{name}", _round(float(value) * factor))
+            notes.append(f"batch size {old} -> {opts.batch_size}: learning rates scaled by {factor:g}")
+    if opts.num_steps:
+        old_total = int(doc.get(f"{tr.COSINE}.total_steps", doc.get("train_config.num_steps", opts.num_steps)))
+        doc.set("train_config.num_steps", opts.num_steps)
+        if doc.has(f"{tr.COSINE}.total_steps"):
+            doc.set(f"{tr.COSINE}.total_steps", opts.num_steps)
+    total = int(doc.get(f"{tr.COSINE}.total_steps", 0) or 0)
+    warmup = doc.get(f"{tr.COSINE}.warmup_steps")
+    if opts.num_steps and warmup is not None and old_total:
+        scaled = max(1, round(int(warmup) * opts.num_steps / old_total))
+        doc.set(f"{tr.COSINE}.warmup_steps", min(scaled, opts.num_steps))
+    elif warmup is not None and total and int(warmup) > total:
+        doc.set(f"{tr.COSINE}.warmup_steps", total)
+        notes.append(f"warmup_steps {warmup} > total_steps {total}: set to {total}")
+
+    if opts.checkpoint:
+        ckpt = portable(Path(opts.checkpoint)) if Path(opts.checkpoint).exists() or Path(
+            str(opts.checkpoint) + ".index").exists() else opts.checkpoint
+        kind = opts.checkpoint_type or doc.get("train_config.fine_tune_checkpoint_type") or "detection"
+        if not doc.set("train_config.fine_tune_checkpoint", ckpt):
+            doc.add("train_config", "fine_tune_checkpoint", ckpt, after="num_steps")
+        if not doc.set("train_config.fine_tune_checkpoint_type", kind):
+            doc.add("train_config", "fine_tune_checkpoint_type", kind, after="fine_tune_checkpoint")
+    else:
+        for name in ("fine_tune_checkpoint", "fine_tune_checkpoint_type", "fine_tune_checkpoint_version"):
+            doc.remove(f"train_config.{name}")
+    return notes
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def unified_diff(old: str, new: str, old_name: str, new_name: str, context: int = 1) -> str:
+    """A unified diff; autojunk is off because a config's many "}" lines would count as junk."""
+    a, b = old.splitlines(), new.splitlines()
+    lines = [f"--- {old_name}", f"+++ {new_name}"]
+    for group in difflib.SequenceMatcher(None, a, b, autojunk=False).get_grouped_opcodes(context):
+        i1, i2, j1, j2 = group[0][1], group[-1][2], group[0][3], group[-1][4]
+        lines.append(f"@@ -{i1 + 1},{i2 - i1} +{j1 + 1},{j2 - j1} @@")
+        for tag, a1, a2, b1, b2 in group:
+            if tag == "equal":
+                lines += [" " + line for line in a[a1:a2]]
+                continue
+            lines += ["-" + line for line in a[a1:a2]] + ["+" + line for line in b[b1:b2]]
+    return "\n".join(lines)
+
+
+def write_run_config(opts: ConfigOptions) -> Path:
+    template = template_path(opts.model)
+    data = data_dir(opts.dataset)
+    run = opts.run or data.parent.name
+    out = workspace_dir() / run / "pipeline.config"
+    original = template.read_text(encoding="utf-8")
+    doc = TextProto(original, display_path(template))
+    notes = rewrite(doc, data, opts)
+    # Validate what will be written (fields and every path) before writing anything.
+    translation = tr.translate(TextProto(doc.text, display_path(out)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".pipeline.config.", dir=out.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(doc.text)
+    os.replace(tmp, out)
+
+    print(f"read {display_path(template)}; label map {display_path(data / 'label_map.pbtxt')} "
+          f"({translation.params.num_classes} classes)")
+    print(unified_diff(original, doc.text, display_path(template), display_path(out)))
+    for note in notes + translation.ignored:
+        print(f"note: {note}")
+    print(f"wrote {display_path(out)}; next: make train RUN={run}")
+    return out

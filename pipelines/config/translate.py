@@ -1,0 +1,230 @@
+"""pipeline.config (Object Detection API text format) -> DetectorParams, and its validation.
+
+FIELD_MAP is the one place where the two formats meet: each row names the pipeline.config
+field, the DetectorParams field it sets, and the Model Garden RetinaNet field that receives it
+(pipelines/detection/experiment.py writes that side).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.common import REPO_ROOT, UserError, display_path
+from pipelines.config.textproto import TextProto
+from pipelines.detection.params import DetectorParams
+
+SSD = "model.ssd"
+FE = f"{SSD}.feature_extractor"
+HEAD = f"{SSD}.box_predictor.weight_shared_convolutional_box_predictor"
+ANCHORS = f"{SSD}.anchor_generator.multiscale_anchor_generator"
+CODER = f"{SSD}.box_coder.faster_rcnn_box_coder"
+NMS = f"{SSD}.post_processing.batch_non_max_suppression"
+MOMENTUM = "train_config.optimizer.momentum_optimizer"
+COSINE = f"{MOMENTUM}.learning_rate.cosine_decay_learning_rate"
+PLACEHOLDER = "PATH_TO_BE_CONFIGURED"
+
+
+def _activation(value):
+    names = {"RELU_6": "relu6", "RELU": "relu", "SWISH": "swish"}
+    if value not in names:
+        raise ValueError(f"'{value}' is not supported; supported: {', '.join(names)}")
+    return names[value]
+
+
+# (pipeline.config field, DetectorParams field, Model Garden field, conversion)
+FIELD_MAP = [
+    (f"{SSD}.num_classes", "num_classes", "task.model.num_classes (K + 1: class 0 is the background)", int),
+    (f"{SSD}.image_resizer.fixed_shape_resizer.height", "image_height", "task.model.input_size[0]", int),
+    (f"{SSD}.image_resizer.fixed_shape_resizer.width", "image_width", "task.model.input_size[1]", int),
+    (f"{FE}.depth_multiplier", "depth_multiplier", "task.model.backbone.mobilenet.filter_size_scale", float),
+    (f"{FE}.conv_hyperparams.activation", "activation", "task.model.norm_activation.activation", _activation),
+    (f"{FE}.fpn.min_level", "min_level", "task.model.min_level", int),
+    (f"{FE}.fpn.max_level", "max_level", "task.model.max_level", int),
+    (f"{FE}.fpn.additional_layer_depth", "fpn_num_filters", "task.model.decoder.fpn.num_filters", int),
+    (f"{FE}.use_depthwise", "fpn_separable", "task.model.decoder.fpn.use_separable_conv", bool),
+    (f"{HEAD}.depth", "head_num_filters", "task.model.head.num_filters", int),
+    (f"{HEAD}.num_layers_before_predictor", "head_num_convs", "task.model.head.num_convs", int),
+    (f"{HEAD}.use_depthwise", "head_separable", "task.model.head.use_separable_conv", bool),
+    (f"{ANCHORS}.scales_per_octave", "num_scales", "task.model.anchor.num_scales", int),
+    (f"{ANCHORS}.aspect_ratios", "aspect_ratios", "task.model.anchor.aspect_ratios", None),
+    (f"{ANCHORS}.anchor_scale", "anchor_size", "task.model.anchor.anchor_size", float),
+    (f"{CODER}.y_scale", "box_coder_weights[0]", "box coder weights (y, x, h, w)", float),
+    (f"{CODER}.x_scale", "box_coder_weights[1]", "box coder weights (y, x, h, w)", float),
+    (f"{CODER}.height_scale", "box_coder_weights[2]", "box coder weights (y, x, h, w)", float),
+    (f"{CODER}.width_scale", "box_coder_weights[3]", "box coder weights (y, x, h, w)", float),
+    (f"{SSD}.loss.classification_loss.weighted_sigmoid_focal.alpha", "focal_alpha", "task.losses.focal_loss_alpha", float),
+    (f"{SSD}.loss.classification_loss.weighted_sigmoid_focal.gamma", "focal_gamma", "task.losses.focal_loss_gamma", float),
+    (f"{SSD}.loss.classification_weight", "classification_weight", "task.losses (class loss weight)", float),
+    (f"{SSD}.loss.localization_weight", "localization_weight", "task.losses.box_loss_weight", float),
+    (f"{NMS}.iou_threshold", "nms_iou_threshold", "task.model.detection_generator.nms_iou_threshold", float),
+    (f"{NMS}.score_threshold", "nms_score_threshold", "task.model.detection_generator.pre_nms_score_threshold", float),
+    (f"{NMS}.max_total_detections", "max_detections", "task.model.detection_generator.max_num_detections", int),
+    (f"{NMS}.max_detections_per_class", "max_detections_per_class", "task.model.detection_generator.pre_nms_top_k", int),
+    ("train_config.batch_size", "batch_size", "task.train_data.global_batch_size", int),
+    ("train_config.num_steps", "num_steps", "trainer.train_steps", int),
+    (f"{COSINE}.learning_rate_base", "learning_rate", "trainer.optimizer_config.learning_rate.cosine.initial_learning_rate", float),
+    (f"{COSINE}.warmup_learning_rate", "warmup_learning_rate", "trainer.optimizer_config.warmup.linear.warmup_learning_rate", float),
+    (f"{COSINE}.warmup_steps", "warmup_steps", "trainer.optimizer_config.warmup.linear.warmup_steps", int),
+    (f"{MOMENTUM}.momentum_optimizer_value", "momentum", "trainer.optimizer_config.optimizer.sgd.momentum", float),
+    (f"{FE}.conv_hyperparams.regularizer.l2_regularizer.weight", "weight_decay", "task.losses.l2_weight_decay", float),
+    ("train_config.fine_tune_checkpoint", "fine_tune_checkpoint", "task.init_checkpoint", str),
+    ("train_config.fine_tune_checkpoint_type", "fine_tune_checkpoint_type", "task.init_checkpoint_modules", str),
+    ("train_input_reader.label_map_path", "label_map_path", "(label map copied beside the export)", str),
+    ("train_input_reader.tf_record_input_reader.input_path", "train_files", "task.train_data.input_path", None),
+    ("eval_input_reader.tf_record_input_reader.input_path", "eval_files", "task.validation_data.input_path", None),
+]
+
+# What each oneof may hold here; anything else is an error that lists these.
+SUPPORTED = {
+    "model": ["ssd"],
+    f"{FE}.type": ["ssd_mobilenet_v2_fpn_keras"],
+    f"{SSD}.image_resizer": ["fixed_shape_resizer"],
+    f"{SSD}.anchor_generator": ["multiscale_anchor_generator"],
+    f"{SSD}.box_coder": ["faster_rcnn_box_coder"],
+    f"{SSD}.box_predictor": ["weight_shared_convolutional_box_predictor"],
+    f"{SSD}.loss.classification_loss": ["weighted_sigmoid_focal"],
+    f"{SSD}.loss.localization_loss": ["weighted_smooth_l1"],
+    "train_config.optimizer": ["momentum_optimizer", "use_moving_average"],
+    f"{MOMENTUM}.learning_rate": ["cosine_decay_learning_rate"],
+    "train_config.data_augmentation_options": ["random_horizontal_flip", "random_crop_image"],
+    "train_config.fine_tune_checkpoint_type": ["detection", "classification"],
+}
+# Settings for synchronous training across TPU replicas: they do not apply here.
+IGNORED = ["train_config.sync_replicas", "train_config.replicas_to_aggregate", "train_config.startup_delay_steps"]
+
+
+@dataclass
+class Translation:
+    params: DetectorParams
+    ignored: list[str] = field(default_factory=list)  # "field: why", printed as notes
+
+
+def _fail(source: str, field_path: str, message: str) -> UserError:
+    return UserError(source, f"{field_path}: {message}")
+
+
+def _check_oneofs(doc: TextProto) -> None:
+    for path, allowed in SUPPORTED.items():
+        if path == f"{FE}.type":
+            value = doc.get(path)
+            if value is not None and value not in allowed:
+                raise _fail(doc.source, path, f"'{value}' is not supported; supported: {', '.join(allowed)}")
+            continue
+        if path == "train_config.fine_tune_checkpoint_type":
+            value = doc.get(path)
+            if value not in (None, *allowed):
+                raise _fail(doc.source, path, f"'{value}' is not supported; supported: {', '.join(allowed)}")
+            continue
+        if path == "model":
+            names = doc.message_names(path)
+        elif path == "train_config.data_augmentation_options":
+            names = [n for f in doc.find(path) for n in (g.name for g in f.message.fields)]
+        else:
+            names = doc.message_names(path)
+        for name in names:
+            if name not in allowed:
+                raise _fail(doc.source, f"{path}.{name}",
+                            f"not supported; supported: {', '.join(a for a in allowed if a != 'use_moving_average')}")
+
+
+def resolve_path(value: str, relative_to: Path = REPO_ROOT) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else relative_to / path
+
+
+def translate(doc: TextProto, check_paths: bool = True) -> Translation:
+    """Read every field of FIELD_MAP into DetectorParams; errors name the field."""
+    _check_oneofs(doc)
+    if doc.get("model.ssd") is None:
+        raise _fail(doc.source, "model.ssd", "missing: only SSD detectors are supported")
+    params = DetectorParams(num_classes=1)
+    coder = list(params.box_coder_weights)
+    for od_path, name, _mg, convert in FIELD_MAP:
+        found = doc.find(od_path)
+        if not found:
+            continue
+        try:
+            if name in ("aspect_ratios",):
+                value = [float(v) for v in doc.get_all(od_path)]
+            elif name in ("train_files", "eval_files"):
+                value = [str(v) for v in doc.get_all(od_path)]
+            else:
+                value = convert(doc.get(od_path))
+        except (ValueError, TypeError) as e:
+            raise _fail(doc.source, od_path, str(e)) from None
+        if name.startswith("box_coder_weights["):
+            coder[int(name[-2])] = value
+        else:
+            setattr(params, name, value)
+    params.box_coder_weights = coder
+
+    anchor_levels = (doc.get(f"{ANCHORS}.min_level"), doc.get(f"{ANCHORS}.max_level"))
+    if anchor_levels != (None, None) and anchor_levels != (params.min_level, params.max_level):
+        raise _fail(doc.source, f"{ANCHORS}.min_level/max_level",
+                    f"levels {anchor_levels} must equal the FPN's ({params.min_level}, {params.max_level})")
+    if params.num_classes < 1:
+        raise _fail(doc.source, f"{SSD}.num_classes", "must be at least 1")
+    for name, value in (("height", params.image_height), ("width", params.image_width)):
+        # The backbone's stride-32 features are merged with upsampled coarser ones in the FPN.
+        if value < 32 or value % 32:
+            raise _fail(doc.source, f"{SSD}.image_resizer.fixed_shape_resizer.{name}",
+                        f"{value} must be a positive multiple of 32")
+
+    augmentations = [g.name for f in doc.find("train_config.data_augmentation_options") for g in f.message.fields]
+    params.random_horizontal_flip = "random_horizontal_flip" in augmentations
+    params.random_crop = "random_crop_image" in augmentations
+    if params.random_crop:
+        # A crop of area fraction a, resized back to the input size, zooms in by 1/sqrt(a):
+        # the parser's scale jitter over [1/sqrt(max_area), 1/sqrt(min_area)] does the same.
+        crop = "train_config.data_augmentation_options.random_crop_image"
+        params.aug_scale_min = 1.0 / math.sqrt(float(doc.get(f"{crop}.max_area", 1.0)))
+        params.aug_scale_max = 1.0 / math.sqrt(float(doc.get(f"{crop}.min_area", 0.1)))
+    else:
+        params.aug_scale_min = params.aug_scale_max = 1.0
+
+    if params.fine_tune_checkpoint and params.fine_tune_checkpoint_type is None:
+        params.fine_tune_checkpoint_type = "detection"
+    ignored = [f"{p}: synchronous TPU training setting, ignored" for p in IGNORED if doc.has(p)]
+    if check_paths:
+        check_files(doc.source, params)
+    return Translation(params, ignored)
+
+
+def check_files(source: str, params: DetectorParams) -> None:
+    """Every path the run needs exists: an error before any training starts."""
+    if params.label_map_path is None:
+        raise _fail(source, "train_input_reader.label_map_path", "missing")
+    if PLACEHOLDER in params.label_map_path or not resolve_path(params.label_map_path).is_file():
+        raise _fail(source, "train_input_reader.label_map_path", f"no such file: {params.label_map_path}")
+    for name, files in (("train_input_reader", params.train_files), ("eval_input_reader", params.eval_files)):
+        if not files:
+            raise _fail(source, f"{name}.tf_record_input_reader.input_path", "missing")
+        for pattern in files:
+            if not glob.glob(str(resolve_path(pattern))):
+                raise _fail(source, f"{name}.tf_record_input_reader.input_path", f"no file matches {pattern}")
+    ckpt = params.fine_tune_checkpoint
+    if ckpt:
+        if PLACEHOLDER in ckpt:
+            raise _fail(source, "train_config.fine_tune_checkpoint",
+                        f"still '{ckpt}': give CHECKPOINT=path/to/ckpt-N (see README: pretrained "
+                        "checkpoints) or remove the field to train from scratch")
+        if not checkpoint_exists(resolve_path(ckpt)):
+            raise _fail(source, "train_config.fine_tune_checkpoint",
+                        f"no checkpoint at {ckpt} (expected {ckpt}.index, or a folder with a 'checkpoint' file)")
+
+
+def checkpoint_exists(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "checkpoint").is_file()
+    return Path(str(path) + ".index").is_file()
+
+
+def load(path: Path, check_paths: bool = True) -> Translation:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(display_path(path), f"cannot read: {e.strerror or e}") from None
+    return translate(TextProto(text, display_path(path)), check_paths=check_paths)

@@ -1,0 +1,1 @@
+"""Detection: SSD MobileNet V2 FPNLite built, trained and exported with Model Garden."""

@@ -1,0 +1,74 @@
+"""The detector's settings, in the terms of the model we build: the one interface between the
+user's pipeline.config (translated in pipelines/config/) and Model Garden (pipelines/detection/).
+
+"SSD MobileNet V2 FPNLite" is a RetinaNet-style single-shot detector: MobileNetV2 backbone, FPN
+with separable convolutions, a weight-shared separable box/class head, focal loss and multiscale
+anchors. Every field below says which pipeline.config field it comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DetectorParams:
+    num_classes: int  # label-map classes K (ssd.num_classes); Model Garden gets K + 1 (0 = background)
+    image_height: int = 320  # image_resizer.fixed_shape_resizer.height
+    image_width: int = 320  # image_resizer.fixed_shape_resizer.width
+
+    # backbone: feature_extractor { type: 'ssd_mobilenet_v2_fpn_keras' depth_multiplier ... }
+    depth_multiplier: float = 1.0  # -> MobileNet filter_size_scale
+    activation: str = "relu6"  # conv_hyperparams.activation RELU_6
+
+    # FPN: feature_extractor.fpn { min_level max_level additional_layer_depth }
+    min_level: int = 3
+    max_level: int = 7
+    fpn_num_filters: int = 128  # fpn.additional_layer_depth
+    fpn_separable: bool = True  # the "Lite" of FPNLite
+
+    # head: box_predictor.weight_shared_convolutional_box_predictor
+    head_num_filters: int = 128  # depth
+    head_num_convs: int = 4  # num_layers_before_predictor
+    head_separable: bool = True  # share_prediction_tower / use_depthwise
+
+    # anchors: anchor_generator.multiscale_anchor_generator
+    num_scales: int = 2  # scales_per_octave
+    aspect_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0, 0.5])
+    anchor_size: float = 4.0  # anchor_scale
+
+    # box_coder.faster_rcnn_box_coder { y_scale x_scale height_scale width_scale }
+    box_coder_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+
+    # loss: classification_loss.weighted_sigmoid_focal { alpha gamma }, localization weights
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    classification_weight: float = 1.0
+    localization_weight: float = 1.0
+
+    # post_processing.batch_non_max_suppression
+    nms_iou_threshold: float = 0.6
+    nms_score_threshold: float = 1e-8
+    max_detections: int = 100  # max_total_detections
+    max_detections_per_class: int = 100
+
+    # train_config
+    batch_size: int = 128
+    num_steps: int = 50000
+    learning_rate: float = 0.08  # cosine_decay_learning_rate.learning_rate_base
+    warmup_learning_rate: float = 0.026666  # warmup_learning_rate
+    warmup_steps: int = 1000
+    momentum: float = 0.9  # momentum_optimizer.momentum_optimizer_value
+    weight_decay: float = 4e-5  # conv_hyperparams.regularizer.l2_regularizer.weight
+    random_horizontal_flip: bool = True  # data_augmentation_options
+    random_crop: bool = True  # random_crop_image -> the parser's scale jitter and crop
+    aug_scale_min: float = 0.75
+    aug_scale_max: float = 1.25
+    fine_tune_checkpoint: str | None = None
+    fine_tune_checkpoint_type: str | None = None  # "detection" or "classification"
+
+    # train_input_reader / eval_input_reader
+    train_files: list[str] = field(default_factory=list)  # TFRecord paths or globs
+    eval_files: list[str] = field(default_factory=list)
+    eval_batch_size: int = 8
+    label_map_path: str | None = None

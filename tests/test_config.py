@@ -1,0 +1,330 @@
+"""pipeline.config: lossless text format, every rewrite rule, translation and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from pipelines.common import UserError
+from pipelines.config.textproto import Enum, TextProto
+from pipelines.config.translate import translate
+
+TEMPLATES = sorted((REPO / "configs").glob("*.config"))
+
+# The Object Detection API's own syntax habits: `name: {`, trailing commas, list values,
+# single quotes, `.08`, comments everywhere, a `<...>` message, `;`, adjacent strings.
+ZOO_STYLE = """# a zoo-style file
+model {
+  ssd {
+    inplace_batchnorm_update: true
+    num_classes: 90   # COCO
+    box_coder { faster_rcnn_box_coder { y_scale: 10.0 x_scale: 10.0 height_scale: 5.0 width_scale: 5.0 } }
+    anchor_generator {
+      multiscale_anchor_generator {
+        min_level: 3
+        max_level: 7
+        anchor_scale: 4.0
+        aspect_ratios: [1.0, 2.0, 0.5]
+        scales_per_octave: 2
+      }
+    }
+    image_resizer { fixed_shape_resizer { height: 320 width: 320 } }
+    box_predictor {
+      weight_shared_convolutional_box_predictor {
+        depth: 128
+        class_prediction_bias_init: -4.6
+        conv_hyperparams {
+          activation: RELU_6,
+          regularizer { l2_regularizer { weight: 0.00004 } }
+          batch_norm { scale: true, decay: 0.997, epsilon: 0.001, }
+        }
+        num_layers_before_predictor: 4
+        share_prediction_tower: true
+        use_depthwise: true
+        kernel_size: 3
+      }
+    }
+    feature_extractor {
+      type: 'ssd_mobilenet_v2_fpn_keras'
+      use_depthwise: true
+      fpn { min_level: 3 max_level: 7 additional_layer_depth: 128 }
+      min_depth: 16
+      depth_multiplier: 1.0
+      conv_hyperparams <
+        activation: RELU_6;
+        regularizer { l2_regularizer { weight: 0.00004 } }
+      >
+      override_base_feature_extractor_hyperparams: true
+    }
+    loss {
+      classification_loss { weighted_sigmoid_focal { alpha: 0.25 gamma: 2.0 } }
+      localization_loss { weighted_smooth_l1 { } }
+      classification_weight: 1.0
+      localization_weight: 1.0
+    }
+    post_processing {
+      batch_non_max_suppression {
+        score_threshold: 1e-8
+        iou_threshold: 0.6
+        max_detections_per_class: 100
+        max_total_detections: 100
+      }
+      score_converter: SIGMOID
+    }
+  }
+}
+
+train_config: {
+  fine_tune_checkpoint_version: V2
+  fine_tune_checkpoint: "PATH_TO_BE_CONFIGURED/" "mobilenet_v2.ckpt-1"
+  fine_tune_checkpoint_type: "classification"
+  batch_size: 128
+  sync_replicas: true
+  startup_delay_steps: 0
+  replicas_to_aggregate: 8
+  num_steps: 50000
+  data_augmentation_options { random_horizontal_flip { } }
+  data_augmentation_options {
+    random_crop_image { min_object_covered: 0.0 min_aspect_ratio: 0.75 max_aspect_ratio: 3.0
+                        min_area: 0.75 max_area: 1.0 overlap_thresh: 0.0 }
+  }
+  optimizer {
+    momentum_optimizer: {
+      learning_rate: {
+        cosine_decay_learning_rate {
+          learning_rate_base: .08
+          total_steps: 50000
+          warmup_learning_rate: .026666
+          warmup_steps: 1000
+        }
+      }
+      momentum_optimizer_value: 0.9
+    }
+    use_moving_average: false
+  }
+}
+
+train_input_reader: {
+  label_map_path: "PATH_TO_BE_CONFIGURED/label_map.txt"
+  tf_record_input_reader {
+    input_path: "PATH_TO_BE_CONFIGURED/train2017-?????-of-00256.tfrecord"
+  }
+}
+
+eval_input_reader: {
+  label_map_path: "PATH_TO_BE_CONFIGURED/label_map.txt"
+  shuffle: false
+  num_epochs: 1
+  tf_record_input_reader {
+    input_path: "PATH_TO_BE_CONFIGURED/val2017-?????-of-00032.tfrecord"
+  }
+}
+"""
+
+
+@pytest.mark.parametrize("text", [p.read_text() for p in TEMPLATES] + [ZOO_STYLE],
+                         ids=[p.name for p in TEMPLATES] + ["zoo-style"])
+def test_round_trip_is_byte_identical(text):
+    assert TextProto(text).text == text
+    doc = TextProto(text)
+    doc.set("model.ssd.num_classes", 90)  # same value: same bytes
+    assert doc.text == text
+
+
+def test_values_are_typed():
+    doc = TextProto(ZOO_STYLE)
+    assert doc.get("model.ssd.num_classes") == 90
+    assert doc.get("model.ssd.feature_extractor.type") == "ssd_mobilenet_v2_fpn_keras"
+    assert doc.get("model.ssd.feature_extractor.conv_hyperparams.activation") == "RELU_6"
+    assert doc.get("model.ssd.inplace_batchnorm_update") is True
+    assert doc.get_all("model.ssd.anchor_generator.multiscale_anchor_generator.aspect_ratios") == [1.0, 2.0, 0.5]
+    assert doc.get("train_config.optimizer.momentum_optimizer.learning_rate.cosine_decay_learning_rate"
+                   ".learning_rate_base") == pytest.approx(0.08)
+    assert doc.get("train_config.fine_tune_checkpoint") == "PATH_TO_BE_CONFIGURED/mobilenet_v2.ckpt-1"
+    assert doc.get("model.ssd.post_processing.batch_non_max_suppression.score_threshold") == pytest.approx(1e-8)
+    assert len(doc.find("train_config.data_augmentation_options")) == 2
+    assert doc.message_names("model.ssd.loss.classification_loss") == ["weighted_sigmoid_focal"]
+
+
+def _changed_span(a: str, b: str) -> tuple[str, str]:
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    return a[start:len(a) - end], b[start:len(b) - end]
+
+
+def test_an_edit_touches_only_its_field():
+    doc = TextProto(ZOO_STYLE)
+    doc.set("model.ssd.num_classes", 4)
+    assert _changed_span(ZOO_STYLE, doc.text) == ("90", "4")
+    before = doc.text
+    doc.set("model.ssd.feature_extractor.type", "other")  # keeps the single quotes
+    assert _changed_span(before, doc.text) == ("ssd_mobilenet_v2_fpn_keras", "other")
+    assert "type: 'other'" in doc.text
+    before = doc.text
+    doc.set("model.ssd.feature_extractor.conv_hyperparams.activation", Enum("SWISH"))
+    assert _changed_span(before, doc.text) == ("RELU_6", "SWISH")
+    before = doc.text
+    assert doc.remove("train_config.sync_replicas") == 1
+    assert doc.text == before.replace("  sync_replicas: true\n", "", 1)  # the whole line, nothing else
+    doc.add("train_config", "fine_tune_checkpoint", "a/b", after="fine_tune_checkpoint_version")
+    assert "  fine_tune_checkpoint_version: V2\n  fine_tune_checkpoint: \"a/b\"\n" in doc.text
+    doc.add("train_input_reader", "num_readers", 2)
+    assert re.search(r'input_path: "[^"]+"\n  }\n  num_readers: 2\n}', doc.text)
+
+
+def test_parse_errors_name_line_and_column():
+    with pytest.raises(UserError) as info:
+        TextProto("model {\n  ssd {\n    num_classes 4\n  }\n}\n", "my.config")
+    assert str(info.value).startswith("my.config: line 3 column 17: expected ':' or '{'")
+    with pytest.raises(UserError, match="line 2 column 1: expected a field name, found 'end of file'"):
+        TextProto("model {\n", "x")
+
+
+def test_templates_have_the_zoo_fields_and_values():
+    """Our templates translate to exactly what the zoo-style file (zoo syntax) translates to."""
+    zoo = translate(TextProto(ZOO_STYLE), check_paths=False).params
+    ours = translate(TextProto((REPO / "configs" / "ssd_mobilenet_v2_fpnlite_320x320.config").read_text()),
+                     check_paths=False).params
+    ignore = {"label_map_path", "train_files", "eval_files", "fine_tune_checkpoint"}
+    for f in dataclasses.fields(zoo):
+        if f.name not in ignore:
+            assert getattr(ours, f.name) == getattr(zoo, f.name), f.name
+    big = translate(TextProto((REPO / "configs" / "ssd_mobilenet_v2_fpnlite_640x640.config").read_text()),
+                    check_paths=False).params
+    assert (big.image_height, big.image_width) == (640, 640)
+    assert dataclasses.replace(big, image_height=320, image_width=320) == ours
+    assert ours.depth_multiplier == 1.0 and ours.fpn_num_filters == 128 and ours.head_num_convs == 4
+    assert ours.aspect_ratios == [1.0, 2.0, 0.5] and ours.num_scales == 2 and ours.anchor_size == 4.0
+    assert ours.box_coder_weights == [10.0, 10.0, 5.0, 5.0]
+    assert (ours.focal_alpha, ours.focal_gamma) == (0.25, 2.0)
+    assert ours.aug_scale_min == 1.0 and ours.aug_scale_max == pytest.approx(1 / 0.75 ** 0.5)
+    assert ours.fine_tune_checkpoint_type == "classification"
+
+
+# --- make config -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def workspace(sample_dir, tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    run_cli("data", "--dataset", sample_dir, "--workers", "1", workspace=ws, check=True)
+    return ws
+
+
+def make_config(workspace, *args, check=True):
+    return run_cli("config", "--dataset", "shapes", *args, workspace=workspace, check=check)
+
+
+def test_rewrite_rules(workspace):
+    proc = make_config(workspace, "--run", "r1", "--batch-size", "8", "--num-steps", "2000")
+    out = workspace / "r1" / "pipeline.config"
+    doc = TextProto(out.read_text())
+    data = (workspace / "shapes" / "data").resolve()
+    assert doc.get("model.ssd.num_classes") == 4
+    for reader, split in (("train_input_reader", "train"), ("eval_input_reader", "val")):
+        assert Path(doc.get(f"{reader}.label_map_path")) == data / "label_map.pbtxt"
+        assert Path(doc.get(f"{reader}.tf_record_input_reader.input_path")) == data / f"{split}-*.tfrecord"
+    cosine = "train_config.optimizer.momentum_optimizer.learning_rate.cosine_decay_learning_rate"
+    assert doc.get("train_config.batch_size") == 8 and doc.get("train_config.num_steps") == 2000
+    assert doc.get(f"{cosine}.total_steps") == 2000
+    assert doc.get(f"{cosine}.warmup_steps") == 40  # 1000 of 50000, in proportion
+    assert doc.get(f"{cosine}.learning_rate_base") == pytest.approx(0.08 * 8 / 128)
+    assert doc.get(f"{cosine}.warmup_learning_rate") == pytest.approx(0.026666 * 8 / 128, rel=1e-4)
+    assert not doc.has("train_config.fine_tune_checkpoint") and not doc.has("train_config.fine_tune_checkpoint_type")
+    assert "-    num_classes: 90\n+    num_classes: 4" in proc.stdout  # the diff is printed
+    assert "train_config.sync_replicas: synchronous TPU training setting, ignored" in proc.stdout
+    # Only the rewritten fields differ from the template.
+    template = (REPO / "configs" / "ssd_mobilenet_v2_fpnlite_320x320.config").read_text().splitlines()
+    changed = {line.strip().split(":")[0] for line in set(doc.text.splitlines()) ^ set(template)}
+    assert changed == {"num_classes", "batch_size", "num_steps", "learning_rate_base", "total_steps",
+                       "warmup_learning_rate", "warmup_steps", "fine_tune_checkpoint", "fine_tune_checkpoint_type",
+                       "fine_tune_checkpoint_version", "label_map_path", "input_path"}
+
+    # Few steps: warmup never exceeds them.
+    make_config(workspace, "--run", "r2", "--num-steps", "10")
+    doc = TextProto((workspace / "r2" / "pipeline.config").read_text())
+    assert doc.get(f"{cosine}.total_steps") == 10 and 1 <= doc.get(f"{cosine}.warmup_steps") <= 10
+    assert doc.get("train_config.batch_size") == 128  # kept when not given
+
+
+def test_fine_tune_checkpoint_set_and_checked(workspace, tmp_path):
+    import tensorflow as tf
+
+    prefix = tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(tmp_path / "ckpt-1"))
+    make_config(workspace, "--run", "ft", "--checkpoint", prefix)
+    doc = TextProto((workspace / "ft" / "pipeline.config").read_text())
+    assert doc.get("train_config.fine_tune_checkpoint") == prefix
+    assert doc.get("train_config.fine_tune_checkpoint_type") == "classification"  # the template's
+    make_config(workspace, "--run", "ft", "--checkpoint", prefix, "--checkpoint-type", "detection")
+    doc = TextProto((workspace / "ft" / "pipeline.config").read_text())
+    assert doc.get("train_config.fine_tune_checkpoint_type") == "detection"
+    proc = make_config(workspace, "--run", "ft2", "--checkpoint", tmp_path / "nope" / "ckpt-3", check=False)
+    assert proc.returncode == 2
+    assert "train_config.fine_tune_checkpoint: no checkpoint at" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (workspace / "ft2" / "pipeline.config").exists()
+
+
+def test_a_zoo_file_works_as_the_template(workspace, tmp_path):
+    zoo = tmp_path / "downloaded.config"
+    zoo.write_text(ZOO_STYLE)
+    make_config(workspace, "--run", "zoo", "--model", zoo, "--batch-size", "4")
+    text = (workspace / "zoo" / "pipeline.config").read_text()
+    params = translate(TextProto(text)).params  # paths exist, fields valid
+    assert params.num_classes == 4 and params.batch_size == 4
+    assert "fine_tune_checkpoint" not in text
+    assert "# a zoo-style file\n" in text and "aspect_ratios: [1.0, 2.0, 0.5]" in text  # kept as written
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace("'ssd_mobilenet_v2_fpn_keras'", "'ssd_resnet50_v1_fpn_keras'"),
+     "model.ssd.feature_extractor.type: 'ssd_resnet50_v1_fpn_keras' is not supported; supported: "
+     "ssd_mobilenet_v2_fpn_keras"),
+    (lambda t: t.replace("momentum_optimizer: {", "adam_optimizer: {").replace("momentum_optimizer_value: 0.9", ""),
+     "train_config.optimizer.adam_optimizer: not supported; supported: momentum_optimizer"),
+    (lambda t: t.replace("cosine_decay_learning_rate {", "exponential_decay_learning_rate {"),
+     "learning_rate.exponential_decay_learning_rate: not supported; supported: cosine_decay_learning_rate"),
+    (lambda t: t.replace("random_horizontal_flip { }", "random_adjust_brightness { }"),
+     "data_augmentation_options.random_adjust_brightness: not supported; supported: random_horizontal_flip, "
+     "random_crop_image"),
+    (lambda t: t.replace("height: 320", "height: 300"),
+     "fixed_shape_resizer.height: 300 must be a positive multiple of 32"),
+])
+def test_unsupported_fields_are_errors_naming_the_field(workspace, tmp_path, edit, message):
+    bad = tmp_path / "bad.config"
+    bad.write_text(edit(ZOO_STYLE))
+    proc = make_config(workspace, "--run", "bad", "--model", bad, check=False)
+    assert proc.returncode == 2, proc.stdout
+    assert message in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (workspace / "bad").exists()
+
+
+def test_missing_inputs_are_errors(workspace, tmp_path):
+    proc = run_cli("config", "--dataset", "never-converted", workspace=workspace)
+    assert proc.returncode == 2 and "run `make data DATASET=never-converted` first" in proc.stderr
+    proc = make_config(workspace, "--model", "no_such_model", check=False)
+    assert proc.returncode == 2 and "ssd_mobilenet_v2_fpnlite_320x320" in proc.stderr
+    make_config(workspace, "--run", "paths")
+    text = (workspace / "paths" / "pipeline.config").read_text()
+    translate(TextProto(text))  # valid as written
+    for field, value in (("train_input_reader.label_map_path", "nowhere/label_map.pbtxt"),
+                         ("train_input_reader.tf_record_input_reader.input_path", "nowhere/train-*.tfrecord"),
+                         ("eval_input_reader.tf_record_input_reader.input_path", "nowhere/val-*.tfrecord"),
+                         ("train_config.fine_tune_checkpoint", "nowhere/ckpt-7")):
+        doc = TextProto(text)
+        if not doc.set(field, value):
+            doc.add("train_config", "fine_tune_checkpoint", value)
+        with pytest.raises(UserError, match=re.escape(field) + ": no (such file|file matches|checkpoint at)"):
+            translate(doc)
+    template = TextProto((REPO / "configs" / "ssd_mobilenet_v2_fpnlite_320x320.config").read_text())
+    for field in ("train_input_reader.label_map_path", "train_input_reader.tf_record_input_reader.input_path",
+                  "eval_input_reader.tf_record_input_reader.input_path", "eval_input_reader.label_map_path"):
+        template.set(field, TextProto(text).get(field))
+    with pytest.raises(UserError, match="fine_tune_checkpoint: still 'PATH_TO_BE_CONFIGURED"):
+        translate(template)
