@@ -24,7 +24,7 @@ STEPS   ?=
 CHECKPOINT ?=
 CHECKPOINT_TYPE ?=
 
-.PHONY: help setup lock sample data config test bench bench-data demo clean
+.PHONY: help setup lock sample data config train eval export test bench bench-data demo clean
 
 help:
 	@echo "make setup                         create .venv and install requirements.lock"
@@ -35,6 +35,7 @@ help:
 	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1]"
 	@echo "make config DATASET=NAME [MODEL=ssd_mobilenet_v2_fpnlite_320x320] [RUN=NAME] [BATCH=N] [STEPS=N]"
 	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification]"
+	@echo "make train RUN=NAME | make eval RUN=NAME | make export RUN=NAME"
 	@echo "make bench                         run the benchmarks in bench/"
 
 $(STAMP): requirements.lock
@@ -70,6 +71,17 @@ config: $(STAMP)
 	$(PY) -m pipelines config --dataset $(DATASET) --model $(MODEL) $(if $(RUN),--run $(RUN)) \
 	  $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--num-steps $(STEPS)) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(CHECKPOINT_TYPE),--checkpoint-type $(CHECKPOINT_TYPE))
+
+RUN_OR_DATASET = $(if $(RUN),$(RUN),$(notdir $(DATASET)))
+
+train: $(STAMP)
+	$(PY) -m pipelines train --run $(RUN_OR_DATASET)
+
+eval: $(STAMP)
+	$(PY) -m pipelines eval --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+export: $(STAMP)
+	$(PY) -m pipelines export --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 demo: $(STAMP)
 	$(PY) -m pipelines demo

@@ -96,6 +96,74 @@ def cmd_config(args) -> int:
     return 0
 
 
+def add_run_parsers(sub) -> None:
+    p = sub.add_parser("train", help="train the detector of workspace/RUN/pipeline.config",
+                       description="Train from workspace/RUN/pipeline.config with Model Garden; checkpoints and "
+                                   "TensorBoard summaries go to workspace/RUN/train/. Started again, it resumes from "
+                                   "the last checkpoint.")
+    p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
+    p.add_argument("--with-eval", action="store_true", help="also compute COCO metrics during training")
+    p = sub.add_parser("eval", help="COCO metrics of a trained detector on the val shards -> workspace/RUN/eval/",
+                       description="Evaluate the latest checkpoint of workspace/RUN/train/ on the validation "
+                                   "TFRecords with pycocotools; writes eval/metrics.json, pr_curve.png, predictions.png.")
+    p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
+    p.add_argument("--checkpoint", help="a ckpt-N prefix instead of the latest")
+    p = sub.add_parser("export", help="SavedModel with the OD API signature -> workspace/RUN/export/, BentoML store",
+                       description="Export the latest checkpoint of workspace/RUN/train/ as a SavedModel "
+                                   "(serving_default: uint8 images in, num_detections, detection_boxes, "
+                                   "detection_scores, detection_classes out), check it against the checkpoint and "
+                                   "record it in the BentoML model store.")
+    p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
+    p.add_argument("--checkpoint", help="a ckpt-N prefix instead of the latest")
+    p.add_argument("--name", help="BentoML model name (default: the run name)")
+
+
+def _engine_errors(fn):
+    """Missing checkpoints and the like, raised deep in the engine, are user errors here."""
+    def wrapped(args):
+        try:
+            return fn(args)
+        except FileNotFoundError as e:
+            raise UserError(None, str(e)) from None
+    return wrapped
+
+
+@_engine_errors
+def cmd_train(args) -> int:
+    from pipelines.detection.runs import load_run
+    from pipelines.detection.train import train
+
+    params, folder, notes = load_run(args.run)
+    for note in notes:
+        print(f"note: {note}")
+    train(params, folder, mode="train_and_eval" if args.with_eval else "train",
+          log=lambda line: print(line, flush=True))
+    print(f"next: make eval RUN={args.run}")
+    return 0
+
+
+@_engine_errors
+def cmd_eval(args) -> int:
+    from pipelines.detection.evaluate import evaluate
+    from pipelines.detection.runs import load_run
+
+    params, folder, _ = load_run(args.run)
+    evaluate(params, folder, checkpoint=args.checkpoint, log=lambda line: print(line, flush=True))
+    print(f"next: make export RUN={args.run}")
+    return 0
+
+
+@_engine_errors
+def cmd_export(args) -> int:
+    from pipelines.detection.export import export
+    from pipelines.detection.runs import load_run
+
+    params, folder, _ = load_run(args.run)
+    export(params, folder, params.label_map_path, name=args.name or folder.name, checkpoint=args.checkpoint,
+           log=lambda line: print(line, flush=True))
+    return 0
+
+
 def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate the bundled sample dataset (coco-annotator layout)",
                        description="Write a deterministic coco-annotator dataset folder of shapes, with the "
@@ -139,11 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_data_parser(sub)
     add_config_parser(sub)
+    add_run_parsers(sub)
     add_demo_parser(sub)
     return parser
 
 
-COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "demo": cmd_demo}
+COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "train": cmd_train, "eval": cmd_eval,
+            "export": cmd_export, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

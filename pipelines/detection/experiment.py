@@ -1,0 +1,300 @@
+"""DetectorParams -> Model Garden's RetinaNet ExperimentConfig.
+
+SSD MobileNet V2 FPNLite (Object Detection API) is built as a Model Garden RetinaNet: MobileNetV2
+backbone, FPN with separable convolutions, a level-shared separable box/class head, focal loss,
+multiscale anchors. `FIELDS` below is the whole correspondence, one row per Model Garden field:
+the pipeline.config field it comes from, the Model Garden field, and how the value is computed.
+`build_experiment` applies the rows in order; the few settings that are not a translation of a
+pipeline.config field (hardware, loop sizes, fine-tuning modules) are set after it, in the open.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from pipelines.detection.params import DetectorParams
+
+# Registers Model Garden's vision tasks and configs ('retinanet', 'image_classification', ...).
+from official.vision import registry_imports  # noqa: F401  isort: skip
+from official.core import config_definitions as cfg  # isort: skip
+from official.vision.configs import backbones, decoders  # isort: skip
+from official.vision.configs import retinanet as retinanet_cfg  # isort: skip
+
+
+def _steps_per_loop(p: DetectorParams) -> int:
+    """Loop size: progress, summaries and checkpoints every loop; about 10 per run, at most 100 steps."""
+    return min(100, max(1, p.num_steps // 10))
+
+
+def _aug_scale(p: DetectorParams) -> tuple[float, float]:
+    # random_crop_image has no Model Garden twin; the parser's scale jitter + crop stands in for it.
+    return (p.aug_scale_min, p.aug_scale_max) if p.random_crop else (1.0, 1.0)
+
+
+def _cosine_decay_steps(p: DetectorParams) -> int:
+    return max(1, p.num_steps - p.warmup_steps)
+
+
+# (Object Detection API pipeline.config field, Model Garden ExperimentConfig field, value from DetectorParams)
+# The OD API field names are relative to `model.ssd` unless they start with train_config/ or *_input_reader.
+Row = tuple[str, str, Callable[[DetectorParams], Any]]
+FIELDS: list[Row] = [
+    # model
+    ("num_classes (K; label-map ids 1..K)", "task.model.num_classes", lambda p: p.num_classes + 1),  # 0 = background
+    ("image_resizer.fixed_shape_resizer.{height,width}", "task.model.input_size",
+     lambda p: [p.image_height, p.image_width, 3]),
+    ("feature_extractor.type ssd_mobilenet_v2_fpn_keras", "task.model.backbone.mobilenet.model_id",
+     lambda p: "MobileNetV2"),
+    ("feature_extractor.depth_multiplier", "task.model.backbone.mobilenet.filter_size_scale",
+     lambda p: p.depth_multiplier),
+    ("feature_extractor.conv_hyperparams.activation (FPN + head; MobileNetV2 is always relu6)",
+     "task.model.norm_activation.activation", lambda p: p.activation),
+    ("feature_extractor.fpn.min_level", "task.model.min_level", lambda p: p.min_level),
+    ("feature_extractor.fpn.max_level", "task.model.max_level", lambda p: p.max_level),
+    ("feature_extractor.fpn.additional_layer_depth", "task.model.decoder.fpn.num_filters",
+     lambda p: p.fpn_num_filters),
+    ("feature_extractor (FPNLite: separable FPN convs)", "task.model.decoder.fpn.use_separable_conv",
+     lambda p: p.fpn_separable),
+    ("box_predictor.weight_shared_convolutional_box_predictor.depth", "task.model.head.num_filters",
+     lambda p: p.head_num_filters),
+    ("box_predictor.weight_shared_convolutional_box_predictor.num_layers_before_predictor",
+     "task.model.head.num_convs", lambda p: p.head_num_convs),
+    ("box_predictor.weight_shared_convolutional_box_predictor.use_depthwise", "task.model.head.use_separable_conv",
+     lambda p: p.head_separable),
+    ("box_predictor.weight_shared_convolutional_box_predictor (shared across levels)",
+     "task.model.head.share_level_convs", lambda p: True),
+    ("anchor_generator.multiscale_anchor_generator.scales_per_octave", "task.model.anchor.num_scales",
+     lambda p: p.num_scales),
+    ("anchor_generator.multiscale_anchor_generator.aspect_ratios", "task.model.anchor.aspect_ratios",
+     lambda p: [float(a) for a in p.aspect_ratios]),
+    ("anchor_generator.multiscale_anchor_generator.anchor_scale", "task.model.anchor.anchor_size",
+     lambda p: p.anchor_size),
+    # Model Garden uses one set of weights to encode the targets (parser) and to decode (generator).
+    ("box_coder.faster_rcnn_box_coder.{y,x,height,width}_scale", "task.model.detection_generator.box_coder_weights",
+     lambda p: [float(w) for w in p.box_coder_weights]),
+    ("post_processing.batch_non_max_suppression (per-class NMS, combined)",
+     "task.model.detection_generator.nms_version", lambda p: "batched"),
+    ("post_processing.batch_non_max_suppression.iou_threshold", "task.model.detection_generator.nms_iou_threshold",
+     lambda p: p.nms_iou_threshold),
+    ("post_processing.batch_non_max_suppression.score_threshold",
+     "task.model.detection_generator.pre_nms_score_threshold", lambda p: p.nms_score_threshold),
+    # 'batched' NMS keeps max_num_detections per class AND in total: max_detections_per_class is not separate.
+    ("post_processing.batch_non_max_suppression.max_total_detections",
+     "task.model.detection_generator.max_num_detections", lambda p: p.max_detections),
+    ("post_processing.batch_non_max_suppression.max_total_detections", "task.max_num_eval_detections",
+     lambda p: p.max_detections),
+    # loss. OD API total = cw * focal + lw * smooth_l1 / 4 (normalize_loc_loss_by_codesize); Model Garden
+    # total = loss_weight * (focal + box_loss_weight * huber), its Huber averaging the 4 coordinates.
+    ("loss.classification_loss.weighted_sigmoid_focal.alpha", "task.losses.focal_loss_alpha",
+     lambda p: p.focal_alpha),
+    ("loss.classification_loss.weighted_sigmoid_focal.gamma", "task.losses.focal_loss_gamma",
+     lambda p: p.focal_gamma),
+    ("loss.classification_weight", "task.losses.loss_weight", lambda p: p.classification_weight),
+    ("loss.localization_weight / loss.classification_weight", "task.losses.box_loss_weight",
+     lambda p: p.localization_weight / p.classification_weight),
+    # Targets are scaled by the box coder weights as in the OD API, so its smooth L1 delta (1.0) applies.
+    ("loss.localization_loss.weighted_smooth_l1.delta (default 1.0)", "task.losses.huber_loss_delta",
+     lambda p: 1.0),
+    # OD API's Keras L2 regularizer is l2(weight / 2); Model Garden builds l2(l2_weight_decay / 2).
+    ("*conv_hyperparams.regularizer.l2_regularizer.weight", "task.losses.l2_weight_decay",
+     lambda p: p.weight_decay),
+    # train_config
+    ("train_config.batch_size", "task.train_data.global_batch_size", lambda p: p.batch_size),
+    ("train_config.num_steps", "trainer.train_steps", lambda p: p.num_steps),
+    ("train_config.optimizer.momentum_optimizer (SGD)", "trainer.optimizer_config.optimizer.type",
+     lambda p: "sgd"),
+    ("train_config.optimizer.momentum_optimizer.momentum_optimizer_value",
+     "trainer.optimizer_config.optimizer.sgd.momentum", lambda p: p.momentum),
+    ("train_config.optimizer...cosine_decay_learning_rate", "trainer.optimizer_config.learning_rate.type",
+     lambda p: "cosine"),
+    ("...cosine_decay_learning_rate.learning_rate_base",
+     "trainer.optimizer_config.learning_rate.cosine.initial_learning_rate", lambda p: p.learning_rate),
+    # OD API: the cosine starts when the warmup ends and reaches 0 at total_steps.
+    ("...cosine_decay_learning_rate.total_steps - warmup_steps",
+     "trainer.optimizer_config.learning_rate.cosine.decay_steps", _cosine_decay_steps),
+    ("...cosine_decay_learning_rate.warmup_steps", "trainer.optimizer_config.learning_rate.cosine.offset",
+     lambda p: p.warmup_steps),
+    ("...cosine_decay_learning_rate.warmup_steps (linear warmup)", "trainer.optimizer_config.warmup.type",
+     lambda p: "linear" if p.warmup_steps > 0 else None),
+    ("...cosine_decay_learning_rate.warmup_steps", "trainer.optimizer_config.warmup.linear.warmup_steps",
+     lambda p: p.warmup_steps),
+    ("...cosine_decay_learning_rate.warmup_learning_rate",
+     "trainer.optimizer_config.warmup.linear.warmup_learning_rate", lambda p: p.warmup_learning_rate),
+    ("train_config.data_augmentation_options.random_horizontal_flip", "task.train_data.parser.aug_rand_hflip",
+     lambda p: p.random_horizontal_flip),
+    ("train_config.data_augmentation_options.random_crop_image (approximation: scale jitter)",
+     "task.train_data.parser.aug_scale_min", lambda p: _aug_scale(p)[0]),
+    ("train_config.data_augmentation_options.random_crop_image (approximation: scale jitter)",
+     "task.train_data.parser.aug_scale_max", lambda p: _aug_scale(p)[1]),
+    # fixed_shape_resizer stretches the image to height x width: no aspect ratio kept, no padding.
+    ("image_resizer.fixed_shape_resizer (stretch)", "task.train_data.parser.keep_aspect_ratio", lambda p: False),
+    ("image_resizer.fixed_shape_resizer (stretch)", "task.validation_data.parser.keep_aspect_ratio",
+     lambda p: False),
+    ("image_resizer.fixed_shape_resizer (no padding)", "task.train_data.parser.pad", lambda p: False),
+    ("image_resizer.fixed_shape_resizer (no padding)", "task.validation_data.parser.pad", lambda p: False),
+    ("train_config.fine_tune_checkpoint", "task.init_checkpoint", lambda p: p.fine_tune_checkpoint or None),
+    # input readers
+    ("train_input_reader.tf_record_input_reader.input_path", "task.train_data.input_path",
+     lambda p: list(p.train_files)),
+    ("eval_input_reader.tf_record_input_reader.input_path", "task.validation_data.input_path",
+     lambda p: list(p.eval_files)),
+    ("eval_config.batch_size", "task.validation_data.global_batch_size", lambda p: p.eval_batch_size),
+    ("eval_config.include_metrics_per_category", "task.per_category_metrics", lambda p: True),
+]
+
+# Object Detection API fields with no Model Garden equivalent; see the module's report in README.
+NOT_HONOURED = {
+    "max_detections_per_class": "Model Garden's combined NMS keeps max_num_detections per class and in total",
+    "share_prediction_tower": "Model Garden's RetinaNetHead has separate box and class towers",
+    "random_crop_image": "approximated by the parser's random scale jitter and crop (aug_scale_min/max)",
+}
+
+
+def _set(config, dotted: str, value) -> None:
+    """config.a.b.c = value, refusing names the config does not have (Config accepts any name)."""
+    *parents, name = dotted.split(".")
+    node = config
+    for part in parents:
+        node = getattr(node, part)
+    if not hasattr(node, name):
+        raise AttributeError(f"Model Garden config has no field {dotted}")
+    setattr(node, name, value)
+
+
+def num_gpus() -> int:
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def _strategy_name(gpus: int) -> str:
+    if os.environ.get("TF_CONFIG"):
+        return "multi_worker_mirrored"
+    return "mirrored" if gpus > 1 else "one_device"
+
+
+def checkpoint_prefix(path: str) -> str:
+    """A checkpoint prefix from a prefix or a folder (its latest checkpoint)."""
+    if tf.io.gfile.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path}: no checkpoint in this folder")
+        return latest
+    if not tf.io.gfile.exists(path + ".index"):
+        raise FileNotFoundError(f"{path}: no such checkpoint (expected {path}.index)")
+    return path
+
+
+def _head_classifier_units(prefix: str) -> int | None:
+    """Output channels of the checkpoint's RetinaNet class predictor (num_classes * anchors per location)."""
+    for name, shape in tf.train.list_variables(prefix):
+        if name.startswith("head/_classifier/") and "bias" in name:
+            return int(shape[0])
+    return None
+
+
+def fine_tune_modules(params: DetectorParams) -> str | list[str] | None:
+    """Model Garden's init_checkpoint_modules for the params' fine_tune_checkpoint(_type).
+
+    RetinaNetTask.initialize restores, from `init_checkpoint`, `tf.train.Checkpoint(**items)` with
+    items = model.checkpoint_items ({backbone, decoder, head}) for 'all', else the listed ones of
+    backbone/decoder; it asserts that every restored object was found. Training checkpoints of
+    Model Garden hold those items at their root; classification checkpoints hold `backbone`.
+    """
+    if not params.fine_tune_checkpoint:
+        return None
+    kind = (params.fine_tune_checkpoint_type or "detection").lower()
+    prefix = checkpoint_prefix(params.fine_tune_checkpoint)
+    names = {name.split("/")[0] for name, _ in tf.train.list_variables(prefix)}
+    if "backbone" not in names:
+        raise ValueError(
+            f"{params.fine_tune_checkpoint}: not a Model Garden checkpoint (no 'backbone' object at its root). "
+            "Object Detection API and Keras-applications checkpoints cannot be restored into this model; use a "
+            "checkpoint written by this pipeline's training or by Model Garden's image classification task.")
+    if kind == "classification":
+        return "backbone"
+    if kind in ("detection", "full"):
+        if "decoder" not in names:
+            raise ValueError(f"{params.fine_tune_checkpoint}: a 'detection' checkpoint needs a decoder (FPN)")
+        expected = (params.num_classes + 1) * params.num_scales * len(params.aspect_ratios)
+        if _head_classifier_units(prefix) == expected:
+            return "all"  # backbone, decoder and head
+        if kind == "full":
+            raise ValueError(f"{params.fine_tune_checkpoint}: its head was trained for other classes or anchors; "
+                             "'full' needs the same ones")
+        return ["backbone", "decoder"]
+    raise ValueError(f"fine_tune_checkpoint_type {params.fine_tune_checkpoint_type!r}: expected 'detection' or "
+                     "'classification'")
+
+
+def validate(params: DetectorParams) -> None:
+    stride = 2 ** min(params.max_level, 5)  # MobileNetV2's deepest feature map is level 5
+    if params.image_height % stride or params.image_width % stride:
+        raise ValueError(f"image size {params.image_height}x{params.image_width}: height and width must be "
+                         f"multiples of {stride} for the FPN")
+    if not 3 <= params.min_level <= 5 or params.max_level < max(params.min_level, 5):
+        raise ValueError(f"FPN levels {params.min_level}..{params.max_level}: need min_level in 3..5 and "
+                         "max_level >= 5 (MobileNetV2 gives levels 3..5)")
+    if params.classification_weight <= 0:
+        raise ValueError("classification_weight must be positive")
+    if not params.train_files:
+        raise ValueError("no training files (train_input_reader.input_path)")
+
+
+def build_experiment(params: DetectorParams, model_dir: str, steps_per_loop: int | None = None,
+                     gpus: int | None = None) -> cfg.ExperimentConfig:
+    """The Model Garden RetinaNet experiment for `params`; `model_dir` is where training writes.
+
+    `gpus` defaults to the GPUs TensorFlow sees: mixed precision (float16 compute, dynamic loss
+    scale) and the distribution strategy depend on it.
+    """
+    validate(params)
+    gpus = num_gpus() if gpus is None else gpus
+    exp = retinanet_cfg.retinanet()
+    exp.task.model.backbone = backbones.Backbone(type="mobilenet", mobilenet=backbones.MobileNet())
+    exp.task.model.decoder = decoders.Decoder(type="fpn", fpn=decoders.FPN())
+    for _, path, value in FIELDS:
+        _set(exp, path, value(params))
+
+    # Not a translation of pipeline.config fields.
+    exp.task.model.norm_activation.use_sync_bn = False
+    exp.task.init_checkpoint_modules = fine_tune_modules(params) or "all"
+    exp.task.annotation_file = None  # COCO ground truth from the eval TFRecords themselves
+    exp.task.use_coco_metrics = True
+    # The OD API's serving outputs: boxes normalized to the input image, float counts and classes.
+    exp.task.export_config.output_normalized_coordinates = True
+    exp.task.export_config.cast_num_detections_to_float = True
+    exp.task.export_config.cast_detection_classes_to_float = True
+    exp.task.train_data.is_training = True
+    exp.task.train_data.shuffle_buffer_size = 2048  # the OD API input reader's default
+    exp.task.validation_data.is_training = False
+    exp.task.validation_data.drop_remainder = False  # every val image is evaluated once
+    mixed = gpus > 0
+    exp.runtime.num_gpus = gpus
+    exp.runtime.distribution_strategy = _strategy_name(gpus)
+    exp.runtime.mixed_precision_dtype = "float16" if mixed else "float32"  # 'float16' = mixed_float16 policy
+    exp.task.train_data.dtype = exp.task.validation_data.dtype = "float16" if mixed else "float32"
+
+    loop = steps_per_loop or _steps_per_loop(params)
+    exp.trainer.steps_per_loop = loop
+    exp.trainer.summary_interval = loop
+    exp.trainer.checkpoint_interval = loop
+    exp.trainer.validation_interval = min(params.num_steps, 10 * loop)
+    exp.trainer.validation_steps = -1  # the whole val set, as the reader does not repeat it
+    exp.trainer.max_to_keep = 5
+    exp.trainer.best_checkpoint_export_subdir = ""
+    exp.validate()
+    exp.lock()
+    del model_dir  # ExperimentConfig has no folder field: train_lib.run_experiment gets model_dir
+    return exp
+
+
+def table() -> str:
+    """FIELDS as text, for a reader comparing the two formats."""
+    width = max(len(od) for od, _, _ in FIELDS)
+    return "\n".join(f"{od:<{width}}  ->  {mg}" for od, mg, _ in FIELDS)
+
+
+if __name__ == "__main__":
+    print(table())

@@ -1,0 +1,210 @@
+"""Export a trained detector as a SavedModel with the Object Detection API's serving signature.
+
+RUN_DIR/export/ gets saved_model/, params.yaml (the Model Garden experiment), label_map.pbtxt and,
+when RUN_DIR has one, pipeline.config. `serving_default` takes `input_tensor`, uint8
+[batch, height, width, 3] of any size, and returns, like the OD API:
+
+    num_detections     float32 [batch]
+    detection_boxes    float32 [batch, N, 4]  normalized [ymin, xmin, ymax, xmax] of the input image
+    detection_scores   float32 [batch, N]
+    detection_classes  float32 [batch, N]     label-map ids
+
+Model Garden's DetectionModule does the resizing (the training's stretch to height x width) and,
+with the export_config set in build_experiment, the normalization to the input image and the
+float casts. Before the export replaces the previous one, its detections on a few images are
+compared with the checkpoint model's own; a mismatch raises ExportCheckError. The export is then
+recorded in the BentoML model store ($BENTOML_HOME, default ~/bentoml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from pipelines.common import atomic_output_dir
+from pipelines.data.label_map import read_label_map
+from pipelines.detection.experiment import build_experiment
+from pipelines.detection.params import DetectorParams
+from pipelines.detection.train import build_model
+
+from official.core import export_base, train_utils  # isort: skip
+from official.vision.ops import preprocess_ops  # isort: skip
+from official.vision.serving import detection  # isort: skip
+
+OUTPUT_KEYS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+INPUT_NAME = "input_tensor"  # the OD API's serving input name
+
+
+class ExportCheckError(RuntimeError):
+    """The SavedModel does not reproduce the checkpoint model's detections."""
+
+
+class ODAPIDetectionModule(detection.DetectionModule):
+    """Model Garden's DetectionModule, keeping only the OD API's four outputs (no image_info)."""
+
+    def serve(self, images):
+        outputs = super().serve(images)
+        return {key: outputs[key] for key in OUTPUT_KEYS}
+
+
+def _experiment(params: DetectorParams):
+    params = dataclasses.replace(params, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None,
+                                 train_files=params.train_files or ["unused"])
+    return build_experiment(params, "", gpus=0)
+
+
+def _sample_images(params: DetectorParams, count: int = 3) -> list[np.ndarray]:
+    """A few val (else train) images, plus one of an odd, non-square size made from the first."""
+    files = []
+    for pattern in list(params.eval_files) + list(params.train_files):
+        files.extend(sorted(tf.io.gfile.glob(pattern)))
+        if files:
+            break
+    images = []
+    if files:
+        for raw in tf.data.TFRecordDataset(files).take(count):
+            example = tf.train.Example.FromString(raw.numpy())
+            encoded = example.features.feature["image/encoded"].bytes_list.value[0]
+            images.append(tf.io.decode_image(encoded, channels=3).numpy())
+    if not images:
+        images = [np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)]
+    images.append(tf.cast(tf.image.resize(images[0], (203, 317)), tf.uint8).numpy())
+    return images
+
+
+def reference_detections(model: tf_keras.Model, params: DetectorParams, image: np.ndarray) -> dict:
+    """The checkpoint model on one uint8 image, preprocessed as the eval parser does; boxes normalized
+    to the input image. Written independently of DetectionModule, to check the export against."""
+    h, w = image.shape[:2]
+    size = [params.image_height, params.image_width]
+    x = preprocess_ops.normalize_image(tf.cast(tf.convert_to_tensor(image), tf.float32))
+    x, info = preprocess_ops.resize_and_crop_image(x, size, padded_size=size, aug_scale_min=1.0, aug_scale_max=1.0,
+                                                   keep_aspect_ratio=False)
+    out = model(x[None], image_shape=info[1][None], training=False)
+    scale = tf.tile(info[2], [2]) * tf.constant([h, w, h, w], tf.float32)  # resized pixels -> [0, 1] of input
+    boxes = tf.clip_by_value(out["detection_boxes"][0] / scale, 0.0, 1.0)
+    return {"num_detections": int(out["num_detections"][0]), "detection_boxes": boxes.numpy(),
+            "detection_scores": out["detection_scores"][0].numpy(),
+            "detection_classes": out["detection_classes"][0].numpy().astype(np.float32)}
+
+
+def compare(ref: dict, got: dict, top: int = 20, score_tol: float = 1e-4,
+            box_tol: float = 2e-3) -> tuple[str | None, float]:
+    """(None, largest box difference) when `got` (one image's SavedModel outputs) matches `ref`,
+    else (what differs, ...). Detections are matched as sets over the top `top`, so that near-equal
+    scores may swap places; a match has the same class, score and box within the tolerances.
+    """
+    n = int(ref["num_detections"])
+    if int(got["num_detections"]) != n:
+        return f"num_detections {int(got['num_detections'])} != {n}", float("nan")
+    k = min(n, top)
+    rs, gs = ref["detection_scores"][:k], got["detection_scores"][:k]
+    if not np.allclose(rs, gs, atol=score_tol):
+        return f"scores differ by up to {np.abs(rs - gs).max():.2e}", float("nan")
+    window = min(n, k + 5)
+    largest = 0.0
+    for i in range(k):
+        diffs = [np.abs(got["detection_boxes"][j] - ref["detection_boxes"][i]).max() for j in range(window)
+                 if got["detection_classes"][j] == ref["detection_classes"][i]
+                 and abs(got["detection_scores"][j] - ref["detection_scores"][i]) <= score_tol]
+        if not diffs or min(diffs) > box_tol:
+            return (f"detection {i} (class {ref['detection_classes'][i]:g}, score {ref['detection_scores'][i]:.4f}, "
+                    f"box {np.round(ref['detection_boxes'][i], 4).tolist()}) has no match"), float("nan")
+        largest = max(largest, float(min(diffs)))
+    return None, largest
+
+
+def check_export(saved_model_dir: str | Path, params: DetectorParams, checkpoint: str,
+                 images: list[np.ndarray] | None = None) -> dict:
+    """Run the SavedModel and the checkpoint model on `images`; raise ExportCheckError on a mismatch."""
+    images = images if images is not None else _sample_images(params)
+    model = build_model(params)
+    tf.train.Checkpoint(model=model).read(checkpoint).expect_partial().assert_existing_objects_matched()
+    serve = tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"]
+    max_box = 0.0
+    for n, image in enumerate(images):
+        ref = reference_detections(model, params, image)
+        out = serve(**{INPUT_NAME: tf.convert_to_tensor(image[None])})
+        got = {key: out[key].numpy()[0] for key in OUTPUT_KEYS}
+        problem, box_difference = compare(ref, got)
+        if problem:
+            raise ExportCheckError(f"{saved_model_dir}: image {n} ({image.shape[1]}x{image.shape[0]}): the SavedModel "
+                                   f"disagrees with checkpoint {checkpoint}: {problem}")
+        max_box = max(max_box, box_difference)
+    return {"images": len(images), "max_box_difference": max_box}
+
+
+def _tag_name(text: str) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:63]
+    return name or "detector"
+
+
+def model_store():
+    """BentoML's model store under $BENTOML_HOME (read at each call, so tests can point it elsewhere)."""
+    from bentoml._internal.models import ModelStore
+
+    home = Path(os.path.expanduser(os.environ.get("BENTOML_HOME", "~/bentoml")))
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    return ModelStore(str(home / "models"))
+
+
+def save_to_bentoml(export_dir: Path, name: str, metadata: dict):
+    """Copy `export_dir` into a new version of model `name` in the BentoML store; returns its Tag."""
+    import bentoml
+
+    with bentoml.models.create(name, metadata=metadata, _model_store=model_store()) as bento_model:
+        shutil.copytree(export_dir, bento_model.path, dirs_exist_ok=True)
+    return bento_model.tag
+
+
+def export(params: DetectorParams, run_dir: str | Path, label_map_path: str | Path, name: str | None = None,
+           checkpoint: str | None = None, log=print) -> Path:
+    """Export RUN_DIR/train's latest (or the given) checkpoint to RUN_DIR/export/saved_model; returns it.
+
+    The BentoML model is named `name` (default: RUN_DIR's folder name, as a valid tag).
+    """
+    run_dir = Path(run_dir)
+    checkpoint = checkpoint or tf.train.latest_checkpoint(str(run_dir / "train"))
+    if not checkpoint:
+        raise FileNotFoundError(f"{run_dir / 'train'}: no checkpoint to export; train first")
+    label_map = read_label_map(Path(label_map_path))
+    if max(label_map) > params.num_classes:
+        raise ValueError(f"{label_map_path}: ids up to {max(label_map)} but the model has {params.num_classes} classes")
+    exp = _experiment(params)
+    policy = tf_keras.mixed_precision.global_policy()
+    tf_keras.mixed_precision.set_global_policy("float32")  # a mixed_float16 training still exports float32
+    try:
+        final = run_dir / "export"
+        with atomic_output_dir(final) as tmp:
+            module = ODAPIDetectionModule(exp, batch_size=None, input_image_size=[params.image_height, params.image_width],
+                                          input_type="image_tensor", input_name=INPUT_NAME)
+            export_base.export(module, function_keys=["image_tensor"], export_savedmodel_dir=str(tmp / "saved_model"),
+                               checkpoint_path=checkpoint, timestamped=False)
+            train_utils.serialize_config(exp, str(tmp))
+            shutil.copyfile(label_map_path, tmp / "label_map.pbtxt")
+            if (run_dir / "pipeline.config").is_file():
+                shutil.copyfile(run_dir / "pipeline.config", tmp / "pipeline.config")
+            check = check_export(tmp / "saved_model", params, checkpoint)
+            log(f"export check: the SavedModel matches {checkpoint} on {check['images']} images "
+                f"(largest box difference {check['max_box_difference']:.1e})")
+    finally:
+        tf_keras.mixed_precision.set_global_policy(policy)
+    metadata = {
+        "task": "detection",
+        "label_map": {int(k): v for k, v in sorted(label_map.items())},
+        "num_classes": params.num_classes,
+        "input_size": [params.image_height, params.image_width],
+        "signature": {"input": f"{INPUT_NAME}: uint8 [batch, height, width, 3]", "outputs": list(OUTPUT_KEYS)},
+        "checkpoint": str(checkpoint),
+        "export_check": check,
+    }
+    tag = save_to_bentoml(final, _tag_name(name or run_dir.resolve().name), metadata)
+    log(f"exported {final / 'saved_model'}; BentoML model {tag}")
+    return final / "saved_model"
