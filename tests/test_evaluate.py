@@ -1,0 +1,73 @@
+"""COCO evaluation on hand-made cases whose metrics are known."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from pipelines.detection.evaluate import coco_eval, plot_pr
+
+LABELS = {1: "cat", 2: "dog"}
+
+
+def _case(n_images=4):
+    images = [{"id": 10 + i, "width": 200, "height": 100, "file_name": f"{i}.jpg"} for i in range(n_images)]
+    annotations = []
+    for i in range(n_images):
+        for k, cls in enumerate((1, 2)):
+            x = 10 + 90 * k
+            annotations.append({"id": len(annotations) + 1, "image_id": 10 + i, "category_id": cls,
+                                "bbox": [x, 20, 60, 50], "area": 3000.0, "iscrowd": 0})
+    return images, annotations
+
+
+def _detections(annotations, keep=lambda a: True, shift=0.0, category=None, score=0.9):
+    return [{"image_id": a["image_id"], "category_id": category or a["category_id"], "score": score,
+             "bbox": [a["bbox"][0] + shift, a["bbox"][1], a["bbox"][2], a["bbox"][3]]}
+            for a in annotations if keep(a)]
+
+
+def test_perfect_detections_score_one():
+    images, annotations = _case()
+    stats, per_class, _ = coco_eval(images, annotations, _detections(annotations), LABELS)
+    assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
+    assert stats["AR100"] == pytest.approx(1.0)
+    assert per_class == {"cat": {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)},
+                         "dog": {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}}
+    assert stats["APs"] == -1.0 and stats["APm"] == pytest.approx(1.0)  # area 3000 is "medium"
+
+
+def test_wrong_class_or_place_scores_zero():
+    images, annotations = _case()
+    cats = _detections(annotations, keep=lambda a: a["category_id"] == 1)
+    dogs_called_cats = _detections(annotations, keep=lambda a: a["category_id"] == 2, category=1, score=0.5)
+    stats, per_class, _ = coco_eval(images, annotations, cats + dogs_called_cats, LABELS)
+    assert per_class["dog"]["AP"] == 0.0
+    assert per_class["cat"]["AP"] == pytest.approx(1.0)  # its false positives all rank below its hits
+    stats, _, _ = coco_eval(images, annotations, _detections(annotations, shift=200.0), LABELS)
+    assert stats["AP"] == 0.0
+    stats, _, _ = coco_eval(images, annotations, [], LABELS)
+    assert stats["AP"] in (0.0, -1.0) and stats["AR100"] in (0.0, -1.0)
+
+
+def test_half_found_and_loose_boxes():
+    images, annotations = _case()
+    stats, _, _ = coco_eval(images, annotations, _detections(annotations, keep=lambda a: a["image_id"] < 12), LABELS)
+    assert stats["AR100"] == pytest.approx(0.5)
+    assert stats["AP"] == pytest.approx(0.5, abs=0.02)  # precision 1 up to recall 0.5, then 0
+    # Shifted by 15 px of 60: IoU 2250/3750 = 0.6, a hit at the thresholds 0.50, 0.55 and 0.60: AP = 3/10.
+    stats, _, _ = coco_eval(images, annotations, _detections(annotations, shift=15.0), LABELS)
+    assert stats["AP50"] == pytest.approx(1.0) and stats["AP75"] == 0.0
+    assert stats["AP"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_crowd_regions_are_ignored(tmp_path):
+    images, annotations = _case(1)
+    annotations.append({"id": 99, "image_id": 10, "category_id": 1, "bbox": [0, 0, 200, 100], "area": 20000.0,
+                        "iscrowd": 1})
+    detections = _detections(annotations[:2]) + [
+        {"image_id": 10, "category_id": 1, "score": 0.5, "bbox": [150, 5, 40, 40]}]  # inside the crowd region
+    stats, per_class, evaluator = coco_eval(images, annotations, detections, LABELS)
+    assert per_class["cat"]["AP"] == pytest.approx(1.0)  # the extra box matched the crowd: no false positive
+    plot_pr(evaluator, LABELS, tmp_path / "pr.png")
+    assert Image.open(tmp_path / "pr.png").size[0] > 500
