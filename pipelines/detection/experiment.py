@@ -5,7 +5,9 @@ backbone, FPN with separable convolutions, a level-shared separable box/class he
 multiscale anchors. `FIELDS` below is the whole correspondence, one row per Model Garden field:
 the pipeline.config field it comes from, the Model Garden field, and how the value is computed.
 `build_experiment` applies the rows in order; the few settings that are not a translation of a
-pipeline.config field (hardware, loop sizes, fine-tuning modules) are set after it, in the open.
+pipeline.config field (hardware, loop and checkpoint sizes, eval and export details) are set after
+it, in the open. `NOT_HONOURED` lists where Model Garden cannot do what the OD API does.
+`python -m pipelines.detection.experiment` prints the table.
 """
 
 from __future__ import annotations
@@ -98,9 +100,10 @@ FIELDS: list[Row] = [
     # Targets are scaled by the box coder weights as in the OD API, so its smooth L1 delta (1.0) applies.
     ("loss.localization_loss.weighted_smooth_l1.delta (default 1.0)", "task.losses.huber_loss_delta",
      lambda p: 1.0),
-    # OD API's Keras L2 regularizer is l2(weight / 2); Model Garden builds l2(l2_weight_decay / 2).
-    ("*conv_hyperparams.regularizer.l2_regularizer.weight", "task.losses.l2_weight_decay",
-     lambda p: p.weight_decay),
+    # OD API's Keras L2 regularizer is l2(weight / 2); Model Garden builds l2(l2_weight_decay / 2) and
+    # multiplies it by loss_weight with the rest of the loss, hence the division.
+    ("*conv_hyperparams.regularizer.l2_regularizer.weight / loss.classification_weight",
+     "task.losses.l2_weight_decay", lambda p: p.weight_decay / p.classification_weight),
     # train_config
     ("train_config.batch_size", "task.train_data.global_batch_size", lambda p: p.batch_size),
     ("train_config.num_steps", "trainer.train_steps", lambda p: p.num_steps),
@@ -136,6 +139,9 @@ FIELDS: list[Row] = [
     ("image_resizer.fixed_shape_resizer (no padding)", "task.train_data.parser.pad", lambda p: False),
     ("image_resizer.fixed_shape_resizer (no padding)", "task.validation_data.parser.pad", lambda p: False),
     ("train_config.fine_tune_checkpoint", "task.init_checkpoint", lambda p: p.fine_tune_checkpoint or None),
+    # detection: backbone + FPN, and the head when its classes and anchors match; classification: backbone
+    ("train_config.fine_tune_checkpoint_type", "task.init_checkpoint_modules",
+     lambda p: fine_tune_modules(p) or "all"),
     # input readers
     ("train_input_reader.tf_record_input_reader.input_path", "task.train_data.input_path",
      lambda p: list(p.train_files)),
@@ -145,11 +151,16 @@ FIELDS: list[Row] = [
     ("eval_config.include_metrics_per_category", "task.per_category_metrics", lambda p: True),
 ]
 
-# Object Detection API fields with no Model Garden equivalent; see the module's report in README.
+# What Model Garden cannot do as the Object Detection API does (DetectorParams field: how it differs).
 NOT_HONOURED = {
-    "max_detections_per_class": "Model Garden's combined NMS keeps max_num_detections per class and in total",
-    "share_prediction_tower": "Model Garden's RetinaNetHead has separate box and class towers",
-    "random_crop_image": "approximated by the parser's random scale jitter and crop (aug_scale_min/max)",
+    "max_detections_per_class": "'batched' NMS keeps max_detections per class and in total; only equal values "
+                                "are honoured",
+    "head_separable (share_prediction_tower)": "separable head convs yes; Model Garden's head has no tower "
+                                               "shared by the box and class branches",
+    "random_crop": "ssd_random_crop has no twin; the parser's random scale jitter + crop stands in for it",
+    "activation": "FPN and head only: Model Garden's MobileNetV2 blocks are always relu6",
+    "fine_tune_checkpoint": "only Model Garden checkpoints (ours, or its classification task's); the OD API's "
+                            "and Keras applications' checkpoints have other variable names and are refused",
 }
 
 
@@ -229,17 +240,16 @@ def fine_tune_modules(params: DetectorParams) -> str | list[str] | None:
 
 
 def validate(params: DetectorParams) -> None:
-    stride = 2 ** min(params.max_level, 5)  # MobileNetV2's deepest feature map is level 5
+    # The FPN adds upsampled level l+1 to level l: sizes must halve exactly down to the backbone's
+    # deepest level (5 for MobileNetV2); levels above it may round up, as the anchors do.
+    stride = 2 ** min(params.max_level, 5)
     if params.image_height % stride or params.image_width % stride:
         raise ValueError(f"image size {params.image_height}x{params.image_width}: height and width must be "
                          f"multiples of {stride} for the FPN")
-    if not 3 <= params.min_level <= 5 or params.max_level < max(params.min_level, 5):
-        raise ValueError(f"FPN levels {params.min_level}..{params.max_level}: need min_level in 3..5 and "
-                         "max_level >= 5 (MobileNetV2 gives levels 3..5)")
+    if params.min_level > params.max_level:
+        raise ValueError(f"FPN min_level {params.min_level} > max_level {params.max_level}")
     if params.classification_weight <= 0:
-        raise ValueError("classification_weight must be positive")
-    if not params.train_files:
-        raise ValueError("no training files (train_input_reader.input_path)")
+        raise ValueError("classification_weight must be positive (it scales Model Garden's whole loss)")
 
 
 def build_experiment(params: DetectorParams, model_dir: str, steps_per_loop: int | None = None,
@@ -259,7 +269,6 @@ def build_experiment(params: DetectorParams, model_dir: str, steps_per_loop: int
 
     # Not a translation of pipeline.config fields.
     exp.task.model.norm_activation.use_sync_bn = False
-    exp.task.init_checkpoint_modules = fine_tune_modules(params) or "all"
     exp.task.annotation_file = None  # COCO ground truth from the eval TFRecords themselves
     exp.task.use_coco_metrics = True
     # The OD API's serving outputs: boxes normalized to the input image, float counts and classes.
@@ -280,7 +289,7 @@ def build_experiment(params: DetectorParams, model_dir: str, steps_per_loop: int
     exp.trainer.steps_per_loop = loop
     exp.trainer.summary_interval = loop
     exp.trainer.checkpoint_interval = loop
-    exp.trainer.validation_interval = min(params.num_steps, 10 * loop)
+    exp.trainer.validation_interval = max(1, min(params.num_steps, 10 * loop))
     exp.trainer.validation_steps = -1  # the whole val set, as the reader does not repeat it
     exp.trainer.max_to_keep = 5
     exp.trainer.best_checkpoint_export_subdir = ""

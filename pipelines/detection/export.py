@@ -55,8 +55,7 @@ class ODAPIDetectionModule(detection.DetectionModule):
 
 
 def _experiment(params: DetectorParams):
-    params = dataclasses.replace(params, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None,
-                                 train_files=params.train_files or ["unused"])
+    params = dataclasses.replace(params, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None)
     return build_experiment(params, "", gpus=0)
 
 
@@ -84,7 +83,7 @@ def reference_detections(model: tf_keras.Model, params: DetectorParams, image: n
     to the input image. Written independently of DetectionModule, to check the export against."""
     h, w = image.shape[:2]
     size = [params.image_height, params.image_width]
-    x = preprocess_ops.normalize_image(tf.cast(tf.convert_to_tensor(image), tf.float32))
+    x = preprocess_ops.normalize_image(tf.convert_to_tensor(image, tf.uint8))  # as the eval parser: uint8 in
     x, info = preprocess_ops.resize_and_crop_image(x, size, padded_size=size, aug_scale_min=1.0, aug_scale_max=1.0,
                                                    keep_aspect_ratio=False)
     out = model(x[None], image_shape=info[1][None], training=False)
@@ -183,10 +182,10 @@ def export(params: DetectorParams, run_dir: str | Path, label_map_path: str | Pa
     try:
         final = run_dir / "export"
         with atomic_output_dir(final) as tmp:
-            module = ODAPIDetectionModule(exp, batch_size=None, input_image_size=[params.image_height, params.image_width],
-                                          input_type="image_tensor", input_name=INPUT_NAME)
-            export_base.export(module, function_keys=["image_tensor"], export_savedmodel_dir=str(tmp / "saved_model"),
-                               checkpoint_path=checkpoint, timestamped=False)
+            module = ODAPIDetectionModule(exp, batch_size=None, input_type="image_tensor", input_name=INPUT_NAME,
+                                          input_image_size=[params.image_height, params.image_width])
+            export_base.export(module, function_keys=["image_tensor"], checkpoint_path=checkpoint,
+                               export_savedmodel_dir=str(tmp / "saved_model"), timestamped=False)
             train_utils.serialize_config(exp, str(tmp))
             shutil.copyfile(label_map_path, tmp / "label_map.pbtxt")
             if (run_dir / "pipeline.config").is_file():

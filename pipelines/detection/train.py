@@ -27,8 +27,27 @@ from pipelines.detection.experiment import build_experiment
 from pipelines.detection.params import DetectorParams
 
 from official.common import distribute_utils  # isort: skip
-from official.core import task_factory, train_lib, train_utils  # isort: skip
+from official.core import train_lib, train_utils  # isort: skip
 from official.modeling import performance  # isort: skip
+from official.vision.tasks import retinanet as retinanet_task  # isort: skip
+
+
+class DetectionTask(retinanet_task.RetinaNetTask):
+    """Model Garden's RetinaNetTask with one fix for COCO evaluation from the TFRecords' own ground
+    truth: its eval parser gives `groundtruths['num_detections']` as [batch, 1], which
+    coco_utils.convert_groundtruths_to_coco_dataset passes to int(), a TypeError under NumPy 2."""
+
+    def build_inputs(self, params, input_context=None):
+        dataset = super().build_inputs(params, input_context)
+        if params.is_training:
+            return dataset
+
+        def flat_counts(images, labels):
+            truth = labels["groundtruths"]
+            truth = dict(truth, num_detections=tf.reshape(truth["num_detections"], [-1]))
+            return images, dict(labels, groundtruths=truth)
+
+        return dataset.map(flat_counts)
 
 
 def build_model(params: DetectorParams) -> tf_keras.Model:
@@ -36,10 +55,9 @@ def build_model(params: DetectorParams) -> tf_keras.Model:
 
     Restore a training checkpoint with `tf.train.Checkpoint(model=model).read(prefix)`.
     """
-    params = dataclasses.replace(params, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None,
-                                 train_files=params.train_files or ["unused"])
+    params = dataclasses.replace(params, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None)
     exp = build_experiment(params, "", gpus=0)
-    return task_factory.get_task(exp.task).build_model()
+    return DetectionTask(exp.task).build_model()
 
 
 def latest_step(model_dir: str | Path) -> int:
@@ -104,6 +122,8 @@ def train(params: DetectorParams, run_dir: str | Path, log: Callable[[str], None
     """
     if mode not in ("train", "train_and_eval"):
         raise ValueError(f"mode {mode!r}: expected 'train' or 'train_and_eval'")
+    if not params.train_files:
+        raise ValueError("no training files (train_input_reader.input_path)")
     if mode == "train_and_eval" and not params.eval_files:
         raise ValueError("train_and_eval needs eval_files")
     model_dir = Path(run_dir) / "train"
@@ -124,13 +144,15 @@ def train(params: DetectorParams, run_dir: str | Path, log: Callable[[str], None
                if params.fine_tune_checkpoint else "from scratch")
             + f"; checkpoints and summaries in {model_dir}")
         with strategy.scope():
-            task = task_factory.get_task(exp.task, logging_dir=str(model_dir))
+            task = DetectionTask(exp.task, logging_dir=str(model_dir))
             trainer = train_utils.create_trainer(exp, task, train=True, evaluate=mode == "train_and_eval")
         progress = Progress(trainer.global_step, params.num_steps, params.batch_size, log)
         evals: list[dict] = []
 
         def keep_eval(output):
             evals.append({k: float(np.asarray(v)) for k, v in output.items() if np.ndim(np.asarray(v)) == 0})
+            log(f"eval at step {int(trainer.global_step.numpy())}: COCO AP {evals[-1].get('AP', float('nan')):.4f}, "
+                f"AP50 {evals[-1].get('AP50', float('nan')):.4f}, loss {evals[-1].get('total_loss', float('nan')):.4f}")
 
         started = time.time()
         train_lib.run_experiment(distribution_strategy=strategy, task=task, mode=mode, params=exp,

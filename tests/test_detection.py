@@ -1,0 +1,282 @@
+"""Detection with Model Garden, for real on a tiny detector: training, resuming, fine-tuning, export.
+
+The detector is shrunk (128x128 or 64x64 input, MobileNetV2 x0.35, 16-filter FPN and head with one
+conv) so that the whole file runs in a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pipelines  # noqa: F401  (sets the TensorFlow environment before TF is imported)
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from pipelines.detection.experiment import FIELDS, build_experiment
+from pipelines.detection.params import DetectorParams
+from pipelines.detection.train import build_model, latest_step, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """24 generated shape images (4 classes) converted to TFRecords by the real data stage."""
+    from pipelines.data.sample import generate
+
+    root = tmp_path_factory.mktemp("detection-data")
+    generate(root / "shapes", num_images=24)
+    subprocess.run([sys.executable, "-m", "pipelines", "data", "--dataset", str(root / "shapes"),
+                    "--out", str(root / "data"), "--workers", "1"], cwd=REPO, check=True, capture_output=True)
+    return root / "data"
+
+
+def tiny_params(data_dir: Path, **overrides) -> DetectorParams:
+    fields = dict(
+        num_classes=4, image_height=128, image_width=128, depth_multiplier=0.35, fpn_num_filters=16,
+        head_num_filters=16, head_num_convs=1, batch_size=4, num_steps=30, learning_rate=0.2,
+        warmup_learning_rate=0.2, warmup_steps=0, random_horizontal_flip=False, random_crop=False,
+        train_files=[str(data_dir / "train-*.tfrecord")], eval_files=[str(data_dir / "val-*.tfrecord")],
+        eval_batch_size=4, label_map_path=str(data_dir / "label_map.pbtxt"))
+    fields.update(overrides)
+    return DetectorParams(**fields)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> tuple[DetectorParams, Path, dict]:
+    """A tiny detector trained 30 steps (5 per loop) on the 19 training images, without augmentation."""
+    tf_keras.utils.set_random_seed(1)
+    params = tiny_params(data_dir)
+    run_dir = tmp_path_factory.mktemp("run")
+    lines = []
+    result = train(params, run_dir, log=lines.append, steps_per_loop=5)
+    result["lines"] = lines
+    return params, run_dir, result
+
+
+def checkpoint_values(prefix: str, root: str) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(prefix)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith(root + "/") and ".OPTIMIZER_SLOT" not in k}  # weights, not momentum
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_experiment_maps_params(data_dir, tmp_path):
+    params = DetectorParams(num_classes=4, train_files=["a-*.tfrecord"], eval_files=["b-*.tfrecord"])
+    exp = build_experiment(params, str(tmp_path), gpus=0)
+    m = exp.task.model
+    assert m.num_classes == 5 and m.input_size == [320, 320, 3]
+    assert m.backbone.type == "mobilenet" and m.backbone.mobilenet.model_id == "MobileNetV2"
+    assert m.decoder.type == "fpn" and m.decoder.fpn.use_separable_conv and m.decoder.fpn.num_filters == 128
+    assert (m.head.num_convs, m.head.num_filters, m.head.use_separable_conv) == (4, 128, True)
+    assert (m.anchor.num_scales, m.anchor.aspect_ratios, m.anchor.anchor_size) == (2, [1.0, 2.0, 0.5], 4.0)
+    assert m.detection_generator.box_coder_weights == [10.0, 10.0, 5.0, 5.0]
+    assert m.detection_generator.nms_version == "batched" and m.detection_generator.nms_iou_threshold == 0.6
+    assert m.norm_activation.activation == "relu6"
+    assert (exp.task.losses.focal_loss_alpha, exp.task.losses.focal_loss_gamma) == (0.25, 2.0)
+    assert exp.task.losses.l2_weight_decay == 4e-5
+    opt = exp.trainer.optimizer_config
+    assert opt.optimizer.type == "sgd" and opt.optimizer.sgd.momentum == 0.9
+    assert opt.learning_rate.cosine.initial_learning_rate == 0.08
+    assert (opt.learning_rate.cosine.offset, opt.learning_rate.cosine.decay_steps) == (1000, 49000)
+    assert (opt.warmup.linear.warmup_steps, opt.warmup.linear.warmup_learning_rate) == (1000, 0.026666)
+    assert exp.task.train_data.input_path == ["a-*.tfrecord"] and exp.task.train_data.global_batch_size == 128
+    assert exp.task.validation_data.input_path == ["b-*.tfrecord"] and not exp.task.validation_data.is_training
+    assert exp.trainer.train_steps == 50000 and exp.trainer.validation_steps == -1
+    assert exp.task.annotation_file is None and exp.task.per_category_metrics
+    assert exp.runtime.mixed_precision_dtype == "float32" and exp.runtime.distribution_strategy == "one_device"
+    gpu = build_experiment(params, str(tmp_path), gpus=2)
+    assert gpu.runtime.mixed_precision_dtype == "float16" and gpu.runtime.distribution_strategy == "mirrored"
+    # The OD API's cosine schedule: linear warmup to the base rate, then cosine to 0 at num_steps.
+    from official.modeling.optimization import OptimizerFactory
+
+    lr = OptimizerFactory(opt).build_learning_rate()
+    assert np.isclose(float(lr(0)), 0.026666) and np.isclose(float(lr(1000)), 0.08)
+    assert np.isclose(float(lr(25500)), 0.04, rtol=1e-4) and np.isclose(float(lr(50000)), 0.0, atol=1e-7)
+    assert len({mg for _, mg, _ in FIELDS}) == len(FIELDS)  # one row per Model Garden field
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def test_tiny_detector_loss_goes_down(trained):
+    params, run_dir, result = trained
+    losses = [h["total_loss"] for h in result["history"]]
+    assert [h["step"] for h in result["history"]] == [5, 10, 15, 20, 25, 30]
+    assert losses[-1] < 0.93 * losses[0], losses
+    assert result["global_step"] == 30 and result["start_step"] == 0
+    assert latest_step(run_dir / "train") == 30
+    assert list((run_dir / "train" / "train").glob("events.out.tfevents.*")), "no TensorBoard summaries"
+    assert (run_dir / "train" / "params.yaml").is_file()
+    progress = [line for line in result["lines"] if line.startswith("step ")]
+    assert len(progress) == 6 and all("steps/s" in line and "ETA" in line for line in progress)
+
+
+def test_killed_run_resumes_from_its_checkpoint(data_dir, tmp_path):
+    params = tiny_params(data_dir, image_height=64, image_width=64, num_steps=60, learning_rate=0.05,
+                         warmup_learning_rate=0.05)
+    (tmp_path / "params.json").write_text(json.dumps(dataclasses.asdict(params)))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipelines.detection.train", str(tmp_path / "params.json"), str(run_dir),
+           "--steps-per-loop", "2"]
+    with open(tmp_path / "first.log", "w") as out:  # a file, not a pipe nobody reads while it runs
+        first = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while latest_step(run_dir / "train") == 0 and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    killed_at = latest_step(run_dir / "train")
+    assert first.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert 0 < killed_at < params.num_steps
+
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result["start_step"] == killed_at and result["global_step"] == params.num_steps
+    assert f"resuming from step {killed_at}" in second.stdout
+    steps = [int(line.split()[1].split("/")[0]) for line in second.stdout.splitlines() if line.startswith("step ")]
+    assert steps[0] == killed_at + 2 and steps[-1] == params.num_steps, steps
+    assert latest_step(run_dir / "train") == params.num_steps
+
+
+# ---------------------------------------------------------------------------------------------- fine-tune
+
+
+def test_detection_fine_tune_restores_backbone_decoder_and_head(trained, tmp_path):
+    """Through train(): the trainer's first checkpoint holds the source's weights (lr 0, so one step
+    changes no trainable weight; batch-norm moving statistics do move and are not compared)."""
+    params, run_dir, _ = trained
+    source = tf.train.latest_checkpoint(str(run_dir / "train"))
+    ft = dataclasses.replace(params, fine_tune_checkpoint=source, fine_tune_checkpoint_type="detection",
+                             num_steps=1, learning_rate=0.0, warmup_learning_rate=0.0)
+    assert build_experiment(ft, "", gpus=0).task.init_checkpoint_modules == "all"
+    result = train(ft, tmp_path, log=lambda line: None)
+    assert result["global_step"] == 1
+    for root in ("backbone", "decoder", "head"):
+        want, got = checkpoint_values(source, root), checkpoint_values(result["checkpoint"], root)
+        assert want.keys() == got.keys() and len(want) > 10
+        for key in want:
+            if "moving_" not in key:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_detection_fine_tune_with_other_classes_skips_the_head(trained):
+    from official.core import task_factory
+
+    params, run_dir, _ = trained
+    source = tf.train.latest_checkpoint(str(run_dir / "train"))
+    ft = dataclasses.replace(params, num_classes=2, fine_tune_checkpoint=source, fine_tune_checkpoint_type="detection")
+    exp = build_experiment(ft, "", gpus=0)
+    assert exp.task.init_checkpoint_modules == ["backbone", "decoder"]
+    task = task_factory.get_task(exp.task)
+    model = task.build_model()
+    task.initialize(model)  # what the trainer calls when its model_dir has no checkpoint
+    reference = build_model(params)
+    tf.train.Checkpoint(model=reference).read(source).expect_partial().assert_existing_objects_matched()
+    for part in ("backbone", "decoder"):
+        for got, want in zip(getattr(model, part).weights, getattr(reference, part).weights, strict=True):
+            np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.name)
+    shared = [(g, w) for g, w in zip(model.head.weights, reference.head.weights) if g.shape == w.shape]
+    assert not all(np.array_equal(g.numpy(), w.numpy()) for g, w in shared), "head restored"
+
+
+def test_classification_fine_tune_restores_the_backbone(data_dir, tmp_path):
+    from official.core import task_factory
+    from official.vision.configs import backbones
+    from official.vision.configs import image_classification as ic
+
+    cls_cfg = ic.ImageClassificationTask(model=ic.ImageClassificationModel(
+        num_classes=10, input_size=[96, 96, 3],
+        backbone=backbones.Backbone(type="mobilenet", mobilenet=backbones.MobileNet(
+            model_id="MobileNetV2", filter_size_scale=0.35))))
+    classifier = task_factory.get_task(cls_cfg).build_model()
+    for v in classifier.backbone.weights:  # distinctive values, not an initialiser's
+        v.assign(tf.random.stateless_uniform(v.shape, seed=[7, len(v.name)], minval=0.5, maxval=1.5))
+    # Saved as Model Garden's trainer saves it: the model plus its checkpoint_items (backbone).
+    prefix = tf.train.Checkpoint(model=classifier, **classifier.checkpoint_items).save(str(tmp_path / "cls" / "ckpt"))
+
+    params = tiny_params(data_dir, fine_tune_checkpoint=prefix, fine_tune_checkpoint_type="classification")
+    exp = build_experiment(params, "", gpus=0)
+    assert exp.task.init_checkpoint_modules == "backbone"
+    task = task_factory.get_task(exp.task)
+    detector = task.build_model()
+    task.initialize(detector)
+    pairs = list(zip(detector.backbone.weights, classifier.backbone.weights, strict=True))
+    assert len(pairs) > 100
+    for got, want in pairs:
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.name)
+
+
+def test_fine_tune_refuses_a_foreign_checkpoint(data_dir, tmp_path):
+    prefix = tf.train.Checkpoint(model=tf.Module()).save(str(tmp_path / "odapi" / "ckpt"))
+    tf.train.Checkpoint(feature_extractor=tf.Variable(1.0)).write(str(tmp_path / "foreign"))
+    for path in (prefix, str(tmp_path / "foreign")):
+        with pytest.raises(ValueError, match="not a Model Garden checkpoint"):
+            build_experiment(tiny_params(data_dir, fine_tune_checkpoint=path), "", gpus=0)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def test_export_serves_od_api_outputs_and_is_in_bentoml(trained, tmp_path, monkeypatch):
+    import bentoml
+
+    from pipelines.detection import export as export_mod
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    params, run_dir, _ = trained
+    (run_dir / "pipeline.config").write_text("# placeholder pipeline.config\n")
+    saved_model = export_mod.export(params, run_dir, params.label_map_path, name="shapes-detector",
+                                    log=lambda line: None)
+    assert saved_model == run_dir / "export" / "saved_model"
+    for name in ("label_map.pbtxt", "pipeline.config", "params.yaml"):
+        assert (run_dir / "export" / name).is_file(), name
+
+    loaded = tf.saved_model.load(str(saved_model))
+    assert list(loaded.signatures) == ["serving_default"]
+    serve = loaded.signatures["serving_default"]
+    (spec,) = serve.structured_input_signature[1].values()
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, None, None, 3]
+    assert {k: v.dtype for k, v in serve.structured_outputs.items()} == {
+        "num_detections": tf.float32, "detection_boxes": tf.float32,
+        "detection_scores": tf.float32, "detection_classes": tf.float32}
+
+    rng = np.random.default_rng(3)
+    odd = rng.integers(0, 256, (157, 263, 3), dtype=np.uint8)  # non-square, not a multiple of anything
+    out = {k: v.numpy() for k, v in serve(input_tensor=tf.constant(np.stack([odd, odd[::-1]]))).items()}
+    assert out["num_detections"].shape == (2,) and out["detection_boxes"].shape[:2] == out["detection_scores"].shape
+    assert set(np.unique(out["detection_classes"])) <= {1.0, 2.0, 3.0, 4.0}
+    assert out["detection_boxes"].min() >= 0.0 and out["detection_boxes"].max() <= 1.0
+    ymin, xmin, ymax, xmax = np.moveaxis(out["detection_boxes"], -1, 0)
+    assert (ymax >= ymin).all() and (xmax >= xmin).all()
+    assert np.all(np.diff(out["detection_scores"], axis=1) <= 1e-6)  # sorted by score
+
+    # The same image through the checkpoint model, preprocessed and converted independently.
+    model = build_model(params)
+    tf.train.Checkpoint(model=model).read(tf.train.latest_checkpoint(str(run_dir / "train"))).expect_partial()
+    ref = export_mod.reference_detections(model, params, odd)
+    problem, difference = export_mod.compare(ref, {k: v[0] for k, v in out.items()})
+    assert problem is None and difference < 1e-4, problem
+
+    # A model that disagrees with its checkpoint is refused.
+    broken = {**ref, "detection_boxes": ref["detection_boxes"] + 0.05}
+    assert export_mod.compare(ref, broken)[0] is not None
+
+    assert (tmp_path / "bentoml" / "models" / "shapes-detector" / "latest").is_file()
+    stored = bentoml.models.get("shapes-detector:latest", _model_store=export_mod.model_store())
+    assert stored.info.metadata["task"] == "detection"
+    assert stored.info.metadata["label_map"] == {1: "circle", 2: "square", 3: "triangle", 4: "star"}
+    assert (Path(stored.path) / "saved_model" / "saved_model.pb").is_file()
+    assert (Path(stored.path) / "label_map.pbtxt").is_file()
