@@ -116,6 +116,13 @@ def add_run_parsers(sub) -> None:
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
     p.add_argument("--checkpoint", help="a ckpt-N prefix instead of the latest")
     p.add_argument("--name", help="BentoML model name (default: the run name)")
+    p = sub.add_parser("predict", help="run an exported model on images: JSON detections + drawn images",
+                       description="Run workspace/RUN/export on image files: prints JSON (label, class_id, score, box "
+                                   "in pixels) and writes each image with its boxes drawn.")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", required=True, help="an export folder (workspace/RUN/export) or a saved_model folder")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="drop detections below this score (0.5)")
+    p.add_argument("--out", help="folder for the drawn images (default: workspace/RUN/predictions)")
 
 
 def _engine_errors(fn):
@@ -161,6 +168,18 @@ def cmd_export(args) -> int:
     params, folder, _ = load_run(args.run)
     export(params, folder, params.label_map_path, name=args.name or folder.name, checkpoint=args.checkpoint,
            log=lambda line: print(line, flush=True))
+    return 0
+
+
+@_engine_errors
+def cmd_predict(args) -> int:
+    from pipelines.detection.predict import predict, print_json
+
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise UserError(None, f"--score-threshold {args.score_threshold} must be between 0 and 1")
+    results = predict(Path(args.model), [Path(p) for p in args.images], Path(args.out) if args.out else None,
+                      args.score_threshold, log=eprint)
+    print_json(results)
     return 0
 
 
@@ -213,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "train": cmd_train, "eval": cmd_eval,
-            "export": cmd_export, "demo": cmd_demo}
+            "export": cmd_export, "predict": cmd_predict, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -230,16 +230,35 @@ def test_fine_tune_refuses_a_foreign_checkpoint(data_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------- export
 
 
-def test_export_serves_od_api_outputs_and_is_in_bentoml(trained, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """The tiny trained detector exported once (with its own BentoML store)."""
+    from pipelines.detection import export as export_mod
+
+    bento_home = tmp_path_factory.mktemp("bentoml")
+    previous = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(bento_home)
+    try:
+        params, run_dir, _ = trained
+        (run_dir / "pipeline.config").write_text("# placeholder pipeline.config\n")
+        saved_model = export_mod.export(params, run_dir, params.label_map_path, name="shapes-detector",
+                                        log=lambda line: None)
+        yield saved_model, bento_home
+    finally:
+        if previous is None:
+            os.environ.pop("BENTOML_HOME", None)
+        else:
+            os.environ["BENTOML_HOME"] = previous
+
+
+def test_export_serves_od_api_outputs_and_is_in_bentoml(trained, exported, monkeypatch):
     import bentoml
 
     from pipelines.detection import export as export_mod
 
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    saved_model, bento_home = exported
+    monkeypatch.setenv("BENTOML_HOME", str(bento_home))
     params, run_dir, _ = trained
-    (run_dir / "pipeline.config").write_text("# placeholder pipeline.config\n")
-    saved_model = export_mod.export(params, run_dir, params.label_map_path, name="shapes-detector",
-                                    log=lambda line: None)
     assert saved_model == run_dir / "export" / "saved_model"
     for name in ("label_map.pbtxt", "pipeline.config", "params.yaml"):
         assert (run_dir / "export" / name).is_file(), name
@@ -274,9 +293,42 @@ def test_export_serves_od_api_outputs_and_is_in_bentoml(trained, tmp_path, monke
     broken = {**ref, "detection_boxes": ref["detection_boxes"] + 0.05}
     assert export_mod.compare(ref, broken)[0] is not None
 
-    assert (tmp_path / "bentoml" / "models" / "shapes-detector" / "latest").is_file()
+    assert (bento_home / "models" / "shapes-detector" / "latest").is_file()
     stored = bentoml.models.get("shapes-detector:latest", _model_store=export_mod.model_store())
     assert stored.info.metadata["task"] == "detection"
     assert stored.info.metadata["label_map"] == {1: "circle", 2: "square", 3: "triangle", 4: "star"}
     assert (Path(stored.path) / "saved_model" / "saved_model.pb").is_file()
     assert (Path(stored.path) / "label_map.pbtxt").is_file()
+
+
+def test_predict_prints_json_and_draws_boxes(trained, exported, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from conftest import run_cli
+
+    saved_model, _ = exported
+    params, run_dir, _ = trained
+    # A photo stored rotated with an EXIF tag: predictions are in the upright picture's pixels.
+    upright = (np.random.default_rng(5).integers(0, 255, (90, 130, 3))).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.fromarray(upright).save(tmp_path / "plain.png")
+    proc = run_cli("predict", "--model", run_dir / "export", "--score-threshold", "0", "--out", tmp_path / "drawn",
+                   tmp_path / "rotated.jpg", tmp_path / "plain.png", check=True)
+    results = json.loads(proc.stdout)
+    assert [Path(r["image"]).name for r in results] == ["rotated.jpg", "plain.png"]
+    for r in results:  # the rotated file is stored 90 wide: its EXIF orientation was applied
+        assert (r["width"], r["height"]) == (130, 90)
+        assert r["detections"], "threshold 0 keeps every detection"
+        for d in r["detections"]:
+            assert d["label"] == {1: "circle", 2: "square", 3: "triangle", 4: "star"}[d["class_id"]]
+            b = d["box"]
+            assert 0 <= b["xmin"] <= b["xmax"] <= 130 and 0 <= b["ymin"] <= b["ymax"] <= 90
+        assert Image.open(r["drawn"]).size == (130, 90)
+    proc = run_cli("predict", "--model", run_dir / "export", tmp_path / "missing.jpg")
+    assert proc.returncode == 2 and "missing.jpg: no such file" in proc.stderr
+    proc = run_cli("predict", "--model", tmp_path, tmp_path / "plain.png")
+    assert proc.returncode == 2 and "no SavedModel here" in proc.stderr

@@ -1,8 +1,8 @@
 """pipeline.config (Object Detection API text format) -> DetectorParams, and its validation.
 
-FIELD_MAP is the one place where the two formats meet: each row names the pipeline.config
-field, the DetectorParams field it sets, and the Model Garden RetinaNet field that receives it
-(pipelines/detection/experiment.py writes that side).
+FIELD_MAP lists the pipeline.config fields that are read and the DetectorParams field each one
+sets. The correspondence with Model Garden's RetinaNet fields is one table, FIELDS in
+pipelines/detection/experiment.py, keyed by the same pipeline.config names.
 """
 
 from __future__ import annotations
@@ -34,47 +34,48 @@ def _activation(value):
     return names[value]
 
 
-# (pipeline.config field, DetectorParams field, Model Garden field, conversion)
+# (pipeline.config field, DetectorParams field, conversion). Where each DetectorParams field goes in
+# Model Garden is the FIELDS table of pipelines/detection/experiment.py.
 FIELD_MAP = [
-    (f"{SSD}.num_classes", "num_classes", "task.model.num_classes (K + 1: class 0 is the background)", int),
-    (f"{SSD}.image_resizer.fixed_shape_resizer.height", "image_height", "task.model.input_size[0]", int),
-    (f"{SSD}.image_resizer.fixed_shape_resizer.width", "image_width", "task.model.input_size[1]", int),
-    (f"{FE}.depth_multiplier", "depth_multiplier", "task.model.backbone.mobilenet.filter_size_scale", float),
-    (f"{FE}.conv_hyperparams.activation", "activation", "task.model.norm_activation.activation", _activation),
-    (f"{FE}.fpn.min_level", "min_level", "task.model.min_level", int),
-    (f"{FE}.fpn.max_level", "max_level", "task.model.max_level", int),
-    (f"{FE}.fpn.additional_layer_depth", "fpn_num_filters", "task.model.decoder.fpn.num_filters", int),
-    (f"{FE}.use_depthwise", "fpn_separable", "task.model.decoder.fpn.use_separable_conv", bool),
-    (f"{HEAD}.depth", "head_num_filters", "task.model.head.num_filters", int),
-    (f"{HEAD}.num_layers_before_predictor", "head_num_convs", "task.model.head.num_convs", int),
-    (f"{HEAD}.use_depthwise", "head_separable", "task.model.head.use_separable_conv", bool),
-    (f"{ANCHORS}.scales_per_octave", "num_scales", "task.model.anchor.num_scales", int),
-    (f"{ANCHORS}.aspect_ratios", "aspect_ratios", "task.model.anchor.aspect_ratios", None),
-    (f"{ANCHORS}.anchor_scale", "anchor_size", "task.model.anchor.anchor_size", float),
-    (f"{CODER}.y_scale", "box_coder_weights[0]", "box coder weights (y, x, h, w)", float),
-    (f"{CODER}.x_scale", "box_coder_weights[1]", "box coder weights (y, x, h, w)", float),
-    (f"{CODER}.height_scale", "box_coder_weights[2]", "box coder weights (y, x, h, w)", float),
-    (f"{CODER}.width_scale", "box_coder_weights[3]", "box coder weights (y, x, h, w)", float),
-    (f"{SSD}.loss.classification_loss.weighted_sigmoid_focal.alpha", "focal_alpha", "task.losses.focal_loss_alpha", float),
-    (f"{SSD}.loss.classification_loss.weighted_sigmoid_focal.gamma", "focal_gamma", "task.losses.focal_loss_gamma", float),
-    (f"{SSD}.loss.classification_weight", "classification_weight", "task.losses (class loss weight)", float),
-    (f"{SSD}.loss.localization_weight", "localization_weight", "task.losses.box_loss_weight", float),
-    (f"{NMS}.iou_threshold", "nms_iou_threshold", "task.model.detection_generator.nms_iou_threshold", float),
-    (f"{NMS}.score_threshold", "nms_score_threshold", "task.model.detection_generator.pre_nms_score_threshold", float),
-    (f"{NMS}.max_total_detections", "max_detections", "task.model.detection_generator.max_num_detections", int),
-    (f"{NMS}.max_detections_per_class", "max_detections_per_class", "task.model.detection_generator.pre_nms_top_k", int),
-    ("train_config.batch_size", "batch_size", "task.train_data.global_batch_size", int),
-    ("train_config.num_steps", "num_steps", "trainer.train_steps", int),
-    (f"{COSINE}.learning_rate_base", "learning_rate", "trainer.optimizer_config.learning_rate.cosine.initial_learning_rate", float),
-    (f"{COSINE}.warmup_learning_rate", "warmup_learning_rate", "trainer.optimizer_config.warmup.linear.warmup_learning_rate", float),
-    (f"{COSINE}.warmup_steps", "warmup_steps", "trainer.optimizer_config.warmup.linear.warmup_steps", int),
-    (f"{MOMENTUM}.momentum_optimizer_value", "momentum", "trainer.optimizer_config.optimizer.sgd.momentum", float),
-    (f"{FE}.conv_hyperparams.regularizer.l2_regularizer.weight", "weight_decay", "task.losses.l2_weight_decay", float),
-    ("train_config.fine_tune_checkpoint", "fine_tune_checkpoint", "task.init_checkpoint", str),
-    ("train_config.fine_tune_checkpoint_type", "fine_tune_checkpoint_type", "task.init_checkpoint_modules", str),
-    ("train_input_reader.label_map_path", "label_map_path", "(label map copied beside the export)", str),
-    ("train_input_reader.tf_record_input_reader.input_path", "train_files", "task.train_data.input_path", None),
-    ("eval_input_reader.tf_record_input_reader.input_path", "eval_files", "task.validation_data.input_path", None),
+    (f"{SSD}.num_classes", "num_classes", int),
+    (f"{SSD}.image_resizer.fixed_shape_resizer.height", "image_height", int),
+    (f"{SSD}.image_resizer.fixed_shape_resizer.width", "image_width", int),
+    (f"{FE}.depth_multiplier", "depth_multiplier", float),
+    (f"{FE}.conv_hyperparams.activation", "activation", _activation),
+    (f"{FE}.fpn.min_level", "min_level", int),
+    (f"{FE}.fpn.max_level", "max_level", int),
+    (f"{FE}.fpn.additional_layer_depth", "fpn_num_filters", int),
+    (f"{FE}.use_depthwise", "fpn_separable", bool),
+    (f"{HEAD}.depth", "head_num_filters", int),
+    (f"{HEAD}.num_layers_before_predictor", "head_num_convs", int),
+    (f"{HEAD}.use_depthwise", "head_separable", bool),
+    (f"{ANCHORS}.scales_per_octave", "num_scales", int),
+    (f"{ANCHORS}.aspect_ratios", "aspect_ratios", None),
+    (f"{ANCHORS}.anchor_scale", "anchor_size", float),
+    (f"{CODER}.y_scale", "box_coder_weights[0]", float),
+    (f"{CODER}.x_scale", "box_coder_weights[1]", float),
+    (f"{CODER}.height_scale", "box_coder_weights[2]", float),
+    (f"{CODER}.width_scale", "box_coder_weights[3]", float),
+    (f"{SSD}.loss.classification_loss.weighted_sigmoid_focal.alpha", "focal_alpha", float),
+    (f"{SSD}.loss.classification_loss.weighted_sigmoid_focal.gamma", "focal_gamma", float),
+    (f"{SSD}.loss.classification_weight", "classification_weight", float),
+    (f"{SSD}.loss.localization_weight", "localization_weight", float),
+    (f"{NMS}.iou_threshold", "nms_iou_threshold", float),
+    (f"{NMS}.score_threshold", "nms_score_threshold", float),
+    (f"{NMS}.max_total_detections", "max_detections", int),
+    (f"{NMS}.max_detections_per_class", "max_detections_per_class", int),
+    ("train_config.batch_size", "batch_size", int),
+    ("train_config.num_steps", "num_steps", int),
+    (f"{COSINE}.learning_rate_base", "learning_rate", float),
+    (f"{COSINE}.warmup_learning_rate", "warmup_learning_rate", float),
+    (f"{COSINE}.warmup_steps", "warmup_steps", int),
+    (f"{MOMENTUM}.momentum_optimizer_value", "momentum", float),
+    (f"{FE}.conv_hyperparams.regularizer.l2_regularizer.weight", "weight_decay", float),
+    ("train_config.fine_tune_checkpoint", "fine_tune_checkpoint", str),
+    ("train_config.fine_tune_checkpoint_type", "fine_tune_checkpoint_type", str),
+    ("train_input_reader.label_map_path", "label_map_path", str),
+    ("train_input_reader.tf_record_input_reader.input_path", "train_files", None),
+    ("eval_input_reader.tf_record_input_reader.input_path", "eval_files", None),
 ]
 
 # What each oneof may hold here; anything else is an error that lists these.
@@ -142,7 +143,7 @@ def translate(doc: TextProto, check_paths: bool = True) -> Translation:
         raise _fail(doc.source, "model.ssd", "missing: only SSD detectors are supported")
     params = DetectorParams(num_classes=1)
     coder = list(params.box_coder_weights)
-    for od_path, name, _mg, convert in FIELD_MAP:
+    for od_path, name, convert in FIELD_MAP:
         found = doc.find(od_path)
         if not found:
             continue
