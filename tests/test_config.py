@@ -257,7 +257,11 @@ def test_rewrite_rules(workspace):
 def test_fine_tune_checkpoint_set_and_checked(workspace, tmp_path):
     import tensorflow as tf
 
-    prefix = tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(tmp_path / "ckpt-1"))
+    # Shaped like this model's checkpoints (backbone and decoder objects at the root); restoring real
+    # ones is tested in test_detection.py.
+    prefix = tf.train.Checkpoint(backbone=tf.train.Checkpoint(v=tf.Variable(1.0)),
+                                 decoder=tf.train.Checkpoint(v=tf.Variable(2.0))).write(str(tmp_path / "ckpt-1"))
+    plain = tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(tmp_path / "plain" / "ckpt-1"))
     make_config(workspace, "--run", "ft", "--checkpoint", prefix)
     doc = TextProto((workspace / "ft" / "pipeline.config").read_text())
     assert doc.get("train_config.fine_tune_checkpoint") == prefix
@@ -265,6 +269,9 @@ def test_fine_tune_checkpoint_set_and_checked(workspace, tmp_path):
     make_config(workspace, "--run", "ft", "--checkpoint", prefix, "--checkpoint-type", "detection")
     doc = TextProto((workspace / "ft" / "pipeline.config").read_text())
     assert doc.get("train_config.fine_tune_checkpoint_type") == "detection"
+    # A checkpoint that exists but is not one of this model's (here: a plain variable) is refused at config time.
+    assert "not a Model Garden checkpoint" in make_config(workspace, "--run", "ft3", "--checkpoint", plain,
+                                                          "--checkpoint-type", "classification", check=False).stderr
     proc = make_config(workspace, "--run", "ft2", "--checkpoint", tmp_path / "nope" / "ckpt-3", check=False)
     assert proc.returncode == 2
     assert "train_config.fine_tune_checkpoint: no checkpoint at" in proc.stderr and "Traceback" not in proc.stderr

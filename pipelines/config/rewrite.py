@@ -9,6 +9,7 @@ schedule's total_steps with it and scales warmup_steps in proportion (never past
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import tempfile
@@ -150,6 +151,12 @@ def write_run_config(opts: ConfigOptions) -> Path:
     notes = rewrite(doc, data, opts)
     # Validate what will be written (fields and every path) before writing anything.
     translation = tr.translate(TextProto(doc.text, display_path(out)))
+    if translation.params.fine_tune_checkpoint:  # can the model builder restore it? (loads TensorFlow)
+        from pipelines.detection.runs import check_engine
+
+        params = translation.params
+        check_engine(dataclasses.replace(params, fine_tune_checkpoint=str(tr.resolve_path(params.fine_tune_checkpoint))),
+                     display_path(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".pipeline.config.", dir=out.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -33,4 +33,17 @@ def load_run(run: str) -> tuple[DetectorParams, Path, list[str]]:
     params = dataclasses.replace(
         p, train_files=[absolute(f) for f in p.train_files], eval_files=[absolute(f) for f in p.eval_files],
         label_map_path=absolute(p.label_map_path), fine_tune_checkpoint=absolute(p.fine_tune_checkpoint))
+    check_engine(params, display_path(config))
     return params, folder, translation.ignored
+
+
+def check_engine(params: DetectorParams, source: str) -> None:
+    """What only the model builder can tell (sizes it cannot build, a checkpoint it cannot restore),
+    as a user error naming the config, before any stage starts."""
+    from pipelines.detection.experiment import fine_tune_modules, validate
+
+    try:
+        validate(params)
+        fine_tune_modules(params)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(source, str(e)) from None
