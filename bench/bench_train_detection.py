@@ -7,9 +7,10 @@ Speed: the bundled sample (300 images) goes through `pipelines data` and `pipeli
 (ssd_mobilenet_v2_fpnlite_320x320, --batch-size/--num-steps); then, alternating which goes first,
     ours:         python -m pipelines train --run RUN
     Model Garden: python -m official.vision.train --experiment=retinanet --mode=train
-                  --config_file=RUN/train/params.yaml --model_dir=...
-train the same model from scratch on the same TFRecords. The Model Garden run reads the very
-experiment our run wrote (params.yaml), so both do the same work. Images/s are taken from the
+                  --config_file=params.yaml --model_dir=...
+train the same model from scratch on the same TFRecords. params.yaml is the Model Garden
+experiment `make train` builds for RUN (written fresh each round by the same code), so both do
+the same work. Images/s are taken from the
 "steps/sec" lines both print (orbit's own timing), averaged over every loop after the first
 (which includes graph tracing), times the batch size. The ratio ours/Model Garden is printed.
 
@@ -67,6 +68,20 @@ def prepare(out: Path, env: dict, batch: int, steps: int, run: str) -> Path:
     return out / "ws" / run
 
 
+def write_experiment(run: str, folder: Path) -> Path:
+    """The Model Garden experiment `make train` builds for RUN, written as params.yaml (as train does)."""
+    from official.core import train_utils
+
+    from pipelines.detection.experiment import build_experiment
+    from pipelines.detection.runs import load_run
+
+    params, run_dir, _ = load_run(run)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    train_utils.serialize_config(build_experiment(params, str(run_dir / "train")), str(folder))
+    return folder / "params.yaml"
+
+
 def speed(args, out: Path, env: dict) -> None:
     rows = []
     for round_ in range(args.rounds):
@@ -78,12 +93,11 @@ def speed(args, out: Path, env: dict) -> None:
                 wall, output = sh([PY, "-m", "pipelines", "train", "--run", run_dir.name], env,
                                   out / f"ours-{round_}.log")
             else:
-                if not (run_dir / "train" / "params.yaml").is_file():  # our run writes it; make one if first
-                    sh([PY, "-m", "pipelines", "train", "--run", run_dir.name], env, out / f"params-{round_}.log")
                 mg_dir = out / f"mg-{round_}"
                 shutil.rmtree(mg_dir, ignore_errors=True)
+                params_yaml = write_experiment(run_dir.name, out / f"mg-{round_}-params")
                 wall, output = sh([PY, "-m", "official.vision.train", "--experiment=retinanet", "--mode=train",
-                                   f"--config_file={run_dir / 'train' / 'params.yaml'}", f"--model_dir={mg_dir}"],
+                                   f"--config_file={params_yaml}", f"--model_dir={mg_dir}"],
                                   env, out / f"mg-{round_}.log")
             sps = steady_steps_per_sec(output)
             rows.append((who, round_, wall, sps, sps * args.batch))
@@ -115,6 +129,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PIPELINES_WORKSPACE=str(out / "ws"), BENTOML_HOME=str(out / "bentoml"))
+    os.environ["PIPELINES_WORKSPACE"] = env["PIPELINES_WORKSPACE"]  # write_experiment reads the run here too
     print(f"machine: {os.cpu_count()} CPU(s); steps {args.steps}, batch {args.batch}", flush=True)
     (learning if args.learning else speed)(args, out, env)
     return 0
