@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from pipelines.common import DATASETS_DIR, UserError, display_path, eprint

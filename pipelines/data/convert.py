@@ -13,7 +13,7 @@ from tqdm import tqdm
 from pipelines.common import (UserError, atomic_output_dir, dataset_name, display_path, ordered_parallel_map,
                               resolve_dataset, workspace_dir)
 from pipelines.data.encode import EncodedImage, EncodeOptions, encode_or_report
-from pipelines.data.items import Report, SourceDataset
+from pipelines.data.items import Report
 from pipelines.data import tfrecords
 from pipelines.data.label_map import write_label_map
 from pipelines.data.report import PREVIEW_IMAGES, Tally, contact_sheet, format_table, reports_json
