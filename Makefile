@@ -24,7 +24,8 @@ STEPS   ?=
 CHECKPOINT ?=
 CHECKPOINT_TYPE ?=
 
-.PHONY: help setup lock sample data config train eval export test bench bench-data demo clean
+.PHONY: help setup lock sample data config train eval export test bench bench-data bench-train-detection \
+        bench-train-segmentation demo clean
 
 help:
 	@echo "make setup                         create .venv and install requirements.lock"
@@ -35,8 +36,11 @@ help:
 	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1]"
 	@echo "make config DATASET=NAME [MODEL=ssd_mobilenet_v2_fpnlite_320x320] [RUN=NAME] [BATCH=N] [STEPS=N]"
 	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification]"
+	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
+	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
 	@echo "make train RUN=NAME | make eval RUN=NAME | make export RUN=NAME"
-	@echo "make bench                         run the benchmarks in bench/"
+	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
+	@echo "                                   bench-train-segmentation)"
 
 $(STAMP): requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
@@ -89,10 +93,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
-bench: bench-data
+bench: bench-data bench-train-detection bench-train-segmentation
 
 bench-data: $(STAMP)
 	$(PY) bench/bench_data.py
+
+bench-train-detection: $(STAMP)
+	$(PY) bench/bench_train_detection.py
+
+bench-train-segmentation: $(STAMP)
+	$(PY) bench/bench_train_segmentation.py
 
 clean:
 	rm -rf workspace/*/ bench/out

@@ -73,7 +73,7 @@ def write_experiment(run: str, folder: Path) -> Path:
     from official.core import train_utils
 
     from pipelines.detection.experiment import build_experiment
-    from pipelines.detection.runs import load_run
+    from pipelines.runs import load_run
 
     params, run_dir, _ = load_run(run)
     shutil.rmtree(folder, ignore_errors=True)

@@ -81,7 +81,9 @@ def add_config_parser(sub) -> None:
     p.add_argument("--run", help="run name: writes workspace/RUN/ (default: the dataset name)")
     p.add_argument("--batch-size", type=_positive_int, help="train_config.batch_size (learning rates scale with it)")
     p.add_argument("--num-steps", type=_positive_int, help="train_config.num_steps (and the schedule's total_steps)")
-    p.add_argument("--checkpoint", help="fine_tune_checkpoint (a ckpt-N prefix); without it the field is removed")
+    p.add_argument("--checkpoint", help="detection: fine_tune_checkpoint (a ckpt-N prefix; without it the field is "
+                                        "removed); segmentation: encoder_weights (a backbone .h5 file, imagenet "
+                                        "or none)")
     p.add_argument("--checkpoint-type", choices=("detection", "classification"),
                    help="fine_tune_checkpoint_type (default: the template's, else detection)")
 
@@ -96,88 +98,128 @@ def cmd_config(args) -> int:
 
 
 def add_run_parsers(sub) -> None:
-    p = sub.add_parser("train", help="train the detector of workspace/RUN/pipeline.config",
-                       description="Train from workspace/RUN/pipeline.config with Model Garden; checkpoints and "
-                                   "TensorBoard summaries go to workspace/RUN/train/. Started again, it resumes from "
-                                   "the last checkpoint.")
+    p = sub.add_parser("train", help="train the detector or segmenter of workspace/RUN/pipeline.config",
+                       description="Train from workspace/RUN/pipeline.config (a detector with Model Garden, or a "
+                                   "segmentation_models segmenter); checkpoints and TensorBoard summaries go to "
+                                   "workspace/RUN/train/. Started again, it resumes from the last checkpoint. A "
+                                   "segmenter is evaluated on the val shards as it trains and its best checkpoint "
+                                   "by val mean IoU is kept in workspace/RUN/train/best/.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
-    p.add_argument("--with-eval", action="store_true", help="also compute COCO metrics during training")
-    p = sub.add_parser("eval", help="COCO metrics of a trained detector on the val shards -> workspace/RUN/eval/",
-                       description="Evaluate the latest checkpoint of workspace/RUN/train/ on the validation "
-                                   "TFRecords with pycocotools; writes eval/metrics.json, pr_curve.png, predictions.png.")
+    p.add_argument("--with-eval", action="store_true", help="detection: also compute COCO metrics during training")
+    p = sub.add_parser("eval", help="metrics on the val shards (COCO AP or IoU) -> workspace/RUN/eval/",
+                       description="Evaluate a trained run on the validation TFRecords. Detection: the latest "
+                                   "checkpoint, COCO metrics with pycocotools; writes eval/metrics.json, "
+                                   "pr_curve.png, predictions.png. Segmentation: the best checkpoint, mean and "
+                                   "per-class IoU, pixel accuracy and the confusion matrix at each image's own "
+                                   "resolution; writes eval/metrics.json, confusion_matrix.png, predictions.png.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
-    p.add_argument("--checkpoint", help="a ckpt-N prefix instead of the latest")
-    p = sub.add_parser("export", help="SavedModel with the OD API signature -> workspace/RUN/export/, BentoML store",
-                       description="Export the latest checkpoint of workspace/RUN/train/ as a SavedModel "
-                                   "(serving_default: uint8 images in, num_detections, detection_boxes, "
-                                   "detection_scores, detection_classes out), check it against the checkpoint and "
-                                   "record it in the BentoML model store.")
+    p.add_argument("--checkpoint", help="a ckpt-N prefix instead of the latest (detection) or the best (segmentation)")
+    p = sub.add_parser("export", help="SavedModel with a stable serving signature -> workspace/RUN/export/, BentoML store",
+                       description="Export a trained run as a SavedModel, check it against the checkpoint and "
+                                   "record it in the BentoML model store. Detection (latest checkpoint): "
+                                   "serving_default takes uint8 images and returns num_detections, detection_boxes, "
+                                   "detection_scores, detection_classes. Segmentation (best checkpoint): uint8 "
+                                   "images of any size in, segmentation_mask and probabilities at that size out.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
-    p.add_argument("--checkpoint", help="a ckpt-N prefix instead of the latest")
+    p.add_argument("--checkpoint", help="a ckpt-N prefix instead of the latest (detection) or the best (segmentation)")
     p.add_argument("--name", help="BentoML model name (default: the run name)")
-    p = sub.add_parser("predict", help="run an exported model on images: JSON detections + drawn images",
-                       description="Run workspace/RUN/export on image files: prints JSON (label, class_id, score, box "
-                                   "in pixels) and writes each image with its boxes drawn.")
+    p = sub.add_parser("predict", help="run an exported model on images: JSON + drawn images or masks",
+                       description="Run workspace/RUN/export on image files. Detection: prints JSON (label, "
+                                   "class_id, score, box in pixels) and writes each image with its boxes drawn. "
+                                   "Segmentation: prints each class's pixel area as JSON and writes the class mask "
+                                   "as a palette PNG and an overlay.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", required=True, help="an export folder (workspace/RUN/export) or a saved_model folder")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="drop detections below this score (0.5)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="detection: drop detections below this score (0.5)")
     p.add_argument("--out", help="folder for the drawn images (default: workspace/RUN/predictions)")
 
 
 def _engine_errors(fn):
-    """Missing checkpoints and the like, raised deep in the engine, are user errors here."""
+    """Missing checkpoints, records without masks, encoder weights that cannot be loaded: raised
+    deep in the engines, they are user errors here."""
     def wrapped(args):
+        from pipelines.segmentation.model import EncoderWeightsError
+
         try:
             return fn(args)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, EncoderWeightsError) as e:
             raise UserError(None, str(e)) from None
     return wrapped
 
 
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
 @_engine_errors
 def cmd_train(args) -> int:
-    from pipelines.detection.runs import load_run
-    from pipelines.detection.train import train
+    from pipelines.runs import load_run
+    from pipelines.segmentation.params import SegmenterParams
 
     params, folder, notes = load_run(args.run)
     for note in notes:
         print(f"note: {note}")
-    train(params, folder, mode="train_and_eval" if args.with_eval else "train",
-          log=lambda line: print(line, flush=True))
+    if isinstance(params, SegmenterParams):
+        from pipelines.segmentation.train import train as train_segmenter
+
+        try:
+            train_segmenter(params, folder, log=_log)
+        except ValueError as e:  # the data the config points at cannot be used (no masks, no files)
+            raise UserError(display_path(folder / "pipeline.config"), str(e)) from None
+    else:
+        from pipelines.detection.train import train
+
+        train(params, folder, mode="train_and_eval" if args.with_eval else "train", log=_log)
     print(f"next: make eval RUN={args.run}")
     return 0
 
 
 @_engine_errors
 def cmd_eval(args) -> int:
-    from pipelines.detection.evaluate import evaluate
-    from pipelines.detection.runs import load_run
+    from pipelines.runs import load_run
+    from pipelines.segmentation.params import SegmenterParams
 
     params, folder, _ = load_run(args.run)
-    evaluate(params, folder, checkpoint=args.checkpoint, log=lambda line: print(line, flush=True))
+    if isinstance(params, SegmenterParams):
+        from pipelines.segmentation.evaluate import evaluate
+    else:
+        from pipelines.detection.evaluate import evaluate
+    evaluate(params, folder, checkpoint=args.checkpoint, log=_log)
     print(f"next: make export RUN={args.run}")
     return 0
 
 
 @_engine_errors
 def cmd_export(args) -> int:
-    from pipelines.detection.export import export
-    from pipelines.detection.runs import load_run
+    from pipelines.runs import load_run
+    from pipelines.segmentation.params import SegmenterParams
 
     params, folder, _ = load_run(args.run)
-    export(params, folder, params.label_map_path, name=args.name or folder.name, checkpoint=args.checkpoint,
-           log=lambda line: print(line, flush=True))
+    if isinstance(params, SegmenterParams):
+        from pipelines.segmentation.export import export
+    else:
+        from pipelines.detection.export import export
+    export(params, folder, params.label_map_path, name=args.name or folder.name, checkpoint=args.checkpoint, log=_log)
     return 0
 
 
 @_engine_errors
 def cmd_predict(args) -> int:
-    from pipelines.detection.predict import predict, print_json
+    from pipelines.detection.predict import print_json
+    from pipelines.segmentation.predict import export_task
 
-    if not 0.0 <= args.score_threshold <= 1.0:
-        raise UserError(None, f"--score-threshold {args.score_threshold} must be between 0 and 1")
-    results = predict(Path(args.model), [Path(p) for p in args.images], Path(args.out) if args.out else None,
-                      args.score_threshold, log=eprint)
+    images = [Path(p) for p in args.images]
+    out = Path(args.out) if args.out else None
+    if export_task(Path(args.model)) == "segmentation":
+        from pipelines.segmentation.predict import predict as predict_segmentation
+
+        results = predict_segmentation(Path(args.model), images, out, log=eprint)
+    else:
+        from pipelines.detection.predict import predict
+
+        if not 0.0 <= args.score_threshold <= 1.0:
+            raise UserError(None, f"--score-threshold {args.score_threshold} must be between 0 and 1")
+        results = predict(Path(args.model), images, out, args.score_threshold, log=eprint)
     print_json(results)
     return 0
 

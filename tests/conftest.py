@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 EXTERNAL = REPO.parent / "shared" / "external"
 
 
-def run_cli(*args, workspace: Path | None = None, check: bool = False, timeout: int = 600):
+def run_cli(*args, workspace: Path | None = None, check: bool = False, timeout: int = 600, env: dict | None = None):
     """Run `python -m pipelines ARGS` as a user would; returns the CompletedProcess."""
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if workspace is not None:
         env["PIPELINES_WORKSPACE"] = str(workspace)
     proc = subprocess.run([sys.executable, "-m", "pipelines", *map(str, args)], cwd=REPO, env=env,

@@ -20,6 +20,7 @@ from pipelines.common import REPO_ROOT, UserError, display_path, resolve_dataset
 from pipelines.config import translate as tr
 from pipelines.config.textproto import TextProto
 from pipelines.data.label_map import read_label_map
+from pipelines.segmentation.params import SegmenterParams
 
 CONFIGS_DIR = REPO_ROOT / "configs"
 
@@ -68,10 +69,16 @@ def portable(path: Path) -> str:
 
 
 def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
-    """Apply the rewrite rules to `doc`; returns what was changed, one line each."""
+    """Apply the rewrite rules to `doc`; returns what was changed, one line each.
+
+    Detection (`model { ssd }`) and segmentation (`model { segmentation }`) configs share every
+    rule; only the checkpoint differs: a detector's fine_tune_checkpoint, a segmenter's
+    encoder_weights file."""
     notes = []
+    kind = tr.model_kind(doc)
     labels = read_label_map(data / "label_map.pbtxt")
-    doc.set(f"{tr.SSD}.num_classes", len(labels))
+    if not doc.set(f"model.{kind}.num_classes", len(labels)):
+        doc.add(f"model.{kind}", "num_classes", len(labels))
     label_map = portable(data / "label_map.pbtxt")
     for reader, split in (("train_input_reader", "train"), ("eval_input_reader", "val")):
         if not doc.set(f"{reader}.label_map_path", label_map):
@@ -84,31 +91,45 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
         elif not doc.set(f"{reader}.tf_record_input_reader.input_path", pattern):
             raise UserError(doc.source, f"{reader}.tf_record_input_reader: missing")
 
+    schedule, schedule_name = tr.learning_rate_path(doc)
+    rates = {"cosine_decay_learning_rate": ("learning_rate_base", "warmup_learning_rate"),
+             "constant_learning_rate": ("learning_rate",)}.get(schedule_name, ())
     if opts.batch_size:
         old = int(doc.get("train_config.batch_size", opts.batch_size))
         doc.set("train_config.batch_size", opts.batch_size)
         if old != opts.batch_size:
             factor = opts.batch_size / old
-            for name in ("learning_rate_base", "warmup_learning_rate"):
-                value = doc.get(f"{tr.COSINE}.{name}")
+            for name in rates:
+                value = doc.get(f"{schedule}.{name}")
                 if value is not None:
-                    doc.set(f"{tr.COSINE}.{name}", _round(float(value) * factor))
-            notes.append(f"batch size {old} -> {opts.batch_size}: learning rates scaled by {factor:g}")
+                    doc.set(f"{schedule}.{name}", _round(float(value) * factor))
+            if rates:
+                notes.append(f"batch size {old} -> {opts.batch_size}: learning rates scaled by {factor:g}")
+    cosine = schedule if schedule_name == "cosine_decay_learning_rate" else None
     if opts.num_steps:
-        old_total = int(doc.get(f"{tr.COSINE}.total_steps", doc.get("train_config.num_steps", opts.num_steps)))
+        old_total = int(doc.get(f"{cosine}.total_steps", doc.get("train_config.num_steps", opts.num_steps))
+                        if cosine else doc.get("train_config.num_steps", opts.num_steps))
         doc.set("train_config.num_steps", opts.num_steps)
-        if doc.has(f"{tr.COSINE}.total_steps"):
-            doc.set(f"{tr.COSINE}.total_steps", opts.num_steps)
-    total = int(doc.get(f"{tr.COSINE}.total_steps", 0) or 0)
-    warmup = doc.get(f"{tr.COSINE}.warmup_steps")
-    if opts.num_steps and warmup is not None and old_total:
-        scaled = max(1, round(int(warmup) * opts.num_steps / old_total))
-        doc.set(f"{tr.COSINE}.warmup_steps", min(scaled, opts.num_steps))
-    elif warmup is not None and total and int(warmup) > total:
-        doc.set(f"{tr.COSINE}.warmup_steps", total)
-        notes.append(f"warmup_steps {warmup} > total_steps {total}: set to {total}")
+        if cosine and doc.has(f"{cosine}.total_steps"):
+            doc.set(f"{cosine}.total_steps", opts.num_steps)
+    if cosine:
+        total = int(doc.get(f"{cosine}.total_steps", 0) or 0)
+        warmup = doc.get(f"{cosine}.warmup_steps")
+        if opts.num_steps and warmup is not None and old_total:
+            scaled = max(1, round(int(warmup) * opts.num_steps / old_total)) if int(warmup) else 0
+            doc.set(f"{cosine}.warmup_steps", min(scaled, opts.num_steps))
+        elif warmup is not None and total and int(warmup) > total:
+            doc.set(f"{cosine}.warmup_steps", total)
+            notes.append(f"warmup_steps {warmup} > total_steps {total}: set to {total}")
 
-    if opts.checkpoint:
+    if kind == "segmentation":
+        if opts.checkpoint:  # a backbone weights file (or 'imagenet', or 'none')
+            value = opts.checkpoint if opts.checkpoint.lower() in ("imagenet", "none") else portable(Path(opts.checkpoint))
+            if not doc.set("model.segmentation.encoder_weights", value):
+                doc.add("model.segmentation", "encoder_weights", value, after="backbone")
+        if opts.checkpoint_type:
+            notes.append("CHECKPOINT_TYPE does not apply to segmentation models: ignored")
+    elif opts.checkpoint:
         ckpt = portable(Path(opts.checkpoint)) if Path(opts.checkpoint).exists() or Path(
             str(opts.checkpoint) + ".index").exists() else opts.checkpoint
         kind = opts.checkpoint_type or doc.get("train_config.fine_tune_checkpoint_type") or "detection"
@@ -150,11 +171,19 @@ def write_run_config(opts: ConfigOptions) -> Path:
     doc = TextProto(original, display_path(template))
     notes = rewrite(doc, data, opts)
     # Validate what will be written (fields and every path) before writing anything.
-    translation = tr.translate(TextProto(doc.text, display_path(out)))
-    if translation.params.fine_tune_checkpoint:  # can the model builder restore it? (loads TensorFlow)
+    translation = tr.translate_any(TextProto(doc.text, display_path(out)))
+    params = translation.params
+    if isinstance(params, SegmenterParams):
+        if params.encoder_weights:  # can the backbone load them? (loads TensorFlow)
+            from pipelines.segmentation.runs import check_engine as check_segmenter
+
+            weights = params.encoder_weights
+            check_segmenter(dataclasses.replace(
+                params, encoder_weights=weights if weights == "imagenet" else str(tr.resolve_path(weights))),
+                display_path(out))
+    elif params.fine_tune_checkpoint:  # can the model builder restore it? (loads TensorFlow)
         from pipelines.detection.runs import check_engine
 
-        params = translation.params
         check_engine(dataclasses.replace(params, fine_tune_checkpoint=str(tr.resolve_path(params.fine_tune_checkpoint))),
                      display_path(out))
     out.parent.mkdir(parents=True, exist_ok=True)

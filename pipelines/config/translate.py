@@ -99,7 +99,7 @@ IGNORED = ["train_config.sync_replicas", "train_config.replicas_to_aggregate", "
 
 @dataclass
 class Translation:
-    params: DetectorParams
+    params: DetectorParams  # or SegmenterParams, for a `model { segmentation { ... } }` config
     ignored: list[str] = field(default_factory=list)  # "field: why", printed as notes
 
 
@@ -206,7 +206,7 @@ def check_files(source: str, params: DetectorParams) -> None:
         for pattern in files:
             if not glob.glob(str(resolve_path(pattern))):
                 raise _fail(source, f"{name}.tf_record_input_reader.input_path", f"no file matches {pattern}")
-    ckpt = params.fine_tune_checkpoint
+    ckpt = getattr(params, "fine_tune_checkpoint", None)
     if ckpt:
         if PLACEHOLDER in ckpt:
             raise _fail(source, "train_config.fine_tune_checkpoint",
@@ -223,9 +223,37 @@ def checkpoint_exists(path: Path) -> bool:
     return Path(str(path) + ".index").is_file()
 
 
+def learning_rate_path(doc: TextProto) -> tuple[str | None, str | None]:
+    """(path of the learning_rate message's schedule, schedule name) of whichever optimizer is set."""
+    optimizers = [n for n in doc.message_names("train_config.optimizer") if n != "use_moving_average"]
+    if not optimizers:
+        return None, None
+    schedules = doc.message_names(f"train_config.optimizer.{optimizers[0]}.learning_rate")
+    if not schedules:
+        return None, None
+    return f"train_config.optimizer.{optimizers[0]}.learning_rate.{schedules[0]}", schedules[0]
+
+
+def model_kind(doc: TextProto) -> str:
+    """'ssd' (detection) or 'segmentation': the message set in the config's `model` block."""
+    kinds = doc.message_names("model")
+    if len(kinds) != 1 or kinds[0] not in ("ssd", "segmentation"):
+        raise _fail(doc.source, "model", f"expected one of ssd, segmentation; found {', '.join(kinds) or 'nothing'}")
+    return kinds[0]
+
+
+def translate_any(doc: TextProto, check_paths: bool = True) -> Translation:
+    """A detection or a segmentation config, whichever the model block holds."""
+    if model_kind(doc) == "segmentation":
+        from pipelines.config import segmentation
+
+        return segmentation.translate(doc, check_paths=check_paths)
+    return translate(doc, check_paths=check_paths)
+
+
 def load(path: Path, check_paths: bool = True) -> Translation:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(display_path(path), f"cannot read: {e.strerror or e}") from None
-    return translate(TextProto(text, display_path(path)), check_paths=check_paths)
+    return translate_any(TextProto(text, display_path(path)), check_paths=check_paths)

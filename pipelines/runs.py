@@ -1,0 +1,50 @@
+"""A run: workspace/RUN/ with its pipeline.config, train/, eval/ and export/ folders.
+
+The config's model block says which family the run trains: `ssd` (pipelines/detection/) or
+`segmentation` (pipelines/segmentation/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipelines.common import UserError, display_path, workspace_dir
+from pipelines.config import translate as tr
+from pipelines.detection.params import DetectorParams
+from pipelines.segmentation.params import SegmenterParams
+
+
+def run_dir(run: str) -> Path:
+    """RUN is a name under workspace/, or a path to a run folder."""
+    named = workspace_dir() / run
+    if named.is_dir() or not Path(run).is_dir():
+        return named
+    return Path(run)
+
+
+def _absolute(value: str | None) -> str | None:
+    return str(tr.resolve_path(value).resolve()) if value else value
+
+
+def load_run(run: str) -> tuple[DetectorParams | SegmenterParams, Path, list[str]]:
+    """The run's pipeline.config, checked (fields and paths) and translated; paths made absolute."""
+    folder = run_dir(run)
+    config = folder / "pipeline.config"
+    if not config.is_file():
+        raise UserError(display_path(config), f"no pipeline.config: run `make config DATASET=... RUN={run}` first")
+    translation = tr.load(config)
+    p = translation.params
+    common = dict(train_files=[_absolute(f) for f in p.train_files], eval_files=[_absolute(f) for f in p.eval_files],
+                  label_map_path=_absolute(p.label_map_path))
+    if isinstance(p, SegmenterParams):
+        from pipelines.segmentation.runs import check_engine
+
+        weights = p.encoder_weights if p.encoder_weights in (None, "imagenet") else _absolute(p.encoder_weights)
+        params = dataclasses.replace(p, encoder_weights=weights, **common)
+    else:
+        from pipelines.detection.runs import check_engine
+
+        params = dataclasses.replace(p, fine_tune_checkpoint=_absolute(p.fine_tune_checkpoint), **common)
+    check_engine(params, display_path(config))
+    return params, folder, translation.ignored
