@@ -1,7 +1,7 @@
 """Export a trained detector as a SavedModel with the Object Detection API's serving signature.
 
-RUN_DIR/export/ gets saved_model/, params.yaml (the Model Garden experiment), label_map.pbtxt and,
-when RUN_DIR has one, pipeline.config. `serving_default` takes `input_tensor`, uint8
+RUN_DIR/export/ gets saved_model/, params.yaml (the Model Garden experiment), label_map.pbtxt,
+metadata.json and, when RUN_DIR has one, pipeline.config. `serving_default` takes `input_tensor`, uint8
 [batch, height, width, 3] of any size, and returns, like the OD API:
 
     num_detections     float32 [batch]
@@ -13,14 +13,13 @@ Model Garden's DetectionModule does the resizing (the training's stretch to heig
 with the export_config set in build_experiment, the normalization to the input image and the
 float casts. Before the export replaces the previous one, its detections on a few images are
 compared with the checkpoint model's own; a mismatch raises ExportCheckError. The export is then
-recorded in the BentoML model store ($BENTOML_HOME, default ~/bentoml).
+recorded in the BentoML model store ($BENTOML_HOME, default ~/bentoml), with the same metadata
+that export/metadata.json holds (its "task": "detection" tells exports of the two tasks apart).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +32,8 @@ from pipelines.data.label_map import read_label_map
 from pipelines.detection.experiment import build_experiment
 from pipelines.detection.params import DetectorParams
 from pipelines.detection.train import build_model
+# model_store is re-exported: callers (and tests) open the store through this module too.
+from pipelines.model_store import model_store, save_to_bentoml, tag_name, write_metadata  # noqa: F401
 
 from official.core import export_base, train_utils  # isort: skip
 from official.vision.ops import preprocess_ops  # isort: skip
@@ -140,29 +141,6 @@ def check_export(saved_model_dir: str | Path, params: DetectorParams, checkpoint
     return {"images": len(images), "max_box_difference": max_box}
 
 
-def _tag_name(text: str) -> str:
-    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:63]
-    return name or "detector"
-
-
-def model_store():
-    """BentoML's model store under $BENTOML_HOME (read at each call, so tests can point it elsewhere)."""
-    from bentoml._internal.models import ModelStore
-
-    home = Path(os.path.expanduser(os.environ.get("BENTOML_HOME", "~/bentoml")))
-    (home / "models").mkdir(parents=True, exist_ok=True)
-    return ModelStore(str(home / "models"))
-
-
-def save_to_bentoml(export_dir: Path, name: str, metadata: dict):
-    """Copy `export_dir` into a new version of model `name` in the BentoML store; returns its Tag."""
-    import bentoml
-
-    with bentoml.models.create(name, metadata=metadata, _model_store=model_store()) as bento_model:
-        shutil.copytree(export_dir, bento_model.path, dirs_exist_ok=True)
-    return bento_model.tag
-
-
 def export(params: DetectorParams, run_dir: str | Path, label_map_path: str | Path, name: str | None = None,
            checkpoint: str | None = None, log=print) -> Path:
     """Export RUN_DIR/train's latest (or the given) checkpoint to RUN_DIR/export/saved_model; returns it.
@@ -193,17 +171,18 @@ def export(params: DetectorParams, run_dir: str | Path, label_map_path: str | Pa
             check = check_export(tmp / "saved_model", params, checkpoint)
             log(f"export check: the SavedModel matches {checkpoint} on {check['images']} images "
                 f"(largest box difference {check['max_box_difference']:.1e})")
+            metadata = {
+                "task": "detection",
+                "label_map": {int(k): v for k, v in sorted(label_map.items())},
+                "num_classes": params.num_classes,
+                "input_size": [params.image_height, params.image_width],
+                "signature": {"input": f"{INPUT_NAME}: uint8 [batch, height, width, 3]", "outputs": list(OUTPUT_KEYS)},
+                "checkpoint": str(checkpoint),
+                "export_check": check,
+            }
+            write_metadata(tmp, metadata)  # inside the temporary folder: it lands with the rest, or not at all
     finally:
         tf_keras.mixed_precision.set_global_policy(policy)
-    metadata = {
-        "task": "detection",
-        "label_map": {int(k): v for k, v in sorted(label_map.items())},
-        "num_classes": params.num_classes,
-        "input_size": [params.image_height, params.image_width],
-        "signature": {"input": f"{INPUT_NAME}: uint8 [batch, height, width, 3]", "outputs": list(OUTPUT_KEYS)},
-        "checkpoint": str(checkpoint),
-        "export_check": check,
-    }
-    tag = save_to_bentoml(final, _tag_name(name or run_dir.resolve().name), metadata)
+    tag = save_to_bentoml(final, tag_name(name or run_dir.resolve().name, "detector"), metadata)
     log(f"exported {final / 'saved_model'}; BentoML model {tag}")
     return final / "saved_model"

@@ -1,0 +1,68 @@
+"""What every export shares: its metadata.json and its entry in the BentoML model store.
+
+An export folder (RUN_DIR/export) holds saved_model/, label_map.pbtxt and metadata.json, whose
+"task" ("detection" or "segmentation") tells any consumer (predict, the services) which kind of
+model it is. The same metadata is recorded with the export's copy in the BentoML store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from pipelines.common import UserError, display_path
+
+METADATA_FILE = "metadata.json"
+TASKS = ("detection", "segmentation")
+
+
+def tag_name(text: str, fallback: str) -> str:
+    """`text` as a valid BentoML model name (lower case, [a-z0-9._-], at most 63 characters)."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:63]
+    return name or fallback
+
+
+def model_store():
+    """BentoML's model store under $BENTOML_HOME (read at each call, so tests can point it elsewhere)."""
+    from bentoml._internal.models import ModelStore
+
+    home = Path(os.path.expanduser(os.environ.get("BENTOML_HOME", "~/bentoml")))
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    return ModelStore(str(home / "models"))
+
+
+def save_to_bentoml(export_dir: Path, name: str, metadata: dict):
+    """Copy `export_dir` into a new version of model `name` in the BentoML store; returns its Tag."""
+    import bentoml
+
+    with bentoml.models.create(name, metadata=metadata, _model_store=model_store()) as bento_model:
+        shutil.copytree(export_dir, bento_model.path, dirs_exist_ok=True)
+    return bento_model.tag
+
+
+def write_metadata(export_dir: Path, metadata: dict) -> None:
+    """metadata.json beside saved_model/ (JSON turns the label map's integer keys into strings)."""
+    (Path(export_dir) / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+
+
+def read_metadata(model_dir: Path) -> dict | None:
+    """The metadata.json of an export folder or of the saved_model folder inside one; None when there
+    is none (exports written before metadata.json existed)."""
+    model_dir = Path(model_dir)
+    folders = [model_dir]
+    if (model_dir / "saved_model.pb").is_file():  # the saved_model folder: its export folder is the parent
+        folders.append(model_dir.parent)
+    for folder in folders:
+        path = folder / METADATA_FILE
+        if path.is_file():
+            try:
+                metadata = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise UserError(display_path(path), f"cannot read export metadata: {e}") from None
+            if not isinstance(metadata, dict):
+                raise UserError(display_path(path), "export metadata is not a JSON object")
+            return metadata
+    return None
