@@ -123,3 +123,11 @@ def ordered_parallel_map(fn, items, workers: int, window_per_worker: int = 4):
             yield result
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def duration(seconds: float) -> str:
+    """1m05s, 2h03m00s: for progress lines and ETAs."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

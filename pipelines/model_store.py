@@ -1,4 +1,4 @@
-"""What every export shares: its metadata.json and its entry in the BentoML model store.
+"""What every export shares: its metadata.json, its entry in the BentoML model store, the images it is checked on.
 
 An export folder (RUN_DIR/export) holds saved_model/, label_map.pbtxt and metadata.json, whose
 "task" ("detection" or "segmentation") tells any consumer (predict, the services) which kind of
@@ -66,3 +66,26 @@ def read_metadata(model_dir: Path) -> dict | None:
                 raise UserError(display_path(path), "export metadata is not a JSON object")
             return metadata
     return None
+
+
+def check_images(params, count: int = 3) -> list:
+    """Images for checking an export against its checkpoint (params: detector's or segmenter's)."""
+    import numpy as np
+    import tensorflow as tf
+
+    # A few val (else train) images, plus one of an odd, non-square size made from the first.
+    files = []
+    for pattern in list(params.eval_files) + list(params.train_files):
+        files.extend(sorted(tf.io.gfile.glob(pattern)))
+        if files:
+            break
+    images = []
+    if files:
+        for raw in tf.data.TFRecordDataset(files).take(count):
+            example = tf.train.Example.FromString(raw.numpy())
+            encoded = example.features.feature["image/encoded"].bytes_list.value[0]
+            images.append(tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy())
+    if not images:
+        images = [np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)]
+    images.append(tf.cast(tf.image.resize(images[0], (203, 317)), tf.uint8).numpy())
+    return images

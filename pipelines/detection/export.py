@@ -33,7 +33,7 @@ from pipelines.detection.experiment import build_experiment
 from pipelines.detection.params import DetectorParams
 from pipelines.detection.train import build_model
 # model_store is re-exported: callers (and tests) open the store through this module too.
-from pipelines.model_store import model_store, save_to_bentoml, tag_name, write_metadata  # noqa: F401
+from pipelines.model_store import check_images, model_store, save_to_bentoml, tag_name, write_metadata  # noqa: F401
 
 from official.core import export_base, train_utils  # isort: skip
 from official.vision.ops import preprocess_ops  # isort: skip
@@ -58,25 +58,6 @@ class ODAPIDetectionModule(detection.DetectionModule):
 def _experiment(params: DetectorParams):
     params = dataclasses.replace(params, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None)
     return build_experiment(params, "", gpus=0)
-
-
-def _sample_images(params: DetectorParams, count: int = 3) -> list[np.ndarray]:
-    """A few val (else train) images, plus one of an odd, non-square size made from the first."""
-    files = []
-    for pattern in list(params.eval_files) + list(params.train_files):
-        files.extend(sorted(tf.io.gfile.glob(pattern)))
-        if files:
-            break
-    images = []
-    if files:
-        for raw in tf.data.TFRecordDataset(files).take(count):
-            example = tf.train.Example.FromString(raw.numpy())
-            encoded = example.features.feature["image/encoded"].bytes_list.value[0]
-            images.append(tf.io.decode_image(encoded, channels=3).numpy())
-    if not images:
-        images = [np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)]
-    images.append(tf.cast(tf.image.resize(images[0], (203, 317)), tf.uint8).numpy())
-    return images
 
 
 def reference_detections(model: tf_keras.Model, params: DetectorParams, image: np.ndarray) -> dict:
@@ -124,7 +105,7 @@ def compare(ref: dict, got: dict, top: int = 20, score_tol: float = 1e-4,
 def check_export(saved_model_dir: str | Path, params: DetectorParams, checkpoint: str,
                  images: list[np.ndarray] | None = None) -> dict:
     """Run the SavedModel and the checkpoint model on `images`; raise ExportCheckError on a mismatch."""
-    images = images if images is not None else _sample_images(params)
+    images = images if images is not None else check_images(params)
     model = build_model(params)
     tf.train.Checkpoint(model=model).read(checkpoint).expect_partial().assert_existing_objects_matched()
     serve = tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"]

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from pipelines.common import duration
 from pipelines.detection.experiment import build_experiment
 from pipelines.detection.params import DetectorParams
 
@@ -66,12 +67,6 @@ def latest_step(model_dir: str | Path) -> int:
     return int(re.search(r"ckpt-(\d+)$", latest).group(1)) if latest else 0
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
 
 class Progress:
     """An Orbit train action: after each loop, one line with the loss, steps/s and ETA."""
@@ -101,7 +96,7 @@ class Progress:
         self.log(f"step {step}/{self.total_steps}  loss {values.get('total_loss', float('nan')):.4f} "
                  f"(cls {values.get('cls_loss', float('nan')):.4f}, box {values.get('box_loss', float('nan')):.4f})  "
                  f"lr {values.get('learning_rate', float('nan')):.5f}  {rate:.2f} steps/s "
-                 f"({rate * self.batch_size:.1f} img/s)  ETA {_duration(eta) if eta != float('inf') else '?'}")
+                 f"({rate * self.batch_size:.1f} img/s)  ETA {duration(eta) if eta != float('inf') else '?'}")
 
 
 def _strategy(exp) -> tf.distribute.Strategy:
@@ -173,7 +168,7 @@ def train(params: DetectorParams, run_dir: str | Path, log: Callable[[str], None
         "elapsed_s": time.time() - started,
         "eval": evals[-1] if evals else {},
     }
-    log(f"trained to step {global_step} in {_duration(result['elapsed_s'])} "
+    log(f"trained to step {global_step} in {duration(result['elapsed_s'])} "
         f"({result['steps_per_sec']:.2f} steps/s after the first loop); latest checkpoint {result['checkpoint']}")
     return result
 

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from pipelines.common import UserError, atomic_output_dir, display_path
 from pipelines.data.label_map import read_label_map
-from pipelines.model_store import save_to_bentoml, tag_name, write_metadata
+from pipelines.model_store import check_images, save_to_bentoml, tag_name, write_metadata
 from pipelines.segmentation.params import SegmenterParams
 
 INPUT_NAME = "input_tensor"  # the OD API's serving input name, as the detection export uses
@@ -138,31 +138,12 @@ class SegmentationModule(tf.Module):
         return self._segment(input_tensor)
 
 
-def sample_images(params: SegmenterParams, count: int = 3) -> list[np.ndarray]:
-    """A few val (else train) images, plus one of an odd, non-square size made from the first."""
-    files = []
-    for pattern in list(params.eval_files) + list(params.train_files):
-        files.extend(sorted(tf.io.gfile.glob(pattern)))
-        if files:
-            break
-    images = []
-    if files:
-        for raw in tf.data.TFRecordDataset(files).take(count):
-            example = tf.train.Example.FromString(raw.numpy())
-            encoded = example.features.feature["image/encoded"].bytes_list.value[0]
-            images.append(tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy())
-    if not images:
-        images = [np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)]
-    images.append(tf.cast(tf.image.resize(images[0], (203, 317)), tf.uint8).numpy())
-    return images
-
-
 def check_export(saved_model_dir: str | Path, params: SegmenterParams, checkpoint: str,
                  images: list[np.ndarray] | None = None, model: tf.keras.Model | None = None) -> dict:
     """Run the SavedModel and the checkpoint's Keras model (eagerly) on `images`; raise ExportCheckError
     when an output has the wrong size, fewer than 99.9% of the pixels get the same class, or a
     probability differs by more than 1e-3. Returns the worst agreement and difference seen."""
-    images = images if images is not None else sample_images(params)
+    images = images if images is not None else check_images(params)
     model = model if model is not None else restore_model(params, checkpoint)
     serve = tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"]
     worst_agreement, largest_difference = 1.0, 0.0

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from pipelines.common import duration
 from pipelines.segmentation.data import train_dataset, val_dataset
 from pipelines.segmentation.model import build_model, loss_fn
 from pipelines.segmentation.params import SegmenterParams
@@ -190,12 +191,6 @@ def _strategy() -> tf.distribute.Strategy:
 
 # ---------------------------------------------------------------------------------------------- progress
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 class Throughput:
@@ -416,7 +411,7 @@ def train(params: SegmenterParams, run_dir: str | Path, log: Callable[[str], Non
                 tf.summary.scalar("learning_rate", record["learning_rate"], step=current)
             log(f"step {current}/{params.num_steps}  loss {record['loss']:.4f}  iou {record['iou']:.4f}  "
                 f"lr {record['learning_rate']:.6f}  {rate:.2f} steps/s ({record['images_per_sec']:.1f} img/s)  "
-                f"ETA {_duration((params.num_steps - current) / (throughput.steady or rate))}"
+                f"ETA {duration((params.num_steps - current) / (throughput.steady or rate))}"
                 + ("  (includes tracing)" if len(history) == 1 else ""))
             if at_eval:
                 writer.flush()
@@ -428,7 +423,7 @@ def train(params: SegmenterParams, run_dir: str | Path, log: Callable[[str], Non
         # With a single interval (which includes tracing), its rate is the only figure there is.
         steady = throughput.steady or (history[-1]["steps_per_sec"] if history else None)
         out = result(current, start_step, history, steady, validation)
-        log(f"trained to step {current} in {_duration(out['elapsed_s'])}"
+        log(f"trained to step {current} in {duration(out['elapsed_s'])}"
             + (f" ({steady:.2f} steps/s, {out['images_per_sec']:.1f} img/s)" if steady else "")
             + f"; latest checkpoint {out['checkpoint']}"
             + (f"; best {out['best_checkpoint']} (val mean IoU {out['best']['mean_iou']:.4f} at step "
