@@ -2,7 +2,7 @@
 learning benchmark.
 
     .venv/bin/python bench/bench_train_segmentation.py [--steps 60] [--batch 8] [--size 256] [--rounds 2]
-    .venv/bin/python bench/bench_train_segmentation.py --learning [--steps 1500] [--batch 8] [--size 256]
+    .venv/bin/python bench/bench_train_segmentation.py --learning [--steps 1000] [--batch 8] [--size 128] [--learning-rate R]
 
 Speed: the bundled sample (300 images) goes through `pipelines data --task segmentation` and
 `pipelines config` (unet_efficientnetb0_320x320 at --size, --batch-size/--num-steps, no
@@ -53,13 +53,19 @@ def sh(cmd: list[str], env: dict, log: Path) -> tuple[float, str]:
     return elapsed, proc.stdout + proc.stderr
 
 
-def template(out: Path, size: int, augment: bool) -> Path:
-    """The U-Net template at SIZE x SIZE, with or without augmentation."""
+def template(out: Path, size: int, augment: bool, batch: int, learning_rate: float | None = None) -> Path:
+    """The U-Net template at SIZE x SIZE, with or without augmentation; with LEARNING_RATE, that peak
+    rate at any batch size (the template's batch is set to the bench's, so make config scales nothing)."""
     text = (REPO / "configs" / f"{TEMPLATE}.config").read_text()
     text = text.replace("height: 320", f"height: {size}").replace("width: 320", f"width: {size}")
+    if learning_rate:
+        text = re.sub(r"learning_rate_base: [\d.e-]+", f"learning_rate_base: {learning_rate}", text)
+        text = re.sub(r"warmup_learning_rate: [\d.e-]+", f"warmup_learning_rate: {learning_rate / 10}", text)
     if not augment:
         text = re.sub(r"  data_augmentation_options \{.*?\n  \}\n", "", text, flags=re.S)
-    path = out / f"unet_{size}_{'aug' if augment else 'plain'}.config"
+    if learning_rate:  # train_config's batch_size (the first one; eval_config has its own)
+        text = re.sub(r"(\n  batch_size:) \d+", rf"\1 {batch}", text, count=1)
+    path = out / f"unet_{size}_{'aug' if augment else 'plain'}{f'_lr{learning_rate}' if learning_rate else ''}.config"
     path.write_text(text)
     return path
 
@@ -71,7 +77,8 @@ def prepare(out: Path, env: dict, args, run: str, augment: bool) -> Path:
         generate(dataset, 300)
     if not (out / "ws" / "sample" / "data").is_dir():
         sh([PY, "-m", "pipelines", "data", "--dataset", str(dataset), "--task", "segmentation"], env, out / "data.log")
-    sh([PY, "-m", "pipelines", "config", "--dataset", "sample", "--model", str(template(out, args.size, augment)),
+    config = template(out, args.size, augment, args.batch, args.learning_rate if augment else None)
+    sh([PY, "-m", "pipelines", "config", "--dataset", "sample", "--model", str(config),
         "--run", run, "--batch-size", str(args.batch), "--num-steps", str(args.steps)], env, out / f"config-{run}.log")
     return out / "ws" / run
 
@@ -168,6 +175,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--learning", action="store_true")
+    parser.add_argument("--learning-rate", type=float,
+                        help="--learning: peak learning rate (default: the template's, scaled to --batch)")
     parser.add_argument("--peer", metavar="RUN", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "train_segmentation"))
     args = parser.parse_args()

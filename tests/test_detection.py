@@ -260,8 +260,11 @@ def test_export_serves_od_api_outputs_and_is_in_bentoml(trained, exported, monke
     monkeypatch.setenv("BENTOML_HOME", str(bento_home))
     params, run_dir, _ = trained
     assert saved_model == run_dir / "export" / "saved_model"
-    for name in ("label_map.pbtxt", "pipeline.config", "params.yaml"):
+    for name in ("label_map.pbtxt", "pipeline.config", "params.yaml", "metadata.json"):
         assert (run_dir / "export" / name).is_file(), name
+    metadata = json.loads((run_dir / "export" / "metadata.json").read_text())
+    assert metadata["task"] == "detection" and metadata["num_classes"] == 4
+    assert metadata["label_map"] == {"1": "circle", "2": "square", "3": "triangle", "4": "star"}
 
     loaded = tf.saved_model.load(str(saved_model))
     assert list(loaded.signatures) == ["serving_default"]
