@@ -24,7 +24,7 @@ STEPS   ?=
 CHECKPOINT ?=
 CHECKPOINT_TYPE ?=
 
-.PHONY: help setup lock sample data config train eval export test bench bench-data bench-train-detection \
+.PHONY: help setup lock sample data config train eval export serve test bench bench-data bench-train-detection \
         bench-train-segmentation demo clean
 
 help:
@@ -39,6 +39,7 @@ help:
 	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
 	@echo "make train RUN=NAME | make eval RUN=NAME | make export RUN=NAME"
+	@echo "make serve RUN=NAME [PORT=3000] | make serve MODEL=name:version (a BentoML model-store tag)"
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
 	@echo "                                   bench-train-segmentation)"
 
@@ -77,6 +78,9 @@ config: $(STAMP)
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(CHECKPOINT_TYPE),--checkpoint-type $(CHECKPOINT_TYPE))
 
 RUN_OR_DATASET = $(if $(RUN),$(RUN),$(notdir $(DATASET)))
+PORT ?= 3000
+# make serve: MODEL given on the command line (or in the environment) is a BentoML model tag; else RUN's export.
+SERVE_MODEL = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),workspace/$(RUN_OR_DATASET)/export)
 
 train: $(STAMP)
 	$(PY) -m pipelines train --run $(RUN_OR_DATASET)
@@ -86,6 +90,9 @@ eval: $(STAMP)
 
 export: $(STAMP)
 	$(PY) -m pipelines export --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+serve: $(STAMP)
+	PIPELINES_MODEL=$(SERVE_MODEL) $(VENV)/bin/bentoml serve pipelines.serving.service:Service --host 0.0.0.0 --port $(PORT)
 
 demo: $(STAMP)
 	$(PY) -m pipelines demo

@@ -1,0 +1,338 @@
+"""The HTTP services of an export: `bentoml serve pipelines.serving.service:Service`.
+
+PIPELINES_MODEL names the model: an export folder (workspace/RUN/export, or its saved_model/) or a
+BentoML model tag (`RUN` or `RUN:version`, from the store under $BENTOML_HOME). Its metadata.json
+"task" picks the service: `Detector` (/detect, /detect/base64, /render) or `Segmenter` (/segment,
+/segment/mask, /render); `Service` is the one for PIPELINES_MODEL.
+
+Each public route decodes and checks its image, then calls the batchable inner API `infer` (list in,
+list out) through BentoML, so that concurrent requests are run by the model together (adaptive
+batching; PIPELINES_MAX_BATCH_SIZE, PIPELINES_MAX_LATENCY_MS). The model is loaded and run once on
+a blank image when the worker starts; /readyz answers 200 only after that. A bad request gets a 4xx
+with {"error": "what was wrong"} and the worker goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pipelines  # noqa: F401  (sets the TensorFlow environment before TF is imported)
+
+import bentoml
+import numpy as np
+from PIL import Image
+from starlette.responses import JSONResponse, Response
+
+from pipelines.serving.images import (BadRequest, base64_image, decode_image, max_detections_of, pack,
+                                      png_bytes, score_threshold_of, unpack)
+
+MODEL_ENV = "PIPELINES_MODEL"
+INPUT_NAME = "input_tensor"
+DETECTION_KEYS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+MASK_KEY = "segmentation_mask"
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+MAX_BATCH_SIZE = _env_int("PIPELINES_MAX_BATCH_SIZE", 8)
+MAX_LATENCY_MS = _env_int("PIPELINES_MAX_LATENCY_MS", 10_000)
+TIMEOUT_S = _env_int("PIPELINES_TIMEOUT_S", 120)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+def resolve_model(spec: str | None = None) -> tuple[Path, str, str]:
+    """(export folder, model name, version) for PIPELINES_MODEL: a folder path or a BentoML model tag."""
+    spec = spec if spec is not None else os.environ.get(MODEL_ENV, "")
+    if not spec:
+        raise ModelNotFound(f"set {MODEL_ENV} to an export folder (workspace/RUN/export) or a BentoML model tag")
+    path = Path(spec).expanduser()
+    if path.exists():
+        folder = path.parent if (path / "saved_model.pb").is_file() else path
+        if not (folder / "saved_model" / "saved_model.pb").is_file():
+            raise ModelNotFound(f"{spec}: no saved_model/ here: give workspace/RUN/export (run `make export` first)")
+        digest = hashlib.sha256((folder / "saved_model" / "saved_model.pb").read_bytes()).hexdigest()[:12]
+        name = folder.resolve().parent.name if folder.name == "export" else folder.resolve().name
+        return folder, name, digest
+    from pipelines.model_store import model_store
+
+    try:
+        model = model_store().get(spec)
+    except Exception as e:  # noqa: BLE001  (NotFound, a malformed tag)
+        raise ModelNotFound(f"{spec}: neither a folder nor a model in the BentoML store ({e})") from None
+    return Path(model.path), model.tag.name, model.tag.version
+
+
+def model_task(spec: str | None = None) -> str:
+    """The task of PIPELINES_MODEL's metadata ("detection" when unset or unreadable: Detector then
+    reports the problem when it starts)."""
+    from pipelines.model_store import read_metadata
+
+    try:
+        folder, _, _ = resolve_model(spec)
+        return (read_metadata(folder) or {}).get("task", "detection")
+    except Exception:  # noqa: BLE001
+        return "detection"
+
+
+class LoadedModel:
+    """The export's serving signature, label map and identity, loaded once per worker."""
+
+    def __init__(self, task: str):
+        import tensorflow as tf
+
+        from pipelines.model_store import read_metadata
+
+        folder, self.name, self.version = resolve_model()
+        metadata = read_metadata(folder) or {"task": "detection"}
+        if metadata.get("task", "detection") != task:
+            raise ModelNotFound(f"{folder}: a {metadata.get('task')} export, not a {task} one "
+                                "(serve pipelines.serving.service:Service to pick by the export's task)")
+        self.task = task
+        self.metadata = metadata
+        self.labels = {int(k): v for k, v in (metadata.get("label_map") or {}).items()}
+        if not self.labels and (folder / "label_map.pbtxt").is_file():
+            from pipelines.data.label_map import read_label_map
+
+            self.labels = read_label_map(folder / "label_map.pbtxt")
+        self.serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
+        self.keys = DETECTION_KEYS if task == "detection" else (MASK_KEY,)
+        # Warm-up: the first call of a signature builds its graph; no request should pay for it.
+        size = metadata.get("input_size") or [320, 320]
+        self.run([np.zeros((int(size[0]), int(size[1]), 3), np.uint8)])
+        print(f"serving {task} model {self.name}:{self.version} from {folder} "
+              f"(batches up to {MAX_BATCH_SIZE}, {MAX_LATENCY_MS} ms)", file=sys.stderr, flush=True)
+
+    @property
+    def info(self) -> dict:
+        return {"name": self.name, "version": self.version}
+
+    def run(self, arrays: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """The model on images of any sizes: one call per distinct size, outputs per image in order."""
+        import tensorflow as tf
+
+        results: list[dict | None] = [None] * len(arrays)
+        groups: dict[tuple, list[int]] = {}
+        for i, array in enumerate(arrays):
+            groups.setdefault(array.shape, []).append(i)
+        for indices in groups.values():
+            batch = tf.constant(np.stack([arrays[i] for i in indices]))
+            outputs = self.serve(**{INPUT_NAME: batch})
+            outputs = {key: outputs[key].numpy() for key in self.keys}
+            for j, i in enumerate(indices):
+                results[i] = {key: value[j] for key, value in outputs.items()}
+        if self.task == "segmentation":  # fewer bytes across the inner API
+            for r in results:
+                if r[MASK_KEY].max(initial=0) < 256:
+                    r[MASK_KEY] = r[MASK_KEY].astype(np.uint8)
+        return results
+
+    def infer(self, images: list[str]) -> list[str]:
+        """The batchable inner API's body: packed images in, packed outputs out."""
+        return [pack(r) for r in self.run([unpack(text)["image"] for text in images])]
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def error_response(e: BadRequest) -> JSONResponse:
+    return JSONResponse({"error": e.message}, status_code=e.status)
+
+
+def png_response(image: Image.Image) -> Response:
+    return Response(png_bytes(image), media_type="image/png")
+
+
+async def read_upload(image: Path) -> np.ndarray:
+    if image is None:
+        raise BadRequest('no image: send it as the multipart file field "image"')
+    data = await asyncio.to_thread(Path(image).read_bytes)
+    return await asyncio.to_thread(decode_image, data)
+
+
+async def model_outputs(service, array: np.ndarray) -> dict[str, np.ndarray]:
+    """One image through the batchable `infer` API (BentoML's in-process client: batched with the others)."""
+    packed = await service.to_async.infer([pack({"image": array})])
+    return unpack(packed[0])
+
+
+class RawBody(bentoml.IODescriptor):
+    """An input spec that leaves the body to the API (read from ctx.request): /detect/base64 takes base64
+    text or JSON, which BentoML's own parsing would refuse before our error messages could."""
+
+    @classmethod
+    async def from_http_request(cls, request, serde):  # noqa: ARG003
+        return cls()
+
+
+# ------------------------------------------------------------------------------------------ detection
+
+
+def _detections(model: LoadedModel, outputs: dict, width: int, height: int, score_threshold: float,
+                max_detections: int | None) -> list[dict]:
+    from pipelines.detection.predict import detections_of
+
+    batched = {key: value[None] for key, value in outputs.items()}
+    found = detections_of(batched, width, height, model.labels, score_threshold)
+    return found[:max_detections] if max_detections else found
+
+
+@bentoml.service(name="detector", traffic={"timeout": TIMEOUT_S})
+class Detector:
+    """Boxes of an exported detector: /detect (JSON), /detect/base64 (JSON list), /render (PNG)."""
+
+    def __init__(self) -> None:
+        self.model = LoadedModel("detection")
+
+    def __is_ready__(self) -> bool:
+        return getattr(self, "model", None) is not None
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def infer(self, images: list[str]) -> list[str]:
+        return self.model.infer(images)
+
+    async def _find(self, array: np.ndarray, score_threshold, max_detections) -> list[dict]:
+        threshold = score_threshold_of(score_threshold)
+        count = max_detections_of(max_detections)
+        outputs = await model_outputs(self, array)
+        return _detections(self.model, outputs, array.shape[1], array.shape[0], threshold, count)
+
+    @bentoml.api(route="/detect")
+    async def detect(self, image: Path, score_threshold: float = 0.5,
+                     max_detections: int | None = None) -> dict:
+        """Multipart `image` file -> {"detections": [{"label", "class_id", "score", "box": {"xmin", "ymin",
+        "xmax", "ymax"}}], "width", "height", "model": {"name", "version"}}; boxes in the image's pixels."""
+        try:
+            array = await read_upload(image)
+            found = await self._find(array, score_threshold, max_detections)
+        except BadRequest as e:
+            return error_response(e)
+        return {"detections": found, "width": int(array.shape[1]), "height": int(array.shape[0]),
+                "model": self.model.info}
+
+    @bentoml.api(route="/detect/base64", input_spec=RawBody)
+    async def detect_base64(self, ctx: bentoml.Context) -> list:
+        """Body: the image as base64 text, or JSON {"image": "<base64>"} (query: score_threshold,
+        max_detections) -> [{"class", "confidence", "xmin", "ymin", "xmax", "ymax"}] in pixels."""
+        request = ctx.request
+        try:
+            body = await request.body()
+            data = base64_image(body, request.headers.get("content-type", ""))
+            array = await asyncio.to_thread(decode_image, data, "the decoded base64 image")
+            query = request.query_params
+            found = await self._find(array, query.get("score_threshold", 0.5), query.get("max_detections"))
+        except BadRequest as e:
+            ctx.response.status_code = e.status  # BentoML gives a ctx route's response the ctx's status
+            return error_response(e)
+        return [{"class": d["label"], "confidence": d["score"], **d["box"]} for d in found]
+
+    @bentoml.api(route="/render")
+    async def render(self, image: Path, score_threshold: float = 0.5,
+                     max_detections: int | None = None) -> Image.Image:
+        """Multipart `image` file -> PNG of the image with its boxes drawn."""
+        from pipelines.detection.predict import draw
+
+        try:
+            array = await read_upload(image)
+            found = await self._find(array, score_threshold, max_detections)
+        except BadRequest as e:
+            return error_response(e)
+        return png_response(await asyncio.to_thread(draw, array, found))
+
+
+# --------------------------------------------------------------------------------------- segmentation
+
+
+def outlines(mask: np.ndarray, class_id: int, tolerance: float = 1.0) -> list[list[list[int]]]:
+    """Outer outlines of a class's regions as polygons [[x, y], ...] in pixels (OpenCV's border following,
+    simplified within `tolerance` pixels); holes are not listed."""
+    import cv2
+
+    binary = (mask == class_id).astype(np.uint8)
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    for contour in contours:
+        points = cv2.approxPolyDP(contour, tolerance, True)[:, 0, :]
+        if len(points) >= 3:
+            polygons.append(points.tolist())
+    return polygons
+
+
+def segments(mask: np.ndarray, labels: dict[int, str]) -> list[dict]:
+    from pipelines.segmentation.predict import class_pixels
+
+    classes = class_pixels(mask, labels)
+    for c in classes:
+        c["polygons"] = outlines(mask, c["class_id"]) if c["class_id"] != 0 else []
+    return classes
+
+
+@bentoml.service(name="segmenter", traffic={"timeout": TIMEOUT_S})
+class Segmenter:
+    """Class masks of an exported segmenter: /segment (JSON), /segment/mask (palette PNG), /render (PNG)."""
+
+    def __init__(self) -> None:
+        self.model = LoadedModel("segmentation")
+
+    def __is_ready__(self) -> bool:
+        return getattr(self, "model", None) is not None
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def infer(self, images: list[str]) -> list[str]:
+        return self.model.infer(images)
+
+    async def _mask(self, image: Path) -> tuple[np.ndarray, np.ndarray]:
+        array = await read_upload(image)
+        return array, (await model_outputs(self, array))[MASK_KEY]
+
+    @bentoml.api(route="/segment")
+    async def segment(self, image: Path) -> dict:
+        """Multipart `image` file -> {"width", "height", "classes": [{"label", "class_id", "pixels", "fraction",
+        "polygons": [[[x, y], ...], ...]}], "model": {"name", "version"}}."""
+        try:
+            array, mask = await self._mask(image)
+        except BadRequest as e:
+            return error_response(e)
+        classes = await asyncio.to_thread(segments, mask, self.model.labels)
+        return {"width": int(array.shape[1]), "height": int(array.shape[0]), "classes": classes,
+                "model": self.model.info}
+
+    @bentoml.api(route="/segment/mask")
+    async def segment_mask(self, image: Path) -> Image.Image:
+        """Multipart `image` file -> palette PNG at the image's size whose pixel values are class ids."""
+        from pipelines.segmentation.predict import mask_image
+
+        try:
+            _, mask = await self._mask(image)
+        except BadRequest as e:
+            return error_response(e)
+        return png_response(mask_image(mask))
+
+    @bentoml.api(route="/render")
+    async def render(self, image: Path) -> Image.Image:
+        """Multipart `image` file -> PNG of the image with its classes tinted and outlined."""
+        from pipelines.segmentation.predict import overlay
+
+        try:
+            array, mask = await self._mask(image)
+        except BadRequest as e:
+            return error_response(e)
+        return png_response(Image.fromarray(await asyncio.to_thread(overlay, array, mask)))
+
+
+# The service for PIPELINES_MODEL's task: `bentoml serve pipelines.serving.service:Service`.
+Service = Segmenter if model_task() == "segmentation" else Detector

@@ -1,0 +1,386 @@
+"""The BentoML services for real: tiny exports, a real server on a free port, HTTP requests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pipelines  # noqa: F401  (sets the TensorFlow environment before TF is imported)
+
+LABELS = {1: "circle", 2: "square", 3: "triangle"}
+
+
+def _label_map(path: Path) -> Path:
+    path.write_text("".join(f"item {{\n  id: {i}\n  name: '{n}'\n}}\n" for i, n in LABELS.items()))
+    return path
+
+
+def make_detector(run_dir: Path) -> Path:
+    """An untrained tiny detector (random weights) exported by the real export stage; returns the export folder."""
+    import tensorflow as tf
+    import tf_keras
+
+    from pipelines.detection.export import export
+    from pipelines.detection.params import DetectorParams
+    from pipelines.detection.train import build_model
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tf_keras.utils.set_random_seed(3)
+    params = DetectorParams(num_classes=3, image_height=64, image_width=64, depth_multiplier=0.35,
+                            fpn_num_filters=8, head_num_filters=8, head_num_convs=1,
+                            train_files=[str(run_dir / "none-*.tfrecord")], eval_files=[str(run_dir / "none-*.tfrecord")],
+                            label_map_path=str(_label_map(run_dir / "label_map.pbtxt")))
+    model = build_model(params)
+    checkpoint = tf.train.Checkpoint(model=model).write(str(run_dir / "train" / "ckpt-1"))
+    export(params, run_dir, params.label_map_path, name="tiny-detector", checkpoint=checkpoint, log=lambda *_: None)
+    return run_dir / "export"
+
+
+def make_segmenter(run_dir: Path) -> Path:
+    import tensorflow as tf
+
+    from pipelines.segmentation.export import export
+    from pipelines.segmentation.model import build_model
+    from pipelines.segmentation.params import SegmenterParams
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tf.keras.utils.set_random_seed(4)
+    params = SegmenterParams(num_classes=3, architecture="unet", backbone="efficientnetb0", image_height=64,
+                             image_width=64, decoder_filters=[8, 8, 8, 8, 8],
+                             train_files=[str(run_dir / "none-*.tfrecord")], eval_files=[str(run_dir / "none-*.tfrecord")],
+                             label_map_path=str(_label_map(run_dir / "label_map.pbtxt")))
+    model = build_model(params, load_encoder_weights=False)
+    checkpoint = tf.train.Checkpoint(model=model).write(str(run_dir / "train" / "ckpt-1"))
+    export(params, run_dir, params.label_map_path, name="tiny-segmenter", checkpoint=checkpoint, log=lambda *_: None)
+    return run_dir / "export"
+
+
+# ------------------------------------------------------------------------------------------- servers
+
+import base64  # noqa: E402
+import io  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_PIXELS = 1_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: str, bento_home: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PIPELINES_MODEL": model, "BENTOML_HOME": str(bento_home),
+               "PIPELINES_MAX_PIXELS": str(MAX_PIXELS), "PIPELINES_MAX_BATCH_SIZE": "8",
+               "PIPELINES_MAX_LATENCY_MS": "20000", "BENTOML_DO_NOT_TRACK": "True"}
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "pipelines.serving.service:Service",
+                                      "--host", "127.0.0.1", "--port", str(self.port)],
+                                     cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 120) -> list[int]:
+        """Poll /readyz until 200; returns the statuses seen (connection refused counts as 0)."""
+        seen, deadline = [], time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                status = httpx.get(self.url + "/readyz", timeout=5).status_code
+            except httpx.HTTPError:
+                status = 0
+            seen.append(status)
+            if status == 200:
+                return seen
+            time.sleep(0.5)
+        raise AssertionError(f"not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """A detector served from its export folder and a segmenter from its BentoML tag, both ready."""
+    root = tmp_path_factory.mktemp("serving")
+    bento_home = root / "bentoml"
+    previous = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(bento_home)
+    try:
+        detector_export = make_detector(root / "det")
+        make_segmenter(root / "seg")
+    finally:
+        if previous is None:
+            os.environ.pop("BENTOML_HOME", None)
+        else:
+            os.environ["BENTOML_HOME"] = previous
+    det = Server(str(detector_export), bento_home, root / "detector.log")
+    seg = Server("tiny-segmenter", bento_home, root / "segmenter.log")
+    try:
+        ready = {"detector": det.wait_ready(), "segmenter": seg.wait_ready()}
+        yield {"detector": det, "segmenter": seg, "ready": ready}
+    finally:
+        det.stop()
+        seg.stop()
+
+
+@pytest.fixture(scope="module")
+def det(servers):
+    with httpx.Client(base_url=servers["detector"].url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def seg(servers):
+    with httpx.Client(base_url=servers["segmenter"].url, timeout=60) as client:
+        yield client
+
+
+def picture(width=120, height=90, seed=0) -> Image.Image:
+    """Shapes on a noisy background (something for random weights to respond to)."""
+    rng = np.random.default_rng(seed)
+    array = (rng.random((height, width, 3)) * 60).astype(np.uint8)
+    array[10:50, 20:70] = (230, 40, 40)
+    array[55:85, 80:115] = (40, 40, 230)
+    return Image.fromarray(array)
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def upload(data: bytes, name="image.jpg", content_type="image/jpeg") -> dict:
+    return {"image": (name, data, content_type)}
+
+
+JPEG = encoded(picture(), "JPEG", quality=95)
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_ready_only_after_model_loaded(servers, det, seg):
+    for name in ("detector", "segmenter"):
+        seen = servers["ready"][name]
+        assert seen[-1] == 200 and all(s != 200 for s in seen[:-1])
+    assert det.get("/readyz").status_code == 200 and det.get("/livez").status_code == 200
+    log = servers["detector"].log.read_text()
+    assert "serving detection model det:" in log  # loaded (and warmed up) before the first 200
+
+
+def test_detect(det):
+    r = det.post("/detect", files=upload(JPEG), data={"score_threshold": "0", "max_detections": "5"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"]) == (120, 90)
+    assert body["model"]["name"] == "det" and len(body["model"]["version"]) == 12
+    assert 1 <= len(body["detections"]) <= 5
+    for d in body["detections"]:
+        assert set(d) == {"label", "class_id", "score", "box"} and d["label"] == LABELS[d["class_id"]]
+        b = d["box"]
+        assert 0 <= b["xmin"] <= b["xmax"] <= 120 and 0 <= b["ymin"] <= b["ymax"] <= 90
+    scores = [d["score"] for d in body["detections"]]
+    assert scores == sorted(scores, reverse=True)
+    # The default threshold (0.5) drops an untrained model's low scores.
+    r = det.post("/detect", files=upload(JPEG))
+    assert r.status_code == 200 and all(d["score"] >= 0.5 for d in r.json()["detections"])
+
+
+@pytest.mark.parametrize("fmt,content_type", [("PNG", "image/png"), ("WEBP", "image/webp"), ("BMP", "image/bmp"),
+                                              ("GIF", "image/gif")])
+def test_detect_formats(det, fmt, content_type):
+    image = picture().convert("RGBA") if fmt == "PNG" else picture()
+    extra = {"save_all": True, "append_images": [picture(seed=1)]} if fmt == "GIF" else {}
+    r = det.post("/detect", files=upload(encoded(image, fmt, **extra), f"x.{fmt.lower()}", content_type),
+                 data={"score_threshold": "0"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == (120, 90)
+
+
+def test_exif_orientation_applied(det):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: a person sees it 90 wide, 120 high
+    data = encoded(picture(), "JPEG", exif=exif)
+    r = det.post("/detect", files=upload(data), data={"score_threshold": "0"})
+    assert r.status_code == 200 and (r.json()["width"], r.json()["height"]) == (90, 120)
+    assert all(d["box"]["xmax"] <= 90 and d["box"]["ymax"] <= 120 for d in r.json()["detections"])
+
+
+def test_detect_base64(det):
+    reference = det.post("/detect", files=upload(JPEG), data={"score_threshold": "0"}).json()["detections"]
+    text = base64.b64encode(JPEG)
+    for kwargs in ({"content": text, "headers": {"content-type": "text/plain"}},
+                   {"content": b"data:image/jpeg;base64," + text},
+                   {"json": {"image": text.decode()}}):
+        r = det.post("/detect/base64?score_threshold=0", **kwargs)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert isinstance(got, list) and len(got) == len(reference)
+        for g, d in zip(got, reference):
+            assert set(g) == {"class", "confidence", "xmin", "ymin", "xmax", "ymax"}
+            assert g["class"] == d["label"] and g["confidence"] == pytest.approx(d["score"], abs=1e-3)
+            assert g["xmin"] == pytest.approx(d["box"]["xmin"], abs=0.5)
+    r = det.post("/detect/base64", content=text)  # default threshold 0.5
+    assert r.status_code == 200 and all(g["confidence"] >= 0.5 for g in r.json())
+
+
+def test_render_detection(det):
+    r = det.post("/render", files=upload(JPEG), data={"score_threshold": "0", "max_detections": "3"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    drawn = Image.open(io.BytesIO(r.content))
+    assert drawn.format == "PNG" and drawn.size == (120, 90)
+    plain = np.asarray(Image.open(io.BytesIO(JPEG)).convert("RGB"))
+    assert (np.asarray(drawn.convert("RGB")) != plain).any()  # boxes were drawn
+
+
+def big_png() -> bytes:
+    return encoded(Image.new("RGB", (1100, 1000)), "PNG")  # 1.1 MP, over the server's 1 MP limit
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "truncated", "empty", "too_large", "threshold_high",
+                                  "threshold_negative", "threshold_text", "no_file", "json_body", "text_body"])
+def test_bad_requests_on_detect(det, case):
+    files, data, kwargs = upload(JPEG), {}, {}
+    if case == "not_an_image":
+        files = upload(b"this is not an image at all", "notes.txt", "text/plain")
+    elif case == "truncated":
+        files = upload(JPEG[: len(JPEG) // 2])
+    elif case == "empty":
+        files = upload(b"")
+    elif case == "too_large":
+        files = upload(big_png(), "big.png", "image/png")
+    elif case == "threshold_high":
+        data = {"score_threshold": "1.5"}
+    elif case == "threshold_negative":
+        data = {"score_threshold": "-0.1"}
+    elif case == "threshold_text":
+        data = {"score_threshold": "high"}
+    if case == "no_file":
+        r = det.post("/detect", data={"score_threshold": "0.5"}, files={"other": ("x", b"y", "text/plain")})
+    elif case == "json_body":
+        r = det.post("/detect", json={"image": "not base64 and not a file"})
+    elif case == "text_body":
+        r = det.post("/detect", content=b"hello", headers={"content-type": "text/plain"})
+    else:
+        r = det.post("/detect", files=files, data=data, **kwargs)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    error = r.json()["error"]
+    expected = {"not_an_image": "not an image", "truncated": "truncated", "empty": "empty",
+                "too_large": "over the limit", "threshold_high": "between 0 and 1",
+                "threshold_negative": "between 0 and 1"}.get(case)
+    if expected:
+        assert expected in error, error
+    if case == "too_large":
+        assert r.status_code == 413
+    if case == "not_an_image":
+        assert r.status_code == 415
+
+
+@pytest.mark.parametrize("body,expected", [(b"", "empty body"), (b"%%%not base64%%%", "not valid base64"),
+                                            (b'{"picture": "abc"}', 'no "image" field'),
+                                            (b'{"image": ', "not valid JSON"),
+                                            (base64.b64encode(b"GIF89a broken"), "not an image"),
+                                            (base64.b64encode(JPEG[:500]), "truncated")])
+def test_bad_requests_on_base64(det, body, expected):
+    r = det.post("/detect/base64", content=body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert expected in r.json()["error"], r.json()
+
+
+def test_worker_keeps_serving_after_bad_requests(det):
+    for _ in range(3):
+        assert det.post("/detect", files=upload(b"junk")).status_code in (400, 415)
+        assert det.post("/detect/base64", content=b"***").status_code == 400
+    assert det.post("/detect", files=upload(JPEG)).status_code == 200
+
+
+def test_concurrent_requests_batched_and_correct(servers, det):
+    images = [encoded(picture(seed=i), "JPEG", quality=95) for i in range(4)]
+    reference = [det.post("/detect", files=upload(d), data={"score_threshold": "0"}).json()["detections"]
+                 for d in images]
+
+    def call(i):
+        with httpx.Client(base_url=servers["detector"].url, timeout=120) as client:
+            r = client.post("/detect", files=upload(images[i % 4]), data={"score_threshold": "0"})
+            return i, r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(64)))
+    assert len(results) == 64
+    for i, status, body in results:
+        assert status == 200, body
+        want, got = reference[i % 4], body["detections"]
+        assert len(got) == len(want)
+        assert sorted(d["class_id"] for d in got) == sorted(d["class_id"] for d in want)
+        assert max(d["score"] for d in got) == pytest.approx(max(d["score"] for d in want), abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- segmenter
+
+
+def test_segment(seg):
+    r = seg.post("/segment", files=upload(JPEG))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"]) == (120, 90)
+    assert body["model"]["name"] == "tiny-segmenter"
+    classes = body["classes"]
+    assert sum(c["pixels"] for c in classes) == 120 * 90
+    assert sum(c["fraction"] for c in classes) == pytest.approx(1.0, abs=1e-4)
+    for c in classes:
+        assert c["label"] == ("background" if c["class_id"] == 0 else LABELS[c["class_id"]])
+        for polygon in c["polygons"]:
+            assert len(polygon) >= 3
+            assert all(0 <= x < 120 and 0 <= y < 90 for x, y in polygon)
+    assert any(c["polygons"] for c in classes if c["class_id"] != 0)
+
+
+def test_segment_mask_and_render(seg):
+    r = seg.post("/segment/mask", files=upload(JPEG))
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    mask = Image.open(io.BytesIO(r.content))
+    assert mask.mode == "P" and mask.size == (120, 90)
+    ids = np.asarray(mask)
+    summary = seg.post("/segment", files=upload(JPEG)).json()["classes"]
+    assert {c["class_id"]: c["pixels"] for c in summary} == dict(zip(*map(list, np.unique(ids, return_counts=True))))
+    r = seg.post("/render", files=upload(JPEG))
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (120, 90)
+
+
+def test_segmenter_bad_input_and_concurrency(servers, seg):
+    r = seg.post("/segment", files=upload(b"nope"))
+    assert r.status_code == 415 and "not an image" in r.json()["error"]
+    r = seg.post("/segment/mask", files=upload(big_png(), "big.png", "image/png"))
+    assert r.status_code == 413
+    want = seg.post("/segment/mask", files=upload(JPEG)).content
+
+    def call(_):
+        with httpx.Client(base_url=servers["segmenter"].url, timeout=120) as client:
+            return client.post("/segment/mask", files=upload(JPEG))
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(call, range(16)))
+    assert all(a.status_code == 200 for a in answers)
+    assert all((np.asarray(Image.open(io.BytesIO(a.content))) == np.asarray(Image.open(io.BytesIO(want)))).mean()
+               > 0.999 for a in answers)
