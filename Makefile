@@ -24,7 +24,7 @@ STEPS   ?=
 CHECKPOINT ?=
 CHECKPOINT_TYPE ?=
 
-.PHONY: help setup lock sample data config train eval export serve test bench bench-data bench-train-detection \
+.PHONY: help setup lock sample data config train eval export serve bento containerize test bench bench-data bench-train-detection \
         bench-train-segmentation demo clean
 
 help:
@@ -40,6 +40,8 @@ help:
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
 	@echo "make train RUN=NAME | make eval RUN=NAME | make export RUN=NAME"
 	@echo "make serve RUN=NAME [PORT=3000] | make serve MODEL=name:version (a BentoML model-store tag)"
+	@echo "make bento RUN=NAME | make bento MODEL=name:version   a Bento (model + code + requirements.lock) in the bento store"
+	@echo "make containerize BENTO=name:version                 its Docker image (bentoml containerize; needs Docker)"
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
 	@echo "                                   bench-train-segmentation)"
 
@@ -81,6 +83,8 @@ RUN_OR_DATASET = $(if $(RUN),$(RUN),$(notdir $(DATASET)))
 PORT ?= 3000
 # make serve: MODEL given on the command line (or in the environment) is a BentoML model tag; else RUN's export.
 SERVE_MODEL = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),workspace/$(RUN_OR_DATASET)/export)
+BENTO_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL),--run $(RUN_OR_DATASET))
+BENTO   ?=
 
 train: $(STAMP)
 	$(PY) -m pipelines train --run $(RUN_OR_DATASET)
@@ -93,6 +97,14 @@ export: $(STAMP)
 
 serve: $(STAMP)
 	PIPELINES_MODEL=$(SERVE_MODEL) $(VENV)/bin/bentoml serve pipelines.serving.service:Service --host 0.0.0.0 --port $(PORT)
+
+bento: $(STAMP)
+	$(PY) -m pipelines.serving.bento $(BENTO_MODEL)
+
+containerize: $(STAMP)
+	@test -n "$(BENTO)" || { echo "error: give BENTO=name:version (printed by make bento; bentoml list)"; exit 2; }
+	@command -v docker >/dev/null || { echo "error: bentoml containerize needs Docker (docker not found)"; exit 2; }
+	$(VENV)/bin/bentoml containerize $(BENTO)
 
 demo: $(STAMP)
 	$(PY) -m pipelines demo
