@@ -25,7 +25,7 @@ CHECKPOINT ?=
 CHECKPOINT_TYPE ?=
 
 .PHONY: help setup lock sample data config train eval export serve bento containerize test bench bench-data bench-train-detection \
-        bench-train-segmentation demo clean
+        bench-train-segmentation bench-serve serve-spectrogram demo clean
 
 help:
 	@echo "make setup                         create .venv and install requirements.lock"
@@ -40,10 +40,11 @@ help:
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
 	@echo "make train RUN=NAME | make eval RUN=NAME | make export RUN=NAME"
 	@echo "make serve RUN=NAME [PORT=3000] | make serve MODEL=name:version (a BentoML model-store tag)"
+	@echo "make serve-spectrogram [PORT=3000]  POST /spectrogram: WAV in, spectrogram PNG out (no model)"
 	@echo "make bento RUN=NAME | make bento MODEL=name:version   a Bento (model + code + requirements.lock) in the bento store"
 	@echo "make containerize BENTO=name:version                 its Docker image (bentoml containerize; needs Docker)"
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
-	@echo "                                   bench-train-segmentation)"
+	@echo "                                   bench-train-segmentation, bench-serve)"
 
 $(STAMP): requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
@@ -98,6 +99,9 @@ export: $(STAMP)
 serve: $(STAMP)
 	PIPELINES_MODEL=$(SERVE_MODEL) $(VENV)/bin/bentoml serve pipelines.serving.service:Service --host 0.0.0.0 --port $(PORT)
 
+serve-spectrogram: $(STAMP)
+	$(VENV)/bin/bentoml serve pipelines.serving.audio:Spectrogram --host 0.0.0.0 --port $(PORT)
+
 bento: $(STAMP)
 	$(PY) -m pipelines.serving.bento $(BENTO_MODEL)
 
@@ -112,7 +116,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
-bench: bench-data bench-train-detection bench-train-segmentation
+bench: bench-data bench-train-detection bench-train-segmentation bench-serve
 
 bench-data: $(STAMP)
 	$(PY) bench/bench_data.py
@@ -122,6 +126,9 @@ bench-train-detection: $(STAMP)
 
 bench-train-segmentation: $(STAMP)
 	$(PY) bench/bench_train_segmentation.py
+
+bench-serve: $(STAMP)
+	$(PY) bench/bench_serve.py
 
 clean:
 	rm -rf workspace/*/ bench/out

@@ -335,6 +335,40 @@ def test_concurrent_requests_batched_and_correct(servers, det):
         assert max(d["score"] for d in got) == pytest.approx(max(d["score"] for d in want), abs=1e-3)
 
 
+def _infer_batches(url: str) -> tuple[float, float]:
+    """(batches run, images in them) by `infer`, from BentoML's Prometheus histogram."""
+    import re
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    found = dict(re.findall(r'^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="infer"[^}]*\}\s+(\S+)',
+                            text, re.MULTILINE))
+    return float(found.get("count", 0)), float(found.get("sum", 0))
+
+
+def test_concurrent_photos_of_different_sizes_share_forward_passes(servers):
+    """16 concurrent requests, photos of 4 sizes (stretched to the input size in the route, so they can
+    share a pass): BentoML runs `infer` on fewer batches than requests, some holding several images; and
+    over 100 in-process calls (BentoML's default session refresh, which failed in-flight calls) all succeed."""
+    url = servers["detector"].url
+    images = [encoded(picture(width=w, height=h, seed=i), "JPEG") for i, (w, h) in
+              enumerate([(120, 90), (200, 150), (90, 120), (333, 250)])]
+    before = _infer_batches(url)
+
+    def call(i):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            r = client.post("/detect", files=upload(images[i % 4]), data={"score_threshold": "0"})
+            return r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(112)))
+    assert all(status == 200 for status, _ in results), [body for status, body in results if status != 200][:3]
+    assert {(body["width"], body["height"]) for _, body in results} == {(120, 90), (200, 150), (90, 120), (333, 250)}
+    after = _infer_batches(url)
+    batches, images_run = after[0] - before[0], after[1] - before[1]
+    assert images_run == 112
+    assert batches < images_run, f"{batches:g} batches for {images_run:g} images: no batching"
+
+
 # ------------------------------------------------------------------------------------------- segmenter
 
 

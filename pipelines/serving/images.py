@@ -126,6 +126,18 @@ def max_detections_of(value) -> int | None:
     return count
 
 
+def resize_to(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB `array` stretched to size = (height, width), bilinear with half-pixel centres and no
+    anti-aliasing, as the detector's serving signature resizes (tf.image.resize); unchanged when already
+    that size."""
+    height, width = size
+    if array.shape[:2] == (height, width):
+        return array
+    import cv2
+
+    return cv2.resize(array, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

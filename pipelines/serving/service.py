@@ -28,7 +28,7 @@ from PIL import Image
 from starlette.responses import JSONResponse, Response
 
 from pipelines.serving.images import (BadRequest, base64_image, decode_image, max_detections_of, pack,
-                                      png_bytes, score_threshold_of, unpack)
+                                      png_bytes, resize_to, score_threshold_of, unpack)
 
 MODEL_ENV = "PIPELINES_MODEL"
 INPUT_NAME = "input_tensor"
@@ -46,6 +46,11 @@ def _env_int(name: str, default: int) -> int:
 MAX_BATCH_SIZE = _env_int("PIPELINES_MAX_BATCH_SIZE", 8)
 MAX_LATENCY_MS = _env_int("PIPELINES_MAX_LATENCY_MS", 10_000)
 TIMEOUT_S = _env_int("PIPELINES_TIMEOUT_S", 120)
+# The routes reach the batchable `infer` through BentoML's in-process client (an aiohttp session on the
+# worker's own ASGI app). BentoML 1.4 replaces that session every 100 requests or 300 s by default and
+# closes the old one with calls still in flight, which then fail ("Server disconnected", a 500) under
+# concurrent load; an in-process session has nothing to refresh, so keep one for the worker's life.
+RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 10.0 ** 9}
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -111,9 +116,10 @@ class LoadedModel:
             self.labels = read_label_map(folder / "label_map.pbtxt")
         self.serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
         self.keys = DETECTION_KEYS if task == "detection" else (MASK_KEY,)
-        # Warm-up: the first call of a signature builds its graph; no request should pay for it.
         size = metadata.get("input_size") or [320, 320]
-        self.run([np.zeros((int(size[0]), int(size[1]), 3), np.uint8)])
+        self.input_size = (int(size[0]), int(size[1]))  # (height, width) the network runs at
+        # Warm-up: the first call of a signature builds its graph; no request should pay for it.
+        self.run([np.zeros((*self.input_size, 3), np.uint8)])
         print(f"serving {task} model {self.name}:{self.version} from {folder} "
               f"(batches up to {MAX_BATCH_SIZE}, {MAX_LATENCY_MS} ms)", file=sys.stderr, flush=True)
 
@@ -191,7 +197,7 @@ def _detections(model: LoadedModel, outputs: dict, width: int, height: int, scor
     return found[:max_detections] if max_detections else found
 
 
-@bentoml.service(name="detector", traffic={"timeout": TIMEOUT_S})
+@bentoml.service(name="detector", traffic={"timeout": TIMEOUT_S}, runner_connection=RUNNER_CONNECTION)
 class Detector:
     """Boxes of an exported detector: /detect (JSON), /detect/base64 (JSON list), /render (PNG)."""
 
@@ -208,7 +214,12 @@ class Detector:
     async def _find(self, array: np.ndarray, score_threshold, max_detections) -> list[dict]:
         threshold = score_threshold_of(score_threshold)
         count = max_detections_of(max_detections)
-        outputs = await model_outputs(self, array)
+        # The detector's signature stretches any image to its input size (bilinear) and answers boxes in
+        # [0, 1] of the image: stretching it here the same way first gives the same boxes, while every
+        # request then has the same shape (one forward pass per batch, not per distinct photo size) and
+        # crosses the inner API as input-size pixels instead of the full photo.
+        small = await asyncio.to_thread(resize_to, array, self.model.input_size)
+        outputs = await model_outputs(self, small)
         return _detections(self.model, outputs, array.shape[1], array.shape[0], threshold, count)
 
     @bentoml.api(route="/detect")
@@ -281,7 +292,7 @@ def segments(mask: np.ndarray, labels: dict[int, str]) -> list[dict]:
     return classes
 
 
-@bentoml.service(name="segmenter", traffic={"timeout": TIMEOUT_S})
+@bentoml.service(name="segmenter", traffic={"timeout": TIMEOUT_S}, runner_connection=RUNNER_CONNECTION)
 class Segmenter:
     """Class masks of an exported segmenter: /segment (JSON), /segment/mask (palette PNG), /render (PNG)."""
 

@@ -1,0 +1,251 @@
+"""Serving speed: `POST /detect` on a BentoML server against the same SavedModel called in-process.
+
+    .venv/bin/python bench/bench_serve.py [--concurrency 1 8 32] [--requests 64] [--fresh]
+
+Set-up (once, reused from bench/out/serve/ws unless --fresh): the bundled sample generator (60 images)
+→ `pipelines data` → `pipelines config` (ssd_mobilenet_v2_fpnlite_320x320, batch 2, 4 steps) →
+`pipelines train` → `pipelines export`, with PIPELINES_WORKSPACE and BENTOML_HOME under bench/out/serve.
+Accuracy is irrelevant here, only speed (a score threshold of 0 keeps the post-processing honest).
+
+The photos are the real ones in /work/shared/external/images (see /work/shared/external/SOURCES.json),
+of several sizes; the script exits with a message when the folder is absent.
+
+- In-process: one image at a time, as a script without a server would: decode the JPEG
+  (pipelines.serving.images.decode_image), call the serving signature, turn outputs into detections.
+- Server: `bentoml serve pipelines.serving.service:Service --port FREE` (what `make serve` runs) with
+  PIPELINES_MODEL = the export, waited for on /readyz, then at each concurrency C, C threads each
+  post their share of --requests multipart images (round robin over the photos) with keep-alive
+  connections. Requests/s = requests / wall time; latencies per request.
+
+Printed: a table, the ratio of the server's p50 latency at concurrency 1 to the in-process one (target:
+at most 1.15), and of the server's requests/s at the highest concurrency to the in-process loop's
+(target: above 1, thanks to adaptive batching), and the `infer` batch sizes BentoML recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import pipelines  # noqa: E402,F401  (the TensorFlow environment)
+
+PY = sys.executable
+PHOTOS = Path("/work/shared/external/images")
+TEMPLATE = "ssd_mobilenet_v2_fpnlite_320x320"
+RUN = "serve"
+
+
+def sh(cmd: list[str], env: dict, log: Path) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\nsee {log}")
+
+
+def prepare(out: Path, env: dict, fresh: bool) -> Path:
+    export = out / "ws" / RUN / "export"
+    if (export / "saved_model" / "saved_model.pb").is_file() and not fresh:
+        return export
+    started = time.monotonic()
+    dataset = out / "datasets" / "sample"
+    if not (dataset / ".exports").is_dir():
+        from pipelines.data.sample import generate
+        generate(dataset, 60)
+    if not (out / "ws" / "sample" / "data").is_dir():
+        sh([PY, "-m", "pipelines", "data", "--dataset", str(dataset)], env, out / "data.log")
+    sh([PY, "-m", "pipelines", "config", "--dataset", "sample", "--model", TEMPLATE, "--run", RUN,
+        "--batch-size", "2", "--num-steps", "4"], env, out / "config.log")
+    sh([PY, "-m", "pipelines", "train", "--run", RUN], env, out / "train.log")
+    sh([PY, "-m", "pipelines", "export", "--run", RUN], env, out / "export.log")
+    print(f"set-up: exported {export} in {time.monotonic() - started:.0f} s", flush=True)
+    return export
+
+
+def photos() -> list[tuple[str, bytes]]:
+    if not PHOTOS.is_dir():
+        raise SystemExit(f"{PHOTOS} is absent: this benchmark needs the real photos listed in "
+                         f"{PHOTOS.parent / 'SOURCES.json'}; nothing measured")
+    files = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise SystemExit(f"no .jpg/.png in {PHOTOS}; nothing measured")
+    return [(p.name, p.read_bytes()) for p in files]
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def in_process(export: Path, images: list[tuple[str, bytes]], count: int) -> dict:
+    import tensorflow as tf
+
+    from pipelines.detection.predict import detections_of
+    from pipelines.model_store import read_metadata
+    from pipelines.serving.images import decode_image
+
+    labels = {int(k): v for k, v in (read_metadata(export).get("label_map") or {}).items()}
+    serve = tf.saved_model.load(str(export / "saved_model")).signatures["serving_default"]
+
+    def once(data: bytes) -> list:
+        array = decode_image(data)
+        out = serve(input_tensor=tf.constant(array[None]))
+        out = {k: v.numpy() for k, v in out.items()}
+        return detections_of(out, array.shape[1], array.shape[0], labels, 0.0)
+
+    for _, data in images:  # warm-up: the first call builds the graph
+        once(data)
+    latencies = []
+    started = time.perf_counter()
+    for i in range(count):
+        t0 = time.perf_counter()
+        once(images[i % len(images)][1])
+        latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - started
+    return {"rps": count / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "mean": statistics.mean(latencies)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(export: Path, env: dict, log: Path, batch: int, latency_ms: int):
+    import httpx
+
+    port = free_port()
+    env = {**env, "PIPELINES_MODEL": str(export), "PIPELINES_MAX_BATCH_SIZE": str(batch),
+           "PIPELINES_MAX_LATENCY_MS": str(latency_ms), "BENTOML_DO_NOT_TRACK": "True"}
+    proc = subprocess.Popen([PY, "-m", "bentoml", "serve", "pipelines.serving.service:Service",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited {proc.returncode}; see {log}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit(f"server not ready after 300 s; see {log}")
+
+
+def load(url: str, images: list[tuple[str, bytes]], concurrency: int, count: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    with httpx.Client(base_url=url, timeout=300, limits=limits) as client:
+        def call(i: int) -> float:
+            name, data = images[i % len(images)]
+            t0 = time.perf_counter()
+            r = client.post("/detect", files={"image": (name, data, "image/jpeg")}, data={"score_threshold": "0"})
+            elapsed = time.perf_counter() - t0
+            if r.status_code != 200:
+                raise SystemExit(f"/detect answered {r.status_code}: {r.text[:300]}")
+            return elapsed
+
+        with ThreadPoolExecutor(concurrency) as pool:  # warm-up: connections, each photo once
+            list(pool.map(call, range(max(concurrency, len(images)))))
+            started = time.perf_counter()
+            latencies = list(pool.map(call, range(count)))
+            wall = time.perf_counter() - started
+    return {"rps": count / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "mean": statistics.mean(latencies)}
+
+
+BATCH_METRIC = re.compile(r'^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="infer"[^}]*\}\s+([\d.e+]+)',
+                          re.MULTILINE)
+
+
+def batch_sizes(url: str) -> tuple[float, float]:
+    """(batches run, mean batch size) of `infer` from BentoML's Prometheus metrics."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    found = {kind: float(value) for kind, value in BATCH_METRIC.findall(text)}
+    count = found.get("count", 0.0)
+    return count, (found.get("sum", 0.0) / count if count else float("nan"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=64, help="timed requests per concurrency level")
+    parser.add_argument("--inprocess-requests", type=int, default=42)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-latency-ms", type=int, default=10_000)
+    parser.add_argument("--fresh", action="store_true", help="train and export the model again")
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "serve"))
+    args = parser.parse_args()
+
+    images = photos()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PIPELINES_WORKSPACE=str(out / "ws"), BENTOML_HOME=str(out / "bentoml"))
+    print(f"photos: {len(images)} from {PHOTOS} ({sum(len(d) for _, d in images) / len(images) / 1e3:.0f} kB mean)")
+    print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs", flush=True)
+    export = prepare(out, env, args.fresh)
+
+    local = in_process(export, images, args.inprocess_requests)
+    print(f"in-process, one at a time: {local['rps']:.2f} img/s, p50 {local['p50'] * 1e3:.0f} ms, "
+          f"p99 {local['p99'] * 1e3:.0f} ms", flush=True)
+
+    proc, url = start_server(export, env, out / "server.log", args.max_batch_size, args.max_latency_ms)
+    rows = []
+    try:
+        for c in args.concurrency:
+            before = batch_sizes(url)
+            r = load(url, images, c, max(args.requests, 2 * c))
+            after = batch_sizes(url)
+            batches = after[0] - before[0]
+            total = after[0] * after[1] - (before[0] * before[1] if before[0] else 0)
+            r["batch"] = total / batches if batches else float("nan")
+            rows.append((c, r))
+            print(f"server, concurrency {c}: {r['rps']:.2f} req/s, p50 {r['p50'] * 1e3:.0f} ms, "
+                  f"p99 {r['p99'] * 1e3:.0f} ms, mean infer batch {r['batch']:.2f}", flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    print(f"\nload average after: {os.getloadavg()[0]:.2f} (1 min)")
+    print("\n| path | concurrency | req/s | p50 ms | p99 ms | mean infer batch | req/s vs in-process | p50 vs in-process |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| in-process, one at a time | 1 | {local['rps']:.2f} | {local['p50'] * 1e3:.0f} | "
+          f"{local['p99'] * 1e3:.0f} | 1 | 1.00 | 1.00 |")
+    for c, r in rows:
+        print(f"| `POST /detect` | {c} | {r['rps']:.2f} | {r['p50'] * 1e3:.0f} | {r['p99'] * 1e3:.0f} | "
+              f"{r['batch']:.2f} | {r['rps'] / local['rps']:.2f} | {r['p50'] / local['p50']:.2f} |")
+    first, last = rows[0], rows[-1]
+    overhead = first[1]["p50"] / local["p50"] - 1
+    print(f"\nconcurrency {first[0]}: the server adds {overhead * 100:+.0f}% to the in-process p50 latency "
+          f"(target at most +15%: {'met' if overhead <= 0.15 else 'NOT met'})")
+    gain = last[1]["rps"] / local["rps"]
+    print(f"concurrency {last[0]}: server throughput / in-process one-at-a-time = {gain:.2f} "
+          f"(target above 1: {'met' if gain > 1 else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

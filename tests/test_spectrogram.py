@@ -1,0 +1,105 @@
+"""The /spectrogram service, for real: a bentoml server on a free port, WAV files made here."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+import wave
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from test_serving import free_port
+from pipelines.serving.audio import read_wav, stft_db
+
+
+def wav_bytes(samples: np.ndarray, rate: int = 16000, width: int = 2, channels: int = 1) -> bytes:
+    if width == 1:
+        pcm = np.clip((samples + 1.0) * 128.0, 0, 255).astype(np.uint8)
+    else:
+        dtype = {2: np.int16, 4: np.int32}[width]
+        pcm = (samples * (np.iinfo(dtype).max)).astype(dtype)
+    if channels == 2:
+        pcm = np.repeat(pcm[:, None], 2, axis=1)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return out.getvalue()
+
+
+def tone(hz: float, seconds: float = 1.0, rate: int = 16000) -> np.ndarray:
+    return 0.5 * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate)
+
+
+@pytest.mark.parametrize("width,channels", [(1, 1), (2, 1), (2, 2), (4, 1)])
+def test_wav_reading_and_stft_find_the_tone(width, channels):
+    samples, rate = read_wav(wav_bytes(tone(1500), width=width, channels=channels))
+    assert rate == 16000 and samples.ndim == 1 and abs(np.abs(samples).max() - 0.5) < 0.01
+    times, freqs, db = stft_db(samples, rate)
+    assert freqs[np.argmax(db.mean(axis=1))] == pytest.approx(1500, abs=rate / 2048)
+    assert db.max() == 0.0 and db.min() >= -80.0 and times[-1] == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("spectrogram") / "server.log"
+    env = {**os.environ, "PIPELINES_MAX_AUDIO_SECONDS": "5", "BENTOML_DO_NOT_TRACK": "True",
+           "BENTOML_HOME": str(log.parent / "bentoml")}
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "pipelines.serving.audio:Spectrogram",
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError(log.read_text()[-3000:])
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_spectrogram_png(server):
+    r = server.post("/spectrogram", files={"audio": ("tone.wav", wav_bytes(tone(440, 2.0)), "audio/wav")})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(r.content)) as img:
+        assert img.format == "PNG" and img.size == (800, 400)
+        pixels = np.asarray(img.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # a plot, not a blank picture
+
+
+@pytest.mark.parametrize("data,status,message", [
+    (b"", 400, "empty"),
+    (b"this is text, not audio", 415, "not a WAV file"),
+    (wav_bytes(tone(440))[:30], 400, "truncated or not readable"),
+    (wav_bytes(tone(440))[:3000], 400, "truncated or not readable"),
+    (wav_bytes(tone(440, 6.0)), 413, "over the limit of 5 s"),
+])
+def test_bad_audio_is_a_4xx_with_a_json_error(server, data, status, message):
+    r = server.post("/spectrogram", files={"audio": ("x.wav", data, "audio/wav")})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    ok = server.post("/spectrogram", files={"audio": ("t.wav", wav_bytes(tone(300, 0.5)), "audio/wav")})
+    assert ok.status_code == 200  # still serving
