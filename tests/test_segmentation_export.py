@@ -139,7 +139,7 @@ def test_a_checkpoint_of_another_model_is_refused(run, tmp_path):
     params, _, best = run
     with pytest.raises(UserError, match="not a checkpoint of this unet/efficientnetb0 model with 3 classes"):
         restore_model(dataclasses.replace(params, num_classes=3), best)
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         restore_model(params, str(tmp_path / "ckpt-1"))
 
 

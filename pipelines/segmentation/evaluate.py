@@ -26,7 +26,6 @@ from pipelines.segmentation.params import IGNORE_LABEL, SegmenterParams
 
 DRAW_IMAGES = 6  # val images shown in predictions.png
 ANNOTATE_UP_TO = 25  # classes (with background) up to which the confusion matrix's cells are written in
-MASK_KEY = "image/segmentation/class/encoded"
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -92,18 +91,15 @@ def class_names(labels: dict[int, str], num_classes: int) -> list[str]:
 
 def read_val_examples(files: list[str]):
     """Yield (image uint8 [H, W, 3], mask uint8 [H, W], filename) for every example of the shards/globs."""
-    from pipelines.segmentation.data import parse_example
+    from pipelines.segmentation.data import check_masks, find_files, parse_example
 
-    paths = sorted({p for pattern in files for p in tf.io.gfile.glob(pattern)})
-    if not paths:
-        raise FileNotFoundError(f"no validation TFRecords match {', '.join(files) if files else '(none given)'}")
+    try:
+        paths = find_files(files, "eval_files")
+        check_masks(paths, "eval_files")
+    except ValueError as e:
+        raise UserError(None, str(e)) from None
     for path in paths:
         for n, raw in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
-            if n == 0:  # each shard is written whole by one data stage run: its first record tells
-                feature = tf.train.Example.FromString(raw).features.feature.get(MASK_KEY)
-                if feature is None or not feature.bytes_list.value or not feature.bytes_list.value[0]:
-                    raise UserError(display_path(path), f"no segmentation masks ({MASK_KEY}); run the data stage "
-                                    "with TASK=segmentation (python -m pipelines data --task segmentation)")
             example = parse_example(raw)
             image, mask = example["image"].numpy(), example["mask"].numpy()
             filename = example["filename"].numpy().decode("utf-8") or f"record {n}"
