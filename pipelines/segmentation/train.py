@@ -50,7 +50,8 @@ def restore(model: tf_keras.Model, prefix: str):
     if not tf.io.gfile.exists(f"{prefix}.index"):
         raise FileNotFoundError(f"no checkpoint at {prefix} (give the prefix, e.g. RUN_DIR/train/ckpt-N)")
     try:
-        return tf.train.Checkpoint(model=model).restore(prefix).expect_partial().assert_existing_objects_matched()
+        # read(), not restore(): a checkpoint written with Checkpoint.write() has no save counter to match.
+        return tf.train.Checkpoint(model=model).read(prefix).expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as e:
         raise ValueError(f"{prefix}: the checkpoint does not fit this model (another architecture, backbone "
                          f"or number of classes?): {str(e).splitlines()[0]}") from None
