@@ -13,13 +13,16 @@ of several sizes; the script exits with a message when the folder is absent.
 - In-process: one image at a time, as a script without a server would: decode the JPEG
   (pipelines.serving.images.decode_image), call the serving signature, turn outputs into detections.
 - Server: `bentoml serve pipelines.serving.service:Service --port FREE` (what `make serve` runs) with
-  PIPELINES_MODEL = the export, waited for on /readyz, then at each concurrency C, C threads each
-  post their share of --requests multipart images (round robin over the photos) with keep-alive
+  PIPELINES_MODEL = the export, waited for on /readyz. At concurrency 1 the two paths take turns,
+  photo by photo (in-process, then the same photo over HTTP, --requests times), so a change in the
+  machine's load during the run touches both alike. At each higher concurrency C, C threads each post
+  their share of --requests multipart images (round robin over the photos) with keep-alive
   connections. Requests/s = requests / wall time; latencies per request.
 
 Printed: a table, the ratio of the server's p50 latency at concurrency 1 to the in-process one (target:
 at most 1.15), and of the server's requests/s at the highest concurrency to the in-process loop's
-(target: above 1, thanks to adaptive batching), and the `infer` batch sizes BentoML recorded.
+(target: above 1, thanks to adaptive batching), and the mean batch the model ran at each level (the
+service's pipelines_inference_batch_size metric).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ PY = sys.executable
 PHOTOS = Path("/work/shared/external/images")
 TEMPLATE = "ssd_mobilenet_v2_fpnlite_320x320"
 RUN = "serve"
+SETTLE_S = 0.3
 
 
 def sh(cmd: list[str], env: dict, log: Path) -> None:
@@ -89,7 +93,13 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def in_process(export: Path, images: list[tuple[str, bytes]], count: int) -> dict:
+def summary(latencies: list[float], wall: float) -> dict:
+    return {"rps": len(latencies) / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "mean": statistics.mean(latencies)}
+
+
+def in_process(export: Path, images: list[tuple[str, bytes]]):
+    """The script-without-a-server path, warmed up: a function of one photo's bytes -> its detections."""
     import tensorflow as tf
 
     from pipelines.detection.predict import detections_of
@@ -107,15 +117,37 @@ def in_process(export: Path, images: list[tuple[str, bytes]], count: int) -> dic
 
     for _, data in images:  # warm-up: the first call builds the graph
         once(data)
-    latencies = []
-    started = time.perf_counter()
-    for i in range(count):
-        t0 = time.perf_counter()
-        once(images[i % len(images)][1])
-        latencies.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - started
-    return {"rps": count / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
-            "mean": statistics.mean(latencies)}
+    return once
+
+
+def paired(once, url: str, images: list[tuple[str, bytes]], count: int) -> tuple[dict, dict]:
+    """Concurrency 1, side by side: each photo in-process, then the same photo through the server, in
+    turn, so both paths see the same machine state (a drift in load between two separate phases would
+    otherwise decide the ratio). A pause after each call lets the other process's TensorFlow threads go
+    idle first (they spin a while after a call, taking CPU from whoever runs next). Returns (in-process,
+    server) summaries."""
+    import httpx
+
+    local, remote = [], []
+    with httpx.Client(base_url=url, timeout=300) as client:
+        def post(name: str, data: bytes) -> None:
+            r = client.post("/detect", files={"image": (name, data, "image/jpeg")}, data={"score_threshold": "0"})
+            if r.status_code != 200:
+                raise SystemExit(f"/detect answered {r.status_code}: {r.text[:300]}")
+
+        for name, data in images:  # warm-up: the connection, each photo once
+            post(name, data)
+        for i in range(count):
+            name, data = images[i % len(images)]
+            t0 = time.perf_counter()
+            once(data)
+            local.append(time.perf_counter() - t0)
+            time.sleep(SETTLE_S)
+            t0 = time.perf_counter()
+            post(name, data)
+            remote.append(time.perf_counter() - t0)
+            time.sleep(SETTLE_S)
+    return summary(local, sum(local)), summary(remote, sum(remote))
 
 
 def free_port() -> int:
@@ -168,16 +200,15 @@ def load(url: str, images: list[tuple[str, bytes]], concurrency: int, count: int
             started = time.perf_counter()
             latencies = list(pool.map(call, range(count)))
             wall = time.perf_counter() - started
-    return {"rps": count / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
-            "mean": statistics.mean(latencies)}
+    return summary(latencies, wall)
 
 
-BATCH_METRIC = re.compile(r'^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="infer"[^}]*\}\s+([\d.e+]+)',
+BATCH_METRIC = re.compile(r'^pipelines_inference_batch_size_(sum|count)(?:\{[^}]*\})?\s+([\d.e+]+)',
                           re.MULTILINE)
 
 
 def batch_sizes(url: str) -> tuple[float, float]:
-    """(batches run, mean batch size) of `infer` from BentoML's Prometheus metrics."""
+    """(batches run, mean batch size) of the model from the service's Prometheus metrics."""
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=30).text
@@ -188,15 +219,17 @@ def batch_sizes(url: str) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
+                        help="levels to measure; 1 must come first (it is also where the in-process loop runs)")
     parser.add_argument("--requests", type=int, default=64, help="timed requests per concurrency level")
-    parser.add_argument("--inprocess-requests", type=int, default=42)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-latency-ms", type=int, default=10_000)
     parser.add_argument("--fresh", action="store_true", help="train and export the model again")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "serve"))
     args = parser.parse_args()
 
+    if args.concurrency[0] != 1:
+        parser.error("--concurrency must start with 1 (the in-process comparison runs there)")
     images = photos()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -205,23 +238,25 @@ def main() -> int:
     print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs", flush=True)
     export = prepare(out, env, args.fresh)
 
-    local = in_process(export, images, args.inprocess_requests)
-    print(f"in-process, one at a time: {local['rps']:.2f} img/s, p50 {local['p50'] * 1e3:.0f} ms, "
-          f"p99 {local['p99'] * 1e3:.0f} ms", flush=True)
-
     proc, url = start_server(export, env, out / "server.log", args.max_batch_size, args.max_latency_ms)
     rows = []
     try:
+        once = in_process(export, images)
         for c in args.concurrency:
             before = batch_sizes(url)
-            r = load(url, images, c, max(args.requests, 2 * c))
+            if c == 1:
+                local, r = paired(once, url, images, max(args.requests, 2))
+                print(f"in-process, one at a time: {local['rps']:.2f} img/s, p50 {local['p50'] * 1e3:.0f} ms, "
+                      f"p99 {local['p99'] * 1e3:.0f} ms", flush=True)
+            else:
+                r = load(url, images, c, max(args.requests, 2 * c))
             after = batch_sizes(url)
             batches = after[0] - before[0]
             total = after[0] * after[1] - (before[0] * before[1] if before[0] else 0)
             r["batch"] = total / batches if batches else float("nan")
             rows.append((c, r))
             print(f"server, concurrency {c}: {r['rps']:.2f} req/s, p50 {r['p50'] * 1e3:.0f} ms, "
-                  f"p99 {r['p99'] * 1e3:.0f} ms, mean infer batch {r['batch']:.2f}", flush=True)
+                  f"p99 {r['p99'] * 1e3:.0f} ms, mean batch {r['batch']:.2f}", flush=True)
     finally:
         proc.terminate()
         try:
@@ -230,7 +265,7 @@ def main() -> int:
             proc.kill()
 
     print(f"\nload average after: {os.getloadavg()[0]:.2f} (1 min)")
-    print("\n| path | concurrency | req/s | p50 ms | p99 ms | mean infer batch | req/s vs in-process | p50 vs in-process |")
+    print("\n| path | concurrency | req/s | p50 ms | p99 ms | mean batch | req/s vs in-process | p50 vs in-process |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| in-process, one at a time | 1 | {local['rps']:.2f} | {local['p50'] * 1e3:.0f} | "
           f"{local['p99'] * 1e3:.0f} | 1 | 1.00 | 1.00 |")

@@ -336,19 +336,18 @@ def test_concurrent_requests_batched_and_correct(servers, det):
 
 
 def _infer_batches(url: str) -> tuple[float, float]:
-    """(batches run, images in them) by `infer`, from BentoML's Prometheus histogram."""
+    """(batches run, images in them) by the model, from the service's Prometheus histogram."""
     import re
 
     text = httpx.get(url + "/metrics", timeout=30).text
-    found = dict(re.findall(r'^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="infer"[^}]*\}\s+(\S+)',
-                            text, re.MULTILINE))
+    found = dict(re.findall(r'^pipelines_inference_batch_size_(sum|count)(?:\{[^}]*\})?\s+(\S+)', text, re.MULTILINE))
     return float(found.get("count", 0)), float(found.get("sum", 0))
 
 
 def test_concurrent_photos_of_different_sizes_share_forward_passes(servers):
     """16 concurrent requests, photos of 4 sizes (stretched to the input size in the route, so they can
-    share a pass): BentoML runs `infer` on fewer batches than requests, some holding several images; and
-    over 100 in-process calls (BentoML's default session refresh, which failed in-flight calls) all succeed."""
+    share a pass): the batcher runs the model on fewer batches than requests, some holding several
+    images, and every image is run once."""
     url = servers["detector"].url
     images = [encoded(picture(width=w, height=h, seed=i), "JPEG") for i, (w, h) in
               enumerate([(120, 90), (200, 150), (90, 120), (333, 250)])]

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Pillow's own format names; MPO is the multi-picture JPEG many cameras write.
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF")
 DEFAULT_MAX_PIXELS = 40_000_000
+ORIENTATION = 0x0112  # the EXIF orientation tag
 
 
 class BadRequest(Exception):
@@ -63,8 +64,9 @@ def decode_image(data: bytes, what: str = "the uploaded image") -> np.ndarray:
         try:
             img.seek(0)  # the first frame of an animated GIF/WebP
             img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = img.convert("RGB")
+            if img.getexif().get(ORIENTATION, 1) != 1:  # (exif_transpose copies even when upright)
+                img = ImageOps.exif_transpose(img)
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
         except Image.DecompressionBombError as e:
             raise BadRequest(f"{what}: {e}", 413) from None
         except Exception as e:  # noqa: BLE001  (truncated data: OSError; bad chunks: SyntaxError, ValueError)
@@ -143,15 +145,3 @@ def png_bytes(image: Image.Image) -> bytes:
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def pack(arrays: dict[str, np.ndarray]) -> str:
-    """Arrays as one base64 .npz string: how images and model outputs cross the batchable inner API
-    (BentoML's in-process call serialises JSON, where a nested list of pixels would be slow)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def unpack(text: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}

@@ -5,11 +5,12 @@ BentoML model tag (`RUN` or `RUN:version`, from the store under $BENTOML_HOME). 
 "task" picks the service: `Detector` (/detect, /detect/base64, /render) or `Segmenter` (/segment,
 /segment/mask, /render); `Service` is the one for PIPELINES_MODEL.
 
-Each public route decodes and checks its image, then calls the batchable inner API `infer` (list in,
-list out) through BentoML, so that concurrent requests are run by the model together (adaptive
-batching; PIPELINES_MAX_BATCH_SIZE, PIPELINES_MAX_LATENCY_MS). The model is loaded and run once on
-a blank image when the worker starts; /readyz answers 200 only after that. A bad request gets a 4xx
-with {"error": "what was wrong"} and the worker goes on serving.
+Each public route decodes and checks its image, then hands it to the worker's batcher: BentoML's adaptive
+batching dispatcher (the CORK algorithm its batchable APIs use) run in-process on decoded arrays, so that
+concurrent requests share one forward pass without a second HTTP hop per request (PIPELINES_MAX_BATCH_SIZE,
+PIPELINES_MAX_LATENCY_MS; batch sizes in /metrics as pipelines_inference_batch_size). The model is loaded
+and run once on a blank image when the worker starts; /readyz answers 200 only after that. A bad request
+gets a 4xx with {"error": "what was wrong"} and the worker goes on serving.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import numpy as np
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
-from pipelines.serving.images import (BadRequest, base64_image, decode_image, max_detections_of, pack,
-                                      png_bytes, resize_to, score_threshold_of, unpack)
+from pipelines.serving.images import (BadRequest, base64_image, decode_image, max_detections_of,
+                                      png_bytes, resize_to, score_threshold_of)
 
 MODEL_ENV = "PIPELINES_MODEL"
 INPUT_NAME = "input_tensor"
@@ -46,11 +47,6 @@ def _env_int(name: str, default: int) -> int:
 MAX_BATCH_SIZE = _env_int("PIPELINES_MAX_BATCH_SIZE", 8)
 MAX_LATENCY_MS = _env_int("PIPELINES_MAX_LATENCY_MS", 10_000)
 TIMEOUT_S = _env_int("PIPELINES_TIMEOUT_S", 120)
-# The routes reach the batchable `infer` through BentoML's in-process client (an aiohttp session on the
-# worker's own ASGI app). BentoML 1.4 replaces that session every 100 requests or 300 s by default and
-# closes the old one with calls still in flight, which then fail ("Server disconnected", a 500) under
-# concurrent load; an in-process session has nothing to refresh, so keep one for the worker's life.
-RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 10.0 ** 9}
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -147,9 +143,44 @@ class LoadedModel:
                     r[MASK_KEY] = r[MASK_KEY].astype(np.uint8)
         return results
 
-    def infer(self, images: list[str]) -> list[str]:
-        """The batchable inner API's body: packed images in, packed outputs out."""
-        return [pack(r) for r in self.run([unpack(text)["image"] for text in images])]
+
+
+class Overloaded(RuntimeError):
+    pass
+
+
+class Batcher:
+    """Adaptive batching of one worker's model calls with BentoML's CorkDispatcher: each request's image
+    waits at most about PIPELINES_MAX_LATENCY_MS for others to join it (the dispatcher learns how long a
+    batch takes and waits only while that pays), batches hold at most PIPELINES_MAX_BATCH_SIZE images, and
+    one batch runs at a time, in a thread, while the event loop goes on taking requests."""
+
+    def __init__(self, model: LoadedModel, max_batch_size: int = MAX_BATCH_SIZE,
+                 max_latency_ms: int = MAX_LATENCY_MS) -> None:
+        from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+        def overloaded():
+            raise Overloaded("the model is overloaded: its queue waited longer than PIPELINES_MAX_LATENCY_MS")
+
+        self.model = model
+        self.call = CorkDispatcher(max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size,
+                                   fallback=overloaded, get_batch_size=lambda _: 1)(self._run)
+
+    def _run(self, arrays) -> list[dict[str, np.ndarray]]:  # in a worker thread
+        BATCH_SIZES.observe(len(arrays))
+        return self.model.run(list(arrays))
+
+    async def __call__(self, array: np.ndarray) -> dict[str, np.ndarray]:
+        return await self.call(array)
+
+
+def _batch_histogram():
+    sizes = [2 ** i for i in range(max(1, MAX_BATCH_SIZE.bit_length()) + 1)]
+    return bentoml.metrics.Histogram(name="pipelines_inference_batch_size", buckets=sizes,
+                                     documentation="Images per forward pass of the served model")
+
+
+BATCH_SIZES = _batch_histogram()
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -157,6 +188,12 @@ class LoadedModel:
 
 def error_response(e: BadRequest) -> JSONResponse:
     return JSONResponse({"error": e.message}, status_code=e.status)
+
+
+def json_response(body) -> JSONResponse:
+    """A route's JSON answer, serialised directly (BentoML's own path validates the returned dict through
+    pydantic first: several ms for a hundred detections)."""
+    return JSONResponse(body)
 
 
 def png_response(image: Image.Image) -> Response:
@@ -171,9 +208,11 @@ async def read_upload(image: Path) -> np.ndarray:
 
 
 async def model_outputs(service, array: np.ndarray) -> dict[str, np.ndarray]:
-    """One image through the batchable `infer` API (BentoML's in-process client: batched with the others)."""
-    packed = await service.to_async.infer([pack({"image": array})])
-    return unpack(packed[0])
+    """One image through the worker's batcher (run with whatever other requests are waiting)."""
+    try:
+        return await service.batcher(array)
+    except Overloaded as e:
+        raise BadRequest(str(e), status=503) from None
 
 
 class RawBody(bentoml.IODescriptor):
@@ -197,19 +236,16 @@ def _detections(model: LoadedModel, outputs: dict, width: int, height: int, scor
     return found[:max_detections] if max_detections else found
 
 
-@bentoml.service(name="detector", traffic={"timeout": TIMEOUT_S}, runner_connection=RUNNER_CONNECTION)
+@bentoml.service(name="detector", traffic={"timeout": TIMEOUT_S})
 class Detector:
     """Boxes of an exported detector: /detect (JSON), /detect/base64 (JSON list), /render (PNG)."""
 
     def __init__(self) -> None:
         self.model = LoadedModel("detection")
+        self.batcher = Batcher(self.model)
 
     def __is_ready__(self) -> bool:
         return getattr(self, "model", None) is not None
-
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def infer(self, images: list[str]) -> list[str]:
-        return self.model.infer(images)
 
     async def _find(self, array: np.ndarray, score_threshold, max_detections) -> list[dict]:
         threshold = score_threshold_of(score_threshold)
@@ -232,8 +268,8 @@ class Detector:
             found = await self._find(array, score_threshold, max_detections)
         except BadRequest as e:
             return error_response(e)
-        return {"detections": found, "width": int(array.shape[1]), "height": int(array.shape[0]),
-                "model": self.model.info}
+        return json_response({"detections": found, "width": int(array.shape[1]), "height": int(array.shape[0]),
+                              "model": self.model.info})
 
     @bentoml.api(route="/detect/base64", input_spec=RawBody)
     async def detect_base64(self, ctx: bentoml.Context) -> list:
@@ -249,7 +285,7 @@ class Detector:
         except BadRequest as e:
             ctx.response.status_code = e.status  # BentoML gives a ctx route's response the ctx's status
             return error_response(e)
-        return [{"class": d["label"], "confidence": d["score"], **d["box"]} for d in found]
+        return json_response([{"class": d["label"], "confidence": d["score"], **d["box"]} for d in found])
 
     @bentoml.api(route="/render")
     async def render(self, image: Path, score_threshold: float = 0.5,
@@ -292,19 +328,16 @@ def segments(mask: np.ndarray, labels: dict[int, str]) -> list[dict]:
     return classes
 
 
-@bentoml.service(name="segmenter", traffic={"timeout": TIMEOUT_S}, runner_connection=RUNNER_CONNECTION)
+@bentoml.service(name="segmenter", traffic={"timeout": TIMEOUT_S})
 class Segmenter:
     """Class masks of an exported segmenter: /segment (JSON), /segment/mask (palette PNG), /render (PNG)."""
 
     def __init__(self) -> None:
         self.model = LoadedModel("segmentation")
+        self.batcher = Batcher(self.model)
 
     def __is_ready__(self) -> bool:
         return getattr(self, "model", None) is not None
-
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def infer(self, images: list[str]) -> list[str]:
-        return self.model.infer(images)
 
     async def _mask(self, image: Path) -> tuple[np.ndarray, np.ndarray]:
         array = await read_upload(image)
@@ -319,8 +352,8 @@ class Segmenter:
         except BadRequest as e:
             return error_response(e)
         classes = await asyncio.to_thread(segments, mask, self.model.labels)
-        return {"width": int(array.shape[1]), "height": int(array.shape[0]), "classes": classes,
-                "model": self.model.info}
+        return json_response({"width": int(array.shape[1]), "height": int(array.shape[0]), "classes": classes,
+                              "model": self.model.info})
 
     @bentoml.api(route="/segment/mask")
     async def segment_mask(self, image: Path) -> Image.Image:
