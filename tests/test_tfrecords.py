@@ -94,3 +94,48 @@ def test_records_read_back_with_tensorflow_and_checksums_are_checked(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(tf.errors.DataLossError):
         list(tf.data.TFRecordDataset(str(shard)).as_numpy_iterator())
+
+
+def test_our_reader_parses_what_tensorflow_writes(tmp_path):
+    """read_records + parse_example (no TensorFlow) on a file written by tf.io.TFRecordWriter: the same
+    values as TensorFlow's own parsing, negative ints included; a damaged record is refused."""
+    from pipelines.data.tfrecords import parse_example, read_records
+
+    theirs = [_tf_example(_image(OBJECTS[:n], masks=n > 0, class_mask=True)) for n in range(4)]
+    theirs[2].features.feature["extra/negative"].int64_list.value.extend([-5, 0, 2**40])
+    path = tmp_path / "tf.tfrecord"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for example in theirs:
+            writer.write(example.SerializeToString())
+    records = list(read_records(path))
+    assert len(records) == 4
+    for record, example in zip(records, theirs):
+        ours = parse_example(record)
+        assert set(ours) == set(example.features.feature)
+        for key, feature in example.features.feature.items():
+            kind = feature.WhichOneof("kind")
+            want = list(getattr(feature, kind).value)
+            assert ours[key] == pytest.approx(want) if kind == "float_list" else ours[key] == want, key
+    assert parse_example(records[2])["extra/negative"] == [-5, 0, 2**40]
+
+    data = bytearray(path.read_bytes())
+    data[40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged record"):
+        list(read_records(path))
+
+
+def test_report_reads_tensorboard_scalars_without_tensorflow(tmp_path):
+    """The report's event-file reader gets back what tf.summary wrote (TF2 tensors), step by step."""
+    from pipelines.report import read_scalars
+
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        for step in range(0, 50, 10):
+            tf.summary.scalar("loss", 1.0 / (step + 1), step=step)
+            tf.summary.scalar("learning_rate", 0.01 * step, step=step)
+    writer.close()
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["loss"]] == [0, 10, 20, 30, 40]
+    assert [v for _, v in scalars["loss"]] == pytest.approx([1.0 / (s + 1) for s in range(0, 50, 10)])
+    assert scalars["learning_rate"][-1] == (40, pytest.approx(0.4))

@@ -67,6 +67,68 @@ def serialize_example(features: dict[str, bytes]) -> bytes:
     return _field(1, entries)
 
 
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _fields(data: bytes):
+    """(field number, wire type, value) of a message: varints as ints, length-delimited as bytes."""
+    at = 0
+    while at < len(data):
+        key, at = _read_varint(data, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _read_varint(data, at)
+        elif wire == 2:
+            length, at = _read_varint(data, at)
+            value, at = data[at:at + length], at + length
+        elif wire == 5:
+            value, at = data[at:at + 4], at + 4
+        elif wire == 1:
+            value, at = data[at:at + 8], at + 8
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def parse_example(data: bytes) -> dict[str, list]:
+    """A serialized tf.Example -> {key: list of bytes, floats or ints} (no TensorFlow needed)."""
+    out: dict[str, list] = {}
+    for _, _, entries in _fields(data):  # Example.features
+        for _, _, entry in _fields(entries):  # Features.feature map entries
+            key, values = "", []
+            for number, _, part in _fields(entry):
+                if number == 1:
+                    key = part.decode()
+                    continue
+                for kind, _, lst in _fields(part):  # Feature: the one list it holds
+                    for _, wire, item in _fields(lst):
+                        if kind == 1:
+                            values.append(bytes(item))
+                        elif kind == 2:
+                            values.extend(struct.unpack(f"<{len(item) // 4}f", item) if wire == 2
+                                          else struct.unpack("<f", item))
+                        else:
+                            ints = []
+                            if wire == 2:
+                                at = 0
+                                while at < len(item):
+                                    v, at = _read_varint(item, at)
+                                    ints.append(v)
+                            else:
+                                ints.append(item)
+                            values.extend(v - (1 << 64) if v >= 1 << 63 else v for v in ints)
+            out[key] = values
+    return out
+
+
 def example_features(image, names: dict[int, str]) -> dict[str, bytes]:
     """The feature map of one encoded image (an encode.EncodedImage)."""
     w, h = float(image.width), float(image.height)
@@ -110,6 +172,26 @@ def _masked_crc(data: bytes) -> bytes:
 def frame_record(data: bytes) -> bytes:
     length = struct.pack("<Q", len(data))
     return length + _masked_crc(length) + data + _masked_crc(data)
+
+
+def read_records(path: Path):
+    """The records of a TFRecord file (or of TensorBoard's event files, framed the same way), each checked
+    against its CRC; a last record cut short (a file still being written) ends the iteration."""
+    data = Path(path).read_bytes()
+    at = 0
+    while at + 12 <= len(data):
+        header = data[at:at + 8]
+        if data[at + 8:at + 12] != _masked_crc(header):
+            raise ValueError(f"{path}: damaged record header at byte {at}")
+        (length,) = struct.unpack("<Q", header)
+        start, end = at + 12, at + 12 + length
+        if end + 4 > len(data):
+            return
+        record = data[start:end]
+        if data[end:end + 4] != _masked_crc(record):
+            raise ValueError(f"{path}: damaged record at byte {at}")
+        yield record
+        at = end + 4
 
 
 def shard_count(images: int, requested: int | None) -> int:
