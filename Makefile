@@ -23,8 +23,10 @@ BATCH   ?=
 STEPS   ?=
 CHECKPOINT ?=
 CHECKPOINT_TYPE ?=
+LR      ?=
+SIZE    ?=
 
-.PHONY: help setup lock sample data config train eval export serve bento containerize test bench bench-data bench-train-detection \
+.PHONY: help setup browser lock sample data config train eval report export serve bento containerize test bench bench-data bench-train-detection \
         bench-train-segmentation bench-serve serve-spectrogram demo clean
 
 help:
@@ -35,10 +37,11 @@ help:
 	@echo "make data DATASET=NAME [TASK=detection|segmentation] [MASKS=0|1] [VAL_RATIO=0.2] [SEED=0]"
 	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1]"
 	@echo "make config DATASET=NAME [MODEL=ssd_mobilenet_v2_fpnlite_320x320] [RUN=NAME] [BATCH=N] [STEPS=N]"
-	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification]"
+	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification] [LR=peak] [SIZE=N|HxW]"
 	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
 	@echo "make train RUN=NAME | make eval RUN=NAME | make export RUN=NAME"
+	@echo "make report RUN=NAME               workspace/RUN/report.html: data, config, curves, metrics, predictions"
 	@echo "make serve RUN=NAME [PORT=3000] | make serve MODEL=name:version (a BentoML model-store tag)"
 	@echo "make serve-spectrogram [PORT=3000]  POST /spectrogram: WAV in, spectrogram PNG out (no model)"
 	@echo "make bento RUN=NAME | make bento MODEL=name:version   a Bento (model + code + requirements.lock) in the bento store"
@@ -78,7 +81,8 @@ data: $(STAMP)
 config: $(STAMP)
 	$(PY) -m pipelines config --dataset $(DATASET) --model $(MODEL) $(if $(RUN),--run $(RUN)) \
 	  $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--num-steps $(STEPS)) \
-	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(CHECKPOINT_TYPE),--checkpoint-type $(CHECKPOINT_TYPE))
+	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(CHECKPOINT_TYPE),--checkpoint-type $(CHECKPOINT_TYPE)) \
+	  $(if $(LR),--learning-rate $(LR)) $(if $(SIZE),--image-size $(SIZE))
 
 RUN_OR_DATASET = $(if $(RUN),$(RUN),$(notdir $(DATASET)))
 PORT ?= 3000
@@ -92,6 +96,9 @@ train: $(STAMP)
 
 eval: $(STAMP)
 	$(PY) -m pipelines eval --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+report: $(STAMP)
+	$(PY) -m pipelines report --run $(RUN_OR_DATASET)
 
 export: $(STAMP)
 	$(PY) -m pipelines export --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
@@ -110,11 +117,24 @@ containerize: $(STAMP)
 	@command -v docker >/dev/null || { echo "error: bentoml containerize needs Docker (docker not found)"; exit 2; }
 	$(VENV)/bin/bentoml containerize $(BENTO)
 
+# make demo: both models; TASK=detection or TASK=segmentation (given on the command line) for one.
 demo: $(STAMP)
-	$(PY) -m pipelines demo
+	$(PY) -m pipelines demo $(if $(filter command line environment,$(origin TASK)),--task $(TASK))
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest tests
+
+# The run report's browser test needs Debian's chromium: installed here where apt-get can (as root);
+# elsewhere that one test is skipped with a reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium (for the report's browser test)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } || \
+	      echo "could not install chromium: the report's browser test will be skipped"; \
+	  else echo "chromium not found (install Debian's chromium): the report's browser test will be skipped"; fi; }
 
 bench: bench-data bench-train-detection bench-train-segmentation bench-serve
 

@@ -17,6 +17,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError("must be above 0")
+    return value
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """'256' or '256x320' (height x width) -> (height, width), each at least 32."""
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or HEIGHTxWIDTH, e.g. 256 or 256x320") from None
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or HEIGHTxWIDTH, each at least 32")
+    return size
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -86,6 +107,11 @@ def add_config_parser(sub) -> None:
                                         "or none)")
     p.add_argument("--checkpoint-type", choices=("detection", "classification"),
                    help="fine_tune_checkpoint_type (default: the template's, else detection)")
+    p.add_argument("--learning-rate", type=_positive_float,
+                   help="the schedule's peak learning rate (applied after --batch-size's scaling; warmup keeps "
+                        "its ratio)")
+    p.add_argument("--image-size", type=_image_size, metavar="HxW|N",
+                   help="the network's input size (image_resizer.fixed_shape_resizer), e.g. 256 or 256x320")
 
 
 def cmd_config(args) -> int:
@@ -93,7 +119,8 @@ def cmd_config(args) -> int:
 
     write_run_config(ConfigOptions(dataset=args.dataset, model=args.model, run=args.run, batch_size=args.batch_size,
                                    num_steps=args.num_steps, checkpoint=args.checkpoint,
-                                   checkpoint_type=args.checkpoint_type))
+                                   checkpoint_type=args.checkpoint_type, learning_rate=args.learning_rate,
+                                   image_size=args.image_size))
     return 0
 
 
@@ -132,6 +159,13 @@ def add_run_parsers(sub) -> None:
     p.add_argument("--model", required=True, help="an export folder (workspace/RUN/export) or a saved_model folder")
     p.add_argument("--score-threshold", type=float, default=0.5, help="detection: drop detections below this score (0.5)")
     p.add_argument("--out", help="folder for the drawn images (default: workspace/RUN/predictions)")
+
+    p = sub.add_parser("report", help="one self-contained HTML page about a run -> workspace/RUN/report.html",
+                       description="Write workspace/RUN/report.html (images inlined): the dataset summary and "
+                                   "preview, the config and what make config changed, training curves from the "
+                                   "TensorBoard event files, the evaluation's tables and plots, val predictions "
+                                   "next to the truth. make eval writes it too.")
+    p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
 
 
 def _engine_errors(fn):
@@ -185,7 +219,19 @@ def cmd_eval(args) -> int:
     else:
         from pipelines.detection.evaluate import evaluate
     evaluate(params, folder, checkpoint=args.checkpoint, log=_log)
+    _write_report(args.run)
     print(f"next: make export RUN={args.run}")
+    return 0
+
+
+def _write_report(run: str) -> None:
+    from pipelines.report import write_report
+
+    print(f"wrote {display_path(write_report(run))} (open it in a browser)")
+
+
+def cmd_report(args) -> int:
+    _write_report(args.run)
     return 0
 
 
@@ -242,20 +288,28 @@ def cmd_sample(args) -> int:
 
 
 def add_demo_parser(sub) -> None:
-    sub.add_parser("demo", help="run the pipeline's stages on the bundled sample",
-                   description="Generate the bundled sample if needed, then run every stage that exists on it.")
+    p = sub.add_parser("demo", help="the whole job on the bundled sample: data, config, train, eval, export, serve",
+                       description="Run every stage on the bundled sample (generated on first use), printing the make "
+                                   "command of each: data -> config -> train -> eval (+ report) -> export -> serve "
+                                   "one val image, for a detector and a segmenter. About 15 minutes on 2 CPU cores.")
+    p.add_argument("--task", choices=("both", "detection", "segmentation"), default="both",
+                   help="which models to train (default: both)")
+    p.add_argument("--dataset", default=SAMPLE_NAME,
+                   help=f"dataset name or folder (default: '{SAMPLE_NAME}', generated if missing)")
+    p.add_argument("--num-images", type=_positive_int, default=300, help="images of the sample when it is generated")
+    p.add_argument("--detector-steps", type=_positive_int, help="training steps of the detector (default 800)")
+    p.add_argument("--segmenter-steps", type=_positive_int, help="training steps of the segmenter (default 400)")
+    p.add_argument("--batch-size", type=_positive_int, help="batch size of both models (default 8)")
+    p.add_argument("--port", type=int, help="port of the demo's server (default: a free one)")
 
 
 def cmd_demo(args) -> int:
-    from pipelines.data.convert import DataOptions, run
+    from pipelines.demo import run_demo
 
-    _ensure_sample()
-    # One dataset serves both model families: boxes and instance masks for detection, the class
-    # mask for segmentation.
-    print("\n== data: make data DATASET=sample TASK=segmentation MASKS=1")
-    run(DataOptions(dataset=SAMPLE_NAME, task="segmentation", masks=True))
-    print("\nThe data stage is done: open workspace/sample/data/preview.png to see the labels. Training, "
-          "evaluation, export and serving are not built yet (see README.md).")
+    if args.dataset == SAMPLE_NAME:
+        _ensure_sample(args.num_images)
+    run_demo(args.dataset, task=args.task, batch=args.batch_size, port=args.port,
+             steps={"detection": args.detector_steps, "segmentation": args.segmenter_steps})
     return 0
 
 
@@ -273,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "train": cmd_train, "eval": cmd_eval,
-            "export": cmd_export, "predict": cmd_predict, "demo": cmd_demo}
+            "export": cmd_export, "predict": cmd_predict, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -254,6 +254,29 @@ def test_rewrite_rules(workspace):
     assert doc.get("train_config.batch_size") == 128  # kept when not given
 
 
+def test_learning_rate_and_image_size(workspace):
+    """LR= sets the schedule's peak after the batch scaling (warmup start in proportion), SIZE= the fixed
+    resizer; both recorded in pipeline.config.diff with the notes; bad values are refused by name."""
+    proc = make_config(workspace, "--run", "lr", "--batch-size", "8", "--learning-rate", "0.04", "--image-size", "256x320")
+    doc = TextProto((workspace / "lr" / "pipeline.config").read_text())
+    cosine = "train_config.optimizer.momentum_optimizer.learning_rate.cosine_decay_learning_rate"
+    assert doc.get(f"{cosine}.learning_rate_base") == pytest.approx(0.04)
+    assert doc.get(f"{cosine}.warmup_learning_rate") == pytest.approx(0.04 * 0.026666 / 0.08, rel=1e-4)
+    resizer = "model.ssd.image_resizer.fixed_shape_resizer"
+    assert (doc.get(f"{resizer}.height"), doc.get(f"{resizer}.width")) == (256, 320)
+    assert "note: learning rate 0.005 -> 0.04" in proc.stdout and "input size 320x320 -> 256x320" in proc.stdout
+    diff = (workspace / "lr" / "pipeline.config.diff").read_text()
+    assert "+          learning_rate_base: 0.04" in diff and "# note: input size 320x320 -> 256x320" in diff
+
+    make_config(workspace, "--run", "square", "--image-size", "192")
+    doc = TextProto((workspace / "square" / "pipeline.config").read_text())
+    assert (doc.get(f"{resizer}.height"), doc.get(f"{resizer}.width")) == (192, 192)
+    for bad in (["--image-size", "16"], ["--image-size", "256x"], ["--learning-rate", "0"], ["--learning-rate", "x"]):
+        proc = make_config(workspace, "--run", "bad", *bad, check=False)
+        assert proc.returncode == 2 and bad[0] in proc.stderr, proc.stderr
+    assert not (workspace / "bad").exists()
+
+
 def test_fine_tune_checkpoint_set_and_checked(workspace, tmp_path):
     import tensorflow as tf
 

@@ -34,6 +34,8 @@ class ConfigOptions:
     num_steps: int | None = None
     checkpoint: str | None = None
     checkpoint_type: str | None = None
+    learning_rate: float | None = None  # the schedule's peak (after any batch-size scaling)
+    image_size: tuple[int, int] | None = None  # (height, width) of the fixed_shape_resizer
 
 
 def template_path(model: str) -> Path:
@@ -105,6 +107,26 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
                     doc.set(f"{schedule}.{name}", _round(float(value) * factor))
             if rates:
                 notes.append(f"batch size {old} -> {opts.batch_size}: learning rates scaled by {factor:g}")
+    if opts.learning_rate:
+        if not rates:
+            raise UserError(doc.source, f"{schedule}: LR= sets cosine_decay_learning_rate or constant_learning_rate, "
+                                        f"not {schedule_name}")
+        peak = float(doc.get(f"{schedule}.{rates[0]}"))
+        for name in rates:  # the warmup start keeps its ratio to the peak
+            value = doc.get(f"{schedule}.{name}")
+            if value is not None:
+                doc.set(f"{schedule}.{name}", _round(float(value) * opts.learning_rate / peak) if peak else
+                        opts.learning_rate)
+        notes.append(f"learning rate {_round(peak)} -> {_round(opts.learning_rate)}"
+                     + (" (warmup_learning_rate in proportion)" if len(rates) > 1 else ""))
+    if opts.image_size:
+        resizer = f"model.{kind}.image_resizer.fixed_shape_resizer"
+        if not doc.has(resizer):
+            raise UserError(doc.source, f"{resizer}: missing, so SIZE= has nothing to set")
+        old = (doc.get(f"{resizer}.height"), doc.get(f"{resizer}.width"))
+        doc.set(f"{resizer}.height", opts.image_size[0])
+        doc.set(f"{resizer}.width", opts.image_size[1])
+        notes.append(f"input size {old[0]}x{old[1]} -> {opts.image_size[0]}x{opts.image_size[1]} (height x width)")
     cosine = schedule if schedule_name == "cosine_decay_learning_rate" else None
     if opts.num_steps:
         old_total = int(doc.get(f"{cosine}.total_steps", doc.get("train_config.num_steps", opts.num_steps))
@@ -191,10 +213,13 @@ def write_run_config(opts: ConfigOptions) -> Path:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(doc.text)
     os.replace(tmp, out)
+    diff = unified_diff(original, doc.text, display_path(template), display_path(out))
+    changes = diff + "".join(f"\n# note: {note}" for note in notes + translation.ignored) + "\n"
+    (out.parent / "pipeline.config.diff").write_text(changes, encoding="utf-8")  # for the run's report
 
     print(f"read {display_path(template)}; label map {display_path(data / 'label_map.pbtxt')} "
           f"({translation.params.num_classes} classes)")
-    print(unified_diff(original, doc.text, display_path(template), display_path(out)))
+    print(diff)
     for note in notes + translation.ignored:
         print(f"note: {note}")
     print(f"wrote {display_path(out)}; next: make train RUN={run}")

@@ -1,0 +1,294 @@
+"""`make demo`: the whole job on the bundled sample, stage by stage, as a user would run it.
+
+sample -> data -> config -> train -> eval (+ report) -> export -> serve -> one request, for a detector
+and a segmenter (`--task` picks one). Every stage runs as its own `python -m pipelines ...` process
+(what the make target runs) and is announced with the make command that reruns it, so the same
+commands work on a user's own dataset. The defaults are sized for a 2-core CPU machine: about 15
+minutes in all, with a detector that finds the sample's shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.common import REPO_ROOT, UserError, display_path, workspace_dir
+
+DETECTOR_TEMPLATE = "ssd_mobilenet_v2_fpnlite_320x320"
+SEGMENTER_TEMPLATE = "unet_efficientnetb0_320x320"
+
+
+@dataclass
+class ModelPlan:
+    """One model of the demo: template and the CPU-sized training it gets."""
+
+    task: str
+    run: str
+    template: str
+    image_size: int
+    batch: int
+    steps: int
+    learning_rate: float
+    route: str  # the route the demo calls
+
+
+def default_plans() -> dict[str, ModelPlan]:
+    # From scratch on 2 CPU cores: a smaller input than the templates' and peak learning rates well
+    # above the templates' scaled to batch 8 (0.005 for the detector, 0.0005 for the segmenter), which
+    # barely move in a few hundred steps (bench/RESULTS.md, "make demo").
+    return {
+        "detection": ModelPlan("detection", "demo-detector", DETECTOR_TEMPLATE, 256, 8, 800, 0.04, "/detect"),
+        "segmentation": ModelPlan("segmentation", "demo-segmenter", SEGMENTER_TEMPLATE, 128, 8, 400, 0.002,
+                                  "/segment"),
+    }
+
+
+def _make(target: str, **variables) -> str:
+    return " ".join(["make", target] + [f"{k}={v}" for k, v in variables.items() if v is not None])
+
+
+class Demo:
+    def __init__(self, dataset: str, plans: list[ModelPlan], port: int | None = None, log=print):
+        self.dataset = dataset
+        self.plans = plans
+        self.port = port
+        self.log = log
+        self.timings: list[tuple[str, float]] = []
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------------------------------ stages
+
+    def stage(self, title: str, make: str, argv: list[str]) -> None:
+        """Run `python -m pipelines ARGV`, its output streamed; a failure stops the demo with the command
+        to rerun."""
+        self.log(f"\n== {title}\n$ {make}", flush=True)
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "pipelines", *argv], cwd=REPO_ROOT)
+        elapsed = time.monotonic() - started
+        self.timings.append((title, elapsed))
+        if proc.returncode != 0:
+            raise UserError(None, f"the demo stopped at '{title}' (exit {proc.returncode}); fix what it says and "
+                                  f"rerun it with: {make}")
+        self.log(f"-- {title}: {_duration(elapsed)}", flush=True)
+
+    def data(self) -> str:
+        task = "segmentation" if any(p.task == "segmentation" for p in self.plans) else "detection"
+        self.stage("data: check the annotator export, write the label map and TFRecords",
+                   _make("data", DATASET=self.dataset, TASK=task),
+                   ["data", "--dataset", self.dataset, "--task", task])
+        return task
+
+    def train_model(self, plan: ModelPlan) -> None:
+        size = str(plan.image_size)
+        self.stage(f"config: {plan.template} for this dataset -> workspace/{plan.run}/pipeline.config",
+                   _make("config", DATASET=self.dataset, MODEL=plan.template, RUN=plan.run, BATCH=plan.batch,
+                         STEPS=plan.steps, LR=plan.learning_rate, SIZE=size),
+                   ["config", "--dataset", self.dataset, "--model", plan.template, "--run", plan.run,
+                    "--batch-size", str(plan.batch), "--num-steps", str(plan.steps),
+                    "--learning-rate", str(plan.learning_rate), "--image-size", size])
+        self.stage(f"train the {plan.task} model ({plan.steps} steps of {plan.batch} at {size}x{size}, on the CPU)",
+                   _make("train", RUN=plan.run), ["train", "--run", plan.run])
+        self.stage("eval: metrics on the val images, and the run report",
+                   _make("eval", RUN=plan.run), ["eval", "--run", plan.run])
+        self.stage("export: SavedModel with the serving signature, and the BentoML model store",
+                   _make("export", RUN=plan.run), ["export", "--run", plan.run])
+
+    # ------------------------------------------------------------------------------------- serve
+
+    def serve_once(self, plan: ModelPlan, data_dir: Path) -> dict | list:
+        """Start the service on the export, send it one val image, print the answer, stop it."""
+        import httpx
+
+        port = self.port or _free_port()
+        export = workspace_dir() / plan.run / "export"
+        filename, encoded, truth = val_example(data_dir)
+        self.log(f"\n== serve: the {plan.task} model over HTTP, one val image sent\n"
+                 f"$ {_make('serve', RUN=plan.run, PORT=port)}\n"
+                 f"$ curl -F image=@{filename} http://localhost:{port}{plan.route}", flush=True)
+        started = time.monotonic()
+        env = {**os.environ, "PIPELINES_MODEL": str(export), "BENTOML_DO_NOT_TRACK": "True"}
+        server_log = workspace_dir() / plan.run / "demo-serve.log"
+        with open(server_log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "pipelines.serving.service:Service",
+                                     "--host", "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(proc, url, server_log)
+            self.log(f"server ready on port {port} after {time.monotonic() - started:.0f} s "
+                     f"(log: {display_path(server_log)})")
+            response = httpx.post(url + plan.route, files={"image": (Path(filename).name, encoded)}, timeout=120)
+            if response.status_code != 200:
+                raise UserError(server_log, f"{plan.route} answered {response.status_code}: {response.text[:300]}")
+            answer = response.json()
+        finally:
+            _stop(proc)
+        self.timings.append((f"serve {plan.task}", time.monotonic() - started))
+        saved = workspace_dir() / plan.run / "demo-answer.json"
+        saved.write_text(json.dumps({"image": filename, "truth": truth, "route": plan.route, "answer": answer},
+                                    indent=2) + "\n")
+        self.log(f"truth for {filename}: {truth}")
+        self.log(answer_line(answer))
+        self.log(f"answer of POST {plan.route} (all of it in {display_path(saved)}):")
+        self.log(_short_json(answer))
+        self.log("server stopped")
+        return answer
+
+    # ------------------------------------------------------------------------------------ summary
+
+    def summary(self, answers: dict[str, dict | list]) -> None:
+        total = time.monotonic() - self.started
+        self.log("\n== done in " + _duration(total))
+        for title, seconds in self.timings:
+            self.log(f"  {_duration(seconds):>8}  {title}")
+        for plan in self.plans:
+            run = workspace_dir() / plan.run
+            self.log(f"\n{plan.task} ({plan.run}):")
+            self.log(f"  {metrics_line(run / 'eval' / 'metrics.json')}")
+            self.log(f"  report:  {display_path(run / 'report.html')}  (open it in a browser)")
+            self.log(f"  export:  {display_path(run / 'export')}  (BentoML model '{plan.run}')")
+            self.log(f"  serve:   {_make('serve', RUN=plan.run)}   package: {_make('bento', RUN=plan.run)}")
+        self.log("\nWith your own data: label it (docker/compose.annotator.yml), put the export under datasets/NAME, "
+                 "and run the same commands with DATASET=NAME (README.md).")
+
+
+def metrics_line(path: Path) -> str:
+    if not path.is_file():
+        return "no metrics"
+    metrics = json.loads(path.read_text())
+    m = metrics.get("metrics", {})
+    if metrics.get("task") == "segmentation":
+        return (f"mean IoU {_pct(m.get('mean_iou'))}, foreground mean IoU {_pct(m.get('mean_iou_foreground'))}, "
+                f"pixel accuracy {_pct(m.get('pixel_accuracy'))} on {metrics.get('images')} val images")
+    return (f"COCO AP {_num(m.get('AP'))}, AP50 {_num(m.get('AP50'))}, AP75 {_num(m.get('AP75'))}, "
+            f"AR100 {_num(m.get('AR100'))} on {metrics.get('images')} val images ({metrics.get('objects')} objects)")
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value) -> str:
+    return "n/a" if value is None or value < 0 else f"{value:.3f}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _short_json(answer, items: int = 8) -> str:
+    """The answer, pretty, with long lists (detections, polygons) cut to their first items."""
+    def cut(value):
+        if isinstance(value, list):
+            head = [cut(v) for v in value[:items]]
+            return head + [f"... {len(value) - items} more"] if len(value) > items else head
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    return json.dumps(cut(answer), indent=2)
+
+
+def val_example(data_dir: Path) -> tuple[str, bytes, str]:
+    """(file name, encoded image, its truth in words) of the val image with the most objects (the first
+    of those in the shards' order): one that shows what the model does."""
+    from pipelines.data.tfrecords import parse_example, read_records
+
+    best = None
+    for shard in sorted(data_dir.glob("val-*.tfrecord")):
+        for record in read_records(shard):
+            example = parse_example(record)
+            names = [t.decode() for t in example.get("image/object/class/text", [])]
+            if best is None or len(names) > len(best[2]):
+                best = (example["image/filename"][0].decode(), example["image/encoded"][0], names)
+    if best is None:
+        raise UserError(display_path(data_dir), "no val images to send to the service")
+    filename, encoded, names = best
+    return filename, encoded, _counted(names) or "no objects"
+
+
+def _counted(names: list[str]) -> str:
+    return ", ".join(f"{names.count(name)} {name}" for name in sorted(set(names)))
+
+
+def answer_line(answer) -> str:
+    """The service's answer in words: what was found."""
+    if isinstance(answer, dict) and "detections" in answer:
+        found = answer["detections"]
+        scores = ", ".join(f"{d['score']:.2f}" for d in found[:10])
+        return f"found: {_counted([d['label'] for d in found]) or 'nothing'}" + (f" (scores {scores})" if found else "")
+    if isinstance(answer, dict) and "classes" in answer:
+        parts = [f"{c['label']} {100 * c['fraction']:.1f}% ({len(c['polygons'])} regions)"
+                 for c in answer["classes"] if c["class_id"] != 0]
+        return "found: " + (", ".join(parts) or "background only")
+    return ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise UserError(log, f"the server exited ({proc.returncode}) before it was ready: " + " | ".join(tail))
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise UserError(log, f"the server was not ready after {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_demo(dataset: str, task: str = "both", steps: dict[str, int] | None = None, batch: int | None = None,
+             port: int | None = None) -> dict:
+    """The demo; returns {task: the service's answer}."""
+    from pipelines.config.rewrite import data_dir as data_output_dir
+
+    plans = default_plans()
+    chosen = [plans[t] for t in (("detection", "segmentation") if task == "both" else (task,))]
+    for plan in chosen:
+        if steps and steps.get(plan.task):
+            plan.steps = steps[plan.task]
+        if batch:
+            plan.batch = batch
+    demo = Demo(dataset, chosen, port=port)
+    demo.log(f"the demo: {' and '.join(p.task for p in chosen)} on dataset '{dataset}'; every stage's command is "
+             "printed before it runs")
+    demo.data()
+    data_dir = data_output_dir(dataset)
+    answers = {}
+    for plan in chosen:
+        demo.train_model(plan)
+        answers[plan.task] = demo.serve_once(plan, data_dir)
+    demo.summary(answers)
+    return answers

@@ -1,0 +1,134 @@
+"""`make demo` end to end on a reduced sample, and the run report in a real browser.
+
+The demo runs every stage as the user would (separate processes, a real BentoML server on a free
+port, one HTTP request per model); a few training steps only: what is checked is that the stages
+connect and that what comes out is well formed, not how well the models learn (bench/RESULTS.md has
+the full demo's numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+SECTIONS = ("dataset", "config", "training", "evaluation", "predictions")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def demo(sample_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    workspace = root / "ws"
+    env = {"BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    proc = run_cli("demo", "--dataset", sample_dir, "--detector-steps", "6", "--segmenter-steps", "6",
+                   "--batch-size", "2", workspace=workspace, env=env, timeout=1500)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return workspace, proc.stdout
+
+
+def test_demo_prints_every_stage_command(demo):
+    _, out = demo
+    for command in ("make data DATASET=", "make config DATASET=", "MODEL=ssd_mobilenet_v2_fpnlite_320x320",
+                    "MODEL=unet_efficientnetb0_320x320", "make train RUN=demo-detector", "make eval RUN=demo-detector",
+                    "make export RUN=demo-detector", "make serve RUN=demo-detector", "make train RUN=demo-segmenter",
+                    "make serve RUN=demo-segmenter", "curl -F image=@"):
+        assert command in out, command
+    assert re.search(r"COCO AP \d\.\d{3}, AP50 \d\.\d{3}", out)
+    assert re.search(r"mean IoU \d+\.\d%, foreground mean IoU \d+\.\d%", out)
+    assert "server stopped" in out and "== done in" in out
+
+
+def test_demo_detector_answer_is_well_formed(demo):
+    workspace, _ = demo
+    saved = json.loads((workspace / "demo-detector" / "demo-answer.json").read_text())
+    assert saved["route"] == "/detect" and saved["truth"] != "no objects"
+    answer = saved["answer"]
+    labels = {"circle", "square", "triangle", "star"}
+    assert answer["model"]["name"] == "demo-detector" and answer["width"] > 0 and answer["height"] > 0
+    for d in answer["detections"]:
+        assert d["label"] in labels and 1 <= d["class_id"] <= 4 and 0.5 <= d["score"] <= 1
+        box = d["box"]
+        assert 0 <= box["xmin"] <= box["xmax"] <= answer["width"] and 0 <= box["ymin"] <= box["ymax"] <= answer["height"]
+
+
+def test_demo_segmenter_answer_is_well_formed(demo):
+    workspace, _ = demo
+    saved = json.loads((workspace / "demo-segmenter" / "demo-answer.json").read_text())
+    answer = saved["answer"]
+    assert saved["route"] == "/segment" and answer["model"]["name"] == "demo-segmenter"
+    assert answer["classes"], answer
+    assert sum(c["pixels"] for c in answer["classes"]) == answer["width"] * answer["height"]
+    for c in answer["classes"]:
+        assert c["label"] in {"background", "circle", "square", "triangle", "star"}
+        for polygon in c["polygons"]:
+            assert len(polygon) >= 3
+            assert all(0 <= x <= answer["width"] and 0 <= y <= answer["height"] for x, y in polygon)
+
+
+@pytest.mark.parametrize("run", ["demo-detector", "demo-segmenter"])
+def test_report_has_every_section(demo, run):
+    workspace, _ = demo
+    page = (workspace / run / "report.html").read_text()
+    for section in SECTIONS:
+        body = re.search(rf'<section id="{section}">(.*?)</section>', page, re.DOTALL)
+        assert body, f"no {section} section"
+        assert 'class="missing"' not in body.group(1), f"{section}: {body.group(1)[:300]}"
+    # Self-contained: every image is inlined, nothing is fetched.
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert len(sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r'(src|href)="(https?:|file:|/)', page)
+    evaluation = re.search(r'<section id="evaluation">(.*?)</section>', page, re.DOTALL).group(1)
+    assert ("COCO metrics" in evaluation) if run == "demo-detector" else ("IoU per class" in evaluation)
+    training = re.search(r'<section id="training">(.*?)</section>', page, re.DOTALL).group(1)
+    assert "loss" in training and "learning_rate" in training
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it when it can)")
+@pytest.mark.parametrize("run", ["demo-detector", "demo-segmenter"])
+def test_report_renders_in_chromium(demo, run, tmp_path):
+    """Headless Chromium loads the page from its file: every image decodes (the page's own check counts
+    them after load) and the screenshot shows the plots (many colours, not a blank page)."""
+    workspace, _ = demo
+    url = (workspace / run / "report.html").resolve().as_uri()
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--virtual-time-budget=10000", "--user-data-dir=" + str(tmp_path / "profile")]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=120, env=env).stdout
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, dom[:500]
+    images = int(re.search(r'data-images="(\d+)"', body.group(1)).group(1))
+    broken = int(re.search(r'data-broken-images="(\d+)"', body.group(1)).group(1))
+    assert images >= 4 and broken == 0, body.group(1)
+
+    shot = tmp_path / "report.png"
+    subprocess.run(flags + ["--window-size=1280,4000", f"--screenshot={shot}", url], capture_output=True,
+                   timeout=120, env=env)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (4000, 1280)
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert colours > 2000, f"{colours} colours: the page looks blank"
+    rows = np.flatnonzero((pixels != 255).any(axis=2).any(axis=1))
+    assert rows.max() > 2000, "nothing drawn below the top of the page"
+
+
+def test_report_of_a_run_not_yet_trained(sample_dir, tmp_path):
+    """A config-only run still gets every section; those not run yet name the command that fills them."""
+    run_cli("data", "--dataset", sample_dir, "--workers", "1", workspace=tmp_path, check=True)
+    run_cli("config", "--dataset", "shapes", "--run", "fresh", workspace=tmp_path, check=True)
+    proc = run_cli("report", "--run", "fresh", workspace=tmp_path, check=True)
+    assert "report.html" in proc.stdout
+    page = (tmp_path / "fresh" / "report.html").read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page
+    assert "make train RUN=fresh" in page and "make eval RUN=fresh" in page
+    assert "num_classes: 4" in page  # the diff of make config
+    proc = run_cli("report", "--run", "nothing-here", workspace=tmp_path)
+    assert proc.returncode == 2 and "nothing-here" in proc.stderr and not (tmp_path / "nothing-here").exists()
