@@ -99,8 +99,9 @@ def curves_png(series: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes |
 
     train, validation = series["train"], series["validation"]
     losses = {tag: points for tag, points in train.items() if "loss" in tag}
+    losses.update({f"validation {tag}": points for tag, points in validation.items() if "loss" in tag})
     rate = train.get("learning_rate")
-    metrics = {tag: points for tag, points in validation.items()}
+    metrics = {f"validation {tag}": points for tag, points in validation.items() if "loss" not in tag}
     metrics.update({f"train {tag}": points for tag, points in train.items()
                     if tag in ("mean_iou", "iou")})
     panels = [(title, lines) for title, lines in (("loss", losses), ("learning rate", {"learning_rate": rate} if rate
