@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -150,37 +149,6 @@ def paired(once, url: str, images: list[tuple[str, bytes]], count: int) -> tuple
     return summary(local, sum(local)), summary(remote, sum(remote))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(export: Path, env: dict, log: Path, batch: int, latency_ms: int):
-    import httpx
-
-    port = free_port()
-    env = {**env, "PIPELINES_MODEL": str(export), "PIPELINES_MAX_BATCH_SIZE": str(batch),
-           "PIPELINES_MAX_LATENCY_MS": str(latency_ms), "BENTOML_DO_NOT_TRACK": "True"}
-    proc = subprocess.Popen([PY, "-m", "bentoml", "serve", "pipelines.serving.service:Service",
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}; see {log}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit(f"server not ready after 300 s; see {log}")
-
-
 def load(url: str, images: list[tuple[str, bytes]], concurrency: int, count: int) -> dict:
     import httpx
 
@@ -238,9 +206,13 @@ def main() -> int:
     print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs", flush=True)
     export = prepare(out, env, args.fresh)
 
-    proc, url = start_server(export, env, out / "server.log", args.max_batch_size, args.max_latency_ms)
+    from pipelines.serving.process import ServerProcess
+
+    server_env = {**env, "PIPELINES_MODEL": str(export), "PIPELINES_MAX_BATCH_SIZE": str(args.max_batch_size),
+                  "PIPELINES_MAX_LATENCY_MS": str(args.max_latency_ms)}
     rows = []
-    try:
+    with ServerProcess("pipelines.serving.service:Service", env=server_env, log=out / "server.log") as server:
+        url = server.url
         once = in_process(export, images)
         for c in args.concurrency:
             before = batch_sizes(url)
@@ -257,12 +229,6 @@ def main() -> int:
             rows.append((c, r))
             print(f"server, concurrency {c}: {r['rps']:.2f} req/s, p50 {r['p50'] * 1e3:.0f} ms, "
                   f"p99 {r['p99'] * 1e3:.0f} ms, mean batch {r['batch']:.2f}", flush=True)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
     print(f"\nload average after: {os.getloadavg()[0]:.2f} (1 min)")
     print("\n| path | concurrency | req/s | p50 ms | p99 ms | mean batch | req/s vs in-process | p50 vs in-process |")

@@ -10,9 +10,6 @@ minutes in all, with a detector that finds the sample's shapes.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.common import REPO_ROOT, UserError, display_path, workspace_dir
+from pipelines.serving.process import ServerProcess, free_port
 
 DETECTOR_TEMPLATE = "ssd_mobilenet_v2_fpnlite_320x320"
 SEGMENTER_TEMPLATE = "unet_efficientnetb0_320x320"
@@ -106,30 +104,23 @@ class Demo:
         """Start the service on the export, send it one val image, print the answer, stop it."""
         import httpx
 
-        port = self.port or _free_port()
+        port = self.port or free_port()
         export = workspace_dir() / plan.run / "export"
         filename, encoded, truth = val_example(data_dir)
         self.log(f"\n== serve: the {plan.task} model over HTTP, one val image sent\n"
                  f"$ {_make('serve', RUN=plan.run, PORT=port)}\n"
                  f"$ curl -F image=@{filename} http://localhost:{port}{plan.route}", flush=True)
         started = time.monotonic()
-        env = {**os.environ, "PIPELINES_MODEL": str(export), "BENTOML_DO_NOT_TRACK": "True"}
         server_log = workspace_dir() / plan.run / "demo-serve.log"
-        with open(server_log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "pipelines.serving.service:Service",
-                                     "--host", "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT, env=env,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(proc, url, server_log)
+        with ServerProcess("pipelines.serving.service:Service", env={"PIPELINES_MODEL": export}, log=server_log,
+                           port=port) as server:
             self.log(f"server ready on port {port} after {time.monotonic() - started:.0f} s "
                      f"(log: {display_path(server_log)})")
-            response = httpx.post(url + plan.route, files={"image": (Path(filename).name, encoded)}, timeout=120)
+            response = httpx.post(server.url + plan.route, files={"image": (Path(filename).name, encoded)},
+                                  timeout=120)
             if response.status_code != 200:
                 raise UserError(server_log, f"{plan.route} answered {response.status_code}: {response.text[:300]}")
             answer = response.json()
-        finally:
-            _stop(proc)
         self.timings.append((f"serve {plan.task}", time.monotonic() - started))
         saved = workspace_dir() / plan.run / "demo-answer.json"
         saved.write_text(json.dumps({"image": filename, "truth": truth, "route": plan.route, "answer": answer},
@@ -230,43 +221,6 @@ def answer_line(answer) -> str:
                  for c in answer["classes"] if c["class_id"] != 0]
         return "found: " + (", ".join(parts) or "background only")
     return ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-            raise UserError(log, f"the server exited ({proc.returncode}) before it was ready: " + " | ".join(tail))
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise UserError(log, f"the server was not ready after {timeout:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 def run_demo(dataset: str, task: str = "both", steps: dict[str, int] | None = None, batch: int | None = None,

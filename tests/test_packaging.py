@@ -36,7 +36,7 @@ class BentoServer(Server):
     """`bentoml serve BENTO` (a tag from the store or a Bento folder) instead of the source service."""
 
     def __init__(self, bento: str, model: str, bento_home: Path, log: Path, cwd: Path = REPO):
-        from test_serving import free_port
+        from pipelines.serving.process import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -59,7 +59,7 @@ def make_segmenter(run_dir: Path) -> Path:
 
 import base64  # noqa: E402
 import io  # noqa: E402
-import socket  # noqa: E402
+from pipelines.serving.process import free_port  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -72,12 +72,6 @@ from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_PIXELS = 1_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
-import time
 import wave
 
 import httpx
@@ -14,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
-from test_serving import free_port
 from pipelines.serving.audio import read_wav, stft_db
+from pipelines.serving.process import ServerProcess
 
 
 def wav_bytes(samples: np.ndarray, rate: int = 16000, width: int = 2, channels: int = 1) -> bytes:
@@ -51,34 +46,11 @@ def test_wav_reading_and_stft_find_the_tone(width, channels):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("spectrogram") / "server.log"
-    env = {**os.environ, "PIPELINES_MAX_AUDIO_SECONDS": "5", "BENTOML_DO_NOT_TRACK": "True",
-           "BENTOML_HOME": str(log.parent / "bentoml")}
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "pipelines.serving.audio:Spectrogram",
-                             "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError(log.read_text()[-3000:])
-        with httpx.Client(base_url=url, timeout=60) as client:
+    env = {"PIPELINES_MAX_AUDIO_SECONDS": "5", "BENTOML_HOME": str(log.parent / "bentoml")}
+    with ServerProcess("pipelines.serving.audio:Spectrogram", env=env, log=log, ready_timeout=90) as running:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
             yield client
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_spectrogram_png(server):
