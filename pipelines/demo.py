@@ -134,7 +134,7 @@ class Demo:
 
     # ------------------------------------------------------------------------------------ summary
 
-    def summary(self, answers: dict[str, dict | list]) -> None:
+    def summary(self) -> None:
         total = time.monotonic() - self.started
         self.log("\n== done in " + _duration(total))
         for title, seconds in self.timings:
@@ -244,5 +244,5 @@ def run_demo(dataset: str, task: str = "both", steps: dict[str, int] | None = No
     for plan in chosen:
         demo.train_model(plan)
         answers[plan.task] = demo.serve_once(plan, data_dir)
-    demo.summary(answers)
+    demo.summary()
     return answers
