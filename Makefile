@@ -25,8 +25,11 @@ CHECKPOINT ?=
 CHECKPOINT_TYPE ?=
 LR      ?=
 SIZE    ?=
+FREEZE  ?=
+ZOO     ?=
+LABEL_MAP ?=
 
-.PHONY: help setup browser lock sample data config train eval report export serve bento containerize test bench bench-data bench-train-detection \
+.PHONY: help setup browser lock sample data config import train eval report export serve bento containerize test bench bench-data bench-train-detection \
         bench-train-segmentation bench-serve serve-spectrogram demo clean
 
 help:
@@ -40,6 +43,8 @@ help:
 	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification] [LR=peak] [SIZE=N|HxW]"
 	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
+	@echo "          [FREEZE=backbone|feature_extractor] [CHECKPOINT_TYPE=detection|classification|full]"
+	@echo "make import ZOO=DIR [RUN=NAME] [LABEL_MAP=file]   an Object Detection API zoo model as a run"
 	@echo "make train RUN=NAME | make eval RUN=NAME | make export RUN=NAME"
 	@echo "make report RUN=NAME               workspace/RUN/report.html: data, config, curves, metrics, predictions"
 	@echo "make serve RUN=NAME [PORT=3000] | make serve MODEL=name:version (a BentoML model-store tag)"
@@ -82,7 +87,11 @@ config: $(STAMP)
 	$(PY) -m pipelines config --dataset $(DATASET) --model $(MODEL) $(if $(RUN),--run $(RUN)) \
 	  $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--num-steps $(STEPS)) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(CHECKPOINT_TYPE),--checkpoint-type $(CHECKPOINT_TYPE)) \
-	  $(if $(LR),--learning-rate $(LR)) $(if $(SIZE),--image-size $(SIZE))
+	  $(if $(LR),--learning-rate $(LR)) $(if $(SIZE),--image-size $(SIZE)) $(if $(FREEZE),--freeze $(FREEZE))
+
+import: $(STAMP)
+	@test -n "$(ZOO)" || { echo "error: give ZOO=path/to/extracted_zoo_model_folder"; exit 2; }
+	$(PY) -m pipelines import --zoo $(ZOO) $(if $(RUN),--run $(RUN)) $(if $(LABEL_MAP),--label-map $(LABEL_MAP))
 
 RUN_OR_DATASET = $(if $(RUN),$(RUN),$(notdir $(DATASET)))
 PORT ?= 3000

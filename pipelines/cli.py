@@ -105,8 +105,11 @@ def add_config_parser(sub) -> None:
     p.add_argument("--checkpoint", help="detection: fine_tune_checkpoint (a ckpt-N prefix; without it the field is "
                                         "removed); segmentation: encoder_weights (a backbone .h5 file, imagenet "
                                         "or none)")
-    p.add_argument("--checkpoint-type", choices=("detection", "classification"),
-                   help="fine_tune_checkpoint_type (default: the template's, else detection)")
+    p.add_argument("--checkpoint-type", choices=("detection", "classification", "full"),
+                   help="fine_tune_checkpoint_type (default: the template's, else detection): classification "
+                        "restores the backbone, detection the backbone and FPN, full everything (same classes)")
+    p.add_argument("--freeze", choices=("backbone", "feature_extractor"),
+                   help="train_config.freeze_variables: leave the backbone (or backbone and FPN) untrained")
     p.add_argument("--learning-rate", type=_positive_float,
                    help="the schedule's peak learning rate (applied after --batch-size's scaling; warmup keeps "
                         "its ratio)")
@@ -120,7 +123,28 @@ def cmd_config(args) -> int:
     write_run_config(ConfigOptions(dataset=args.dataset, model=args.model, run=args.run, batch_size=args.batch_size,
                                    num_steps=args.num_steps, checkpoint=args.checkpoint,
                                    checkpoint_type=args.checkpoint_type, learning_rate=args.learning_rate,
-                                   image_size=args.image_size))
+                                   image_size=args.image_size, freeze=args.freeze))
+    return 0
+
+
+def add_import_parser(sub) -> None:
+    p = sub.add_parser("import", help="an Object Detection API zoo model as a run -> workspace/RUN/ (eval, export, "
+                                      "serve it like any other)",
+                       description="Turn an extracted Object Detection API model-zoo folder (pipeline.config, "
+                                   "checkpoint/ckpt-0.*) into workspace/RUN/: its pipeline.config, the weights as a "
+                                   "checkpoint of this pipeline (train/ckpt-0) and a label map.")
+    p.add_argument("--zoo", required=True, help="the extracted zoo folder (e.g. ssd_mobilenet_v2_fpnlite_320x320_"
+                                                "coco17_tpu-8/)")
+    p.add_argument("--run", help="run name (default: the zoo folder's name)")
+    p.add_argument("--label-map", help="the model's label map (default: configs/mscoco_label_map.pbtxt, COCO's 90 ids)")
+    p.add_argument("--force", action="store_true", help="replace an existing workspace/RUN/")
+
+
+@_engine_errors
+def cmd_import(args) -> int:
+    from pipelines.detection.zoo import import_zoo
+
+    import_zoo(Path(args.zoo), args.run, Path(args.label_map) if args.label_map else None, force=args.force, log=_log)
     return 0
 
 
@@ -172,11 +196,12 @@ def _engine_errors(fn):
     """Missing checkpoints, records without masks, encoder weights that cannot be loaded: raised
     deep in the engines, they are user errors here."""
     def wrapped(args):
+        from pipelines.detection.zoo import CheckpointError
         from pipelines.segmentation.model import EncoderWeightsError
 
         try:
             return fn(args)
-        except (FileNotFoundError, EncoderWeightsError) as e:
+        except (FileNotFoundError, EncoderWeightsError, CheckpointError) as e:
             raise UserError(None, str(e)) from None
     return wrapped
 
@@ -240,7 +265,7 @@ def cmd_export(args) -> int:
     from pipelines.runs import load_run
     from pipelines.segmentation.params import SegmenterParams
 
-    params, folder, _ = load_run(args.run)
+    params, folder, _ = load_run(args.run, need_data=False)
     if isinstance(params, SegmenterParams):
         from pipelines.segmentation.export import export
     else:
@@ -321,12 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_data_parser(sub)
     add_config_parser(sub)
+    add_import_parser(sub)
     add_run_parsers(sub)
     add_demo_parser(sub)
     return parser
 
 
-COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "train": cmd_train, "eval": cmd_eval,
+COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "import": cmd_import,
+            "train": cmd_train, "eval": cmd_eval,
             "export": cmd_export, "predict": cmd_predict, "report": cmd_report, "demo": cmd_demo}
 
 

@@ -27,14 +27,24 @@ def _absolute(value: str | None) -> str | None:
     return str(tr.resolve_path(value).resolve()) if value else value
 
 
-def load_run(run: str) -> tuple[DetectorParams | SegmenterParams, Path, list[str]]:
-    """The run's pipeline.config, checked (fields and paths) and translated; paths made absolute."""
+def load_run(run: str, need_data: bool = True) -> tuple[DetectorParams | SegmenterParams, Path, list[str]]:
+    """The run's pipeline.config, checked (fields and paths) and translated; paths made absolute.
+
+    need_data=False (export): the TFRecords and the fine-tuning checkpoint need not exist (a run made
+    by `make import` has none), only the label map."""
     folder = run_dir(run)
     config = folder / "pipeline.config"
     if not config.is_file():
         raise UserError(display_path(config), f"no pipeline.config: run `make config DATASET=... RUN={run}` first")
-    translation = tr.load(config)
+    translation = tr.load(config, check_paths=need_data)
     p = translation.params
+    if not need_data:
+        if not p.label_map_path or not tr.resolve_path(p.label_map_path).is_file():
+            raise UserError(display_path(config), f"train_input_reader.label_map_path: no such file: {p.label_map_path}")
+        p = dataclasses.replace(p, train_files=[f for f in p.train_files if tr.PLACEHOLDER not in f],
+                                eval_files=[f for f in p.eval_files if tr.PLACEHOLDER not in f])
+        if isinstance(p, DetectorParams):
+            p = dataclasses.replace(p, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None)
     common = dict(train_files=[_absolute(f) for f in p.train_files], eval_files=[_absolute(f) for f in p.eval_files],
                   label_map_path=_absolute(p.label_map_path))
     if isinstance(p, SegmenterParams):

@@ -34,6 +34,7 @@ class ConfigOptions:
     num_steps: int | None = None
     checkpoint: str | None = None
     checkpoint_type: str | None = None
+    freeze: str | None = None  # 'backbone' or 'feature_extractor': train_config.freeze_variables
     learning_rate: float | None = None  # the schedule's peak (after any batch-size scaling)
     image_size: tuple[int, int] | None = None  # (height, width) of the fixed_shape_resizer
 
@@ -162,7 +163,18 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
     else:
         for name in ("fine_tune_checkpoint", "fine_tune_checkpoint_type", "fine_tune_checkpoint_version"):
             doc.remove(f"train_config.{name}")
+    if opts.freeze:
+        if kind == "segmentation":
+            notes.append("FREEZE does not apply to segmentation models (use encoder_freeze): ignored")
+        else:
+            doc.remove("train_config.freeze_variables")
+            doc.add("train_config", "freeze_variables", FREEZE_PATTERNS[opts.freeze], after="num_steps")
     return notes
+
+
+# FREEZE=... shortcuts: regexes over the Object Detection API's variable names (also matched against ours).
+FREEZE_PATTERNS = {"backbone": "model/_feature_extractor/classification_backbone/.*",
+                   "feature_extractor": "model/_feature_extractor/.*"}
 
 
 def _round(value: float) -> float:
@@ -206,8 +218,10 @@ def write_run_config(opts: ConfigOptions) -> Path:
     elif params.fine_tune_checkpoint:  # can the model builder restore it? (loads TensorFlow)
         from pipelines.detection.runs import check_engine
 
-        check_engine(dataclasses.replace(params, fine_tune_checkpoint=str(tr.resolve_path(params.fine_tune_checkpoint))),
-                     display_path(out))
+        restores = check_engine(dataclasses.replace(
+            params, fine_tune_checkpoint=str(tr.resolve_path(params.fine_tune_checkpoint))), display_path(out),
+            restore=True)
+        notes.append(restores)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".pipeline.config.", dir=out.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

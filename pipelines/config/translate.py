@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,9 @@ FIELD_MAP = [
     (f"{SSD}.image_resizer.fixed_shape_resizer.width", "image_width", int),
     (f"{FE}.depth_multiplier", "depth_multiplier", float),
     (f"{FE}.conv_hyperparams.activation", "activation", _activation),
+    (f"{FE}.conv_hyperparams.batch_norm.decay", "batch_norm_decay", float),
+    (f"{FE}.conv_hyperparams.batch_norm.epsilon", "batch_norm_epsilon", float),
+    (f"{FE}.conv_hyperparams.initializer.random_normal_initializer.stddev", "init_stddev", float),
     (f"{FE}.fpn.min_level", "min_level", int),
     (f"{FE}.fpn.max_level", "max_level", int),
     (f"{FE}.fpn.additional_layer_depth", "fpn_num_filters", int),
@@ -49,6 +53,12 @@ FIELD_MAP = [
     (f"{HEAD}.depth", "head_num_filters", int),
     (f"{HEAD}.num_layers_before_predictor", "head_num_convs", int),
     (f"{HEAD}.use_depthwise", "head_separable", bool),
+    (f"{HEAD}.kernel_size", "head_kernel_size", int),
+    (f"{HEAD}.share_prediction_tower", "share_prediction_tower", bool),
+    (f"{HEAD}.class_prediction_bias_init", "class_prediction_bias_init", float),
+    (f"{HEAD}.conv_hyperparams.batch_norm.decay", "head_batch_norm_decay", float),
+    (f"{HEAD}.conv_hyperparams.batch_norm.epsilon", "head_batch_norm_epsilon", float),
+    (f"{HEAD}.conv_hyperparams.initializer.random_normal_initializer.stddev", "head_init_stddev", float),
     (f"{ANCHORS}.scales_per_octave", "num_scales", int),
     (f"{ANCHORS}.aspect_ratios", "aspect_ratios", None),
     (f"{ANCHORS}.anchor_scale", "anchor_size", float),
@@ -73,6 +83,8 @@ FIELD_MAP = [
     (f"{FE}.conv_hyperparams.regularizer.l2_regularizer.weight", "weight_decay", float),
     ("train_config.fine_tune_checkpoint", "fine_tune_checkpoint", str),
     ("train_config.fine_tune_checkpoint_type", "fine_tune_checkpoint_type", str),
+    ("train_config.freeze_variables", "freeze_variables", None),
+    ("train_config.update_trainable_variables", "update_trainable_variables", None),
     ("train_input_reader.label_map_path", "label_map_path", str),
     ("train_input_reader.tf_record_input_reader.input_path", "train_files", None),
     ("eval_input_reader.tf_record_input_reader.input_path", "eval_files", None),
@@ -91,7 +103,7 @@ SUPPORTED = {
     "train_config.optimizer": ["momentum_optimizer", "use_moving_average"],
     f"{MOMENTUM}.learning_rate": ["cosine_decay_learning_rate"],
     "train_config.data_augmentation_options": ["random_horizontal_flip", "random_crop_image"],
-    "train_config.fine_tune_checkpoint_type": ["detection", "classification"],
+    "train_config.fine_tune_checkpoint_type": ["detection", "classification", "full"],
 }
 # Settings for synchronous training across TPU replicas: they do not apply here.
 IGNORED = ["train_config.sync_replicas", "train_config.replicas_to_aggregate", "train_config.startup_delay_steps"]
@@ -131,6 +143,14 @@ def _check_oneofs(doc: TextProto) -> None:
                             f"not supported; supported: {', '.join(a for a in allowed if a != 'use_moving_average')}")
 
 
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"'{value}' is not a valid regular expression: {e}") from None
+    return value
+
+
 def resolve_path(value: str, relative_to: Path = REPO_ROOT) -> Path:
     path = Path(value)
     return path if path.is_absolute() else relative_to / path
@@ -152,6 +172,8 @@ def translate(doc: TextProto, check_paths: bool = True) -> Translation:
                 value = [float(v) for v in doc.get_all(od_path)]
             elif name in ("train_files", "eval_files"):
                 value = [str(v) for v in doc.get_all(od_path)]
+            elif name in ("freeze_variables", "update_trainable_variables"):
+                value = [_regex(str(v)) for v in doc.get_all(od_path)]
             else:
                 value = convert(doc.get(od_path))
         except (ValueError, TypeError) as e:
@@ -218,6 +240,8 @@ def check_files(source: str, params: DetectorParams) -> None:
 
 
 def checkpoint_exists(path: Path) -> bool:
+    if path.suffix in (".h5", ".hdf5"):  # a Keras weights file (classification)
+        return path.is_file()
     if path.is_dir():
         return (path / "checkpoint").is_file()
     return Path(str(path) + ".index").is_file()

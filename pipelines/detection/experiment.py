@@ -1,8 +1,9 @@
-"""DetectorParams -> Model Garden's RetinaNet ExperimentConfig.
+"""DetectorParams -> Model Garden's RetinaNet ExperimentConfig, extended with `task.ssd`.
 
-SSD MobileNet V2 FPNLite (Object Detection API) is built as a Model Garden RetinaNet: MobileNetV2
-backbone, FPN with separable convolutions, a level-shared separable box/class head, focal loss,
-multiscale anchors. `FIELDS` below is the whole correspondence, one row per Model Garden field:
+SSD MobileNet V2 FPNLite (Object Detection API) is trained as a Model Garden RetinaNet task whose
+network is the OD API's own (pipelines/detection/ssd.py): Model Garden's MobileNetV2 backbone, the
+OD API's FPNLite decoder, weight-shared head, anchor grid and post-processing; the settings Model
+Garden's config has no field for are in `task.ssd` (ssd.SSDConfig). `FIELDS` below is the whole correspondence, one row per Model Garden field:
 the pipeline.config field it comes from, the Model Garden field, and how the value is computed.
 `build_experiment` applies the rows in order; the few settings that are not a translation of a
 pipeline.config field (hardware, loop and checkpoint sizes, eval and export details) are set after
@@ -18,6 +19,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from pipelines.detection.params import DetectorParams
+from pipelines.detection.ssd import SSDTask
 
 # Registers Model Garden's vision tasks and configs ('retinanet', 'image_classification', ...).
 from official.vision import registry_imports  # noqa: F401  isort: skip
@@ -58,16 +60,32 @@ FIELDS: list[Row] = [
     ("feature_extractor.fpn.max_level", "task.model.max_level", lambda p: p.max_level),
     ("feature_extractor.fpn.additional_layer_depth", "task.model.decoder.fpn.num_filters",
      lambda p: p.fpn_num_filters),
-    ("feature_extractor (FPNLite: separable FPN convs)", "task.model.decoder.fpn.use_separable_conv",
+    ("feature_extractor.use_depthwise (FPNLite: separable FPN convs)", "task.ssd.fpn_use_depthwise",
      lambda p: p.fpn_separable),
+    ("feature_extractor.conv_hyperparams.batch_norm.decay", "task.model.norm_activation.norm_momentum",
+     lambda p: p.batch_norm_decay),
+    ("feature_extractor.conv_hyperparams.batch_norm.epsilon", "task.model.norm_activation.norm_epsilon",
+     lambda p: p.batch_norm_epsilon),
+    ("feature_extractor.conv_hyperparams.initializer.random_normal_initializer.stddev",
+     "task.ssd.fpn_kernel_initializer_stddev", lambda p: p.init_stddev),
     ("box_predictor.weight_shared_convolutional_box_predictor.depth", "task.model.head.num_filters",
      lambda p: p.head_num_filters),
     ("box_predictor.weight_shared_convolutional_box_predictor.num_layers_before_predictor",
      "task.model.head.num_convs", lambda p: p.head_num_convs),
-    ("box_predictor.weight_shared_convolutional_box_predictor.use_depthwise", "task.model.head.use_separable_conv",
+    ("box_predictor.weight_shared_convolutional_box_predictor.use_depthwise", "task.ssd.head_use_depthwise",
      lambda p: p.head_separable),
-    ("box_predictor.weight_shared_convolutional_box_predictor (shared across levels)",
-     "task.model.head.share_level_convs", lambda p: True),
+    ("box_predictor.weight_shared_convolutional_box_predictor.kernel_size", "task.ssd.head_kernel_size",
+     lambda p: p.head_kernel_size),
+    ("box_predictor.weight_shared_convolutional_box_predictor.share_prediction_tower",
+     "task.ssd.share_prediction_tower", lambda p: p.share_prediction_tower),
+    ("box_predictor.weight_shared_convolutional_box_predictor.class_prediction_bias_init",
+     "task.ssd.class_prediction_bias_init", lambda p: p.class_prediction_bias_init),
+    ("box_predictor...conv_hyperparams.batch_norm.decay", "task.ssd.head_norm_momentum",
+     lambda p: p.head_batch_norm_decay),
+    ("box_predictor...conv_hyperparams.batch_norm.epsilon", "task.ssd.head_norm_epsilon",
+     lambda p: p.head_batch_norm_epsilon),
+    ("box_predictor...conv_hyperparams.initializer.random_normal_initializer.stddev",
+     "task.ssd.head_kernel_initializer_stddev", lambda p: p.head_init_stddev),
     ("anchor_generator.multiscale_anchor_generator.scales_per_octave", "task.model.anchor.num_scales",
      lambda p: p.num_scales),
     ("anchor_generator.multiscale_anchor_generator.aspect_ratios", "task.model.anchor.aspect_ratios",
@@ -83,9 +101,10 @@ FIELDS: list[Row] = [
      lambda p: p.nms_iou_threshold),
     ("post_processing.batch_non_max_suppression.score_threshold",
      "task.model.detection_generator.pre_nms_score_threshold", lambda p: p.nms_score_threshold),
-    # 'batched' NMS keeps max_num_detections per class AND in total: max_detections_per_class is not separate.
     ("post_processing.batch_non_max_suppression.max_total_detections",
      "task.model.detection_generator.max_num_detections", lambda p: p.max_detections),
+    ("post_processing.batch_non_max_suppression.max_detections_per_class",
+     "task.ssd.max_detections_per_class", lambda p: p.max_detections_per_class),
     ("post_processing.batch_non_max_suppression.max_total_detections", "task.max_num_eval_detections",
      lambda p: p.max_detections),
     # loss. OD API total = cw * focal + lw * smooth_l1 / 4 (normalize_loc_loss_by_codesize); Model Garden
@@ -138,10 +157,13 @@ FIELDS: list[Row] = [
      lambda p: False),
     ("image_resizer.fixed_shape_resizer (no padding)", "task.train_data.parser.pad", lambda p: False),
     ("image_resizer.fixed_shape_resizer (no padding)", "task.validation_data.parser.pad", lambda p: False),
+    ("train_config.freeze_variables", "task.ssd.freeze_variables", lambda p: list(p.freeze_variables)),
+    ("train_config.update_trainable_variables", "task.ssd.update_trainable_variables",
+     lambda p: list(p.update_trainable_variables)),
     ("train_config.fine_tune_checkpoint", "task.init_checkpoint", lambda p: p.fine_tune_checkpoint or None),
     # detection: backbone + FPN, and the head when its classes and anchors match; classification: backbone
     ("train_config.fine_tune_checkpoint_type", "task.init_checkpoint_modules",
-     lambda p: fine_tune_modules(p) or "all"),
+     lambda p: (p.fine_tune_checkpoint_type or "detection") if p.fine_tune_checkpoint else "all"),
     # input readers
     ("train_input_reader.tf_record_input_reader.input_path", "task.train_data.input_path",
      lambda p: list(p.train_files)),
@@ -153,14 +175,8 @@ FIELDS: list[Row] = [
 
 # What Model Garden cannot do as the Object Detection API does (DetectorParams field: how it differs).
 NOT_HONOURED = {
-    "max_detections_per_class": "'batched' NMS keeps max_detections per class and in total; only equal values "
-                                "are honoured",
-    "head_separable (share_prediction_tower)": "separable head convs yes; Model Garden's head has no tower "
-                                               "shared by the box and class branches",
     "random_crop": "ssd_random_crop has no twin; the parser's random scale jitter + crop stands in for it",
     "activation": "FPN and head only: Model Garden's MobileNetV2 blocks are always relu6",
-    "fine_tune_checkpoint": "only Model Garden checkpoints (ours, or its classification task's); the OD API's "
-                            "and Keras applications' checkpoints have other variable names and are refused",
 }
 
 
@@ -183,60 +199,6 @@ def _strategy_name(gpus: int) -> str:
     if os.environ.get("TF_CONFIG"):
         return "multi_worker_mirrored"
     return "mirrored" if gpus > 1 else "one_device"
-
-
-def checkpoint_prefix(path: str) -> str:
-    """A checkpoint prefix from a prefix or a folder (its latest checkpoint)."""
-    if tf.io.gfile.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path}: no checkpoint in this folder")
-        return latest
-    if not tf.io.gfile.exists(path + ".index"):
-        raise FileNotFoundError(f"{path}: no such checkpoint (expected {path}.index)")
-    return path
-
-
-def _head_classifier_units(prefix: str) -> int | None:
-    """Output channels of the checkpoint's RetinaNet class predictor (num_classes * anchors per location)."""
-    for name, shape in tf.train.list_variables(prefix):
-        if name.startswith("head/_classifier/") and "bias" in name:
-            return int(shape[0])
-    return None
-
-
-def fine_tune_modules(params: DetectorParams) -> str | list[str] | None:
-    """Model Garden's init_checkpoint_modules for the params' fine_tune_checkpoint(_type).
-
-    RetinaNetTask.initialize restores, from `init_checkpoint`, `tf.train.Checkpoint(**items)` with
-    items = model.checkpoint_items ({backbone, decoder, head}) for 'all', else the listed ones of
-    backbone/decoder; it asserts that every restored object was found. Training checkpoints of
-    Model Garden hold those items at their root; classification checkpoints hold `backbone`.
-    """
-    if not params.fine_tune_checkpoint:
-        return None
-    kind = (params.fine_tune_checkpoint_type or "detection").lower()
-    prefix = checkpoint_prefix(params.fine_tune_checkpoint)
-    names = {name.split("/")[0] for name, _ in tf.train.list_variables(prefix)}
-    if "backbone" not in names:
-        raise ValueError(
-            f"{params.fine_tune_checkpoint}: not a Model Garden checkpoint (no 'backbone' object at its root). "
-            "Object Detection API and Keras-applications checkpoints cannot be restored into this model; use a "
-            "checkpoint written by this pipeline's training or by Model Garden's image classification task.")
-    if kind == "classification":
-        return "backbone"
-    if kind in ("detection", "full"):
-        if "decoder" not in names:
-            raise ValueError(f"{params.fine_tune_checkpoint}: a 'detection' checkpoint needs a decoder (FPN)")
-        expected = (params.num_classes + 1) * params.num_scales * len(params.aspect_ratios)
-        if _head_classifier_units(prefix) == expected:
-            return "all"  # backbone, decoder and head
-        if kind == "full":
-            raise ValueError(f"{params.fine_tune_checkpoint}: its head was trained for other classes or anchors; "
-                             "'full' needs the same ones")
-        return ["backbone", "decoder"]
-    raise ValueError(f"fine_tune_checkpoint_type {params.fine_tune_checkpoint_type!r}: expected 'detection' or "
-                     "'classification'")
 
 
 def validate(params: DetectorParams) -> None:
@@ -262,6 +224,7 @@ def build_experiment(params: DetectorParams, model_dir: str, steps_per_loop: int
     validate(params)
     gpus = num_gpus() if gpus is None else gpus
     exp = retinanet_cfg.retinanet()
+    exp.task = SSDTask(**exp.task.as_dict())
     exp.task.model.backbone = backbones.Backbone(type="mobilenet", mobilenet=backbones.MobileNet())
     exp.task.model.decoder = decoders.Decoder(type="fpn", fpn=decoders.FPN())
     for _, path, value in FIELDS:

@@ -30,13 +30,13 @@ import tf_keras
 from pipelines.common import atomic_output_dir
 from pipelines.data.label_map import read_label_map
 from pipelines.detection.experiment import build_experiment
+from pipelines.detection import ssd
 from pipelines.detection.params import DetectorParams
 from pipelines.detection.train import build_model
 # model_store is re-exported: callers (and tests) open the store through this module too.
 from pipelines.model_store import check_images, model_store, save_to_bentoml, tag_name, write_metadata  # noqa: F401
 
 from official.core import export_base, train_utils  # isort: skip
-from official.vision.ops import preprocess_ops  # isort: skip
 from official.vision.serving import detection  # isort: skip
 
 OUTPUT_KEYS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
@@ -48,7 +48,25 @@ class ExportCheckError(RuntimeError):
 
 
 class ODAPIDetectionModule(detection.DetectionModule):
-    """Model Garden's DetectionModule, keeping only the OD API's four outputs (no image_info)."""
+    """Model Garden's DetectionModule serving the OD API's SSD (pipelines/detection/ssd.py): the
+    image stretched with the OD API's resize and scaled to [-1, 1], its anchors, its post-processing;
+    only the OD API's four outputs (no image_info)."""
+
+    def _build_model(self):
+        return ssd.build_model(self.params.task)
+
+    def _build_anchor_boxes(self):
+        m = self.params.task.model
+        return ssd.anchor_boxes(m.min_level, m.max_level, m.anchor.num_scales, m.anchor.aspect_ratios,
+                                m.anchor.anchor_size, self._input_image_size)
+
+    def _build_inputs(self, image):
+        height, width = self._input_image_size
+        original = tf.cast(tf.shape(image)[:2], tf.float32)
+        resized = ssd.resize(ssd.preprocess(image[None]), (height, width))[0]
+        size = tf.constant([height, width], tf.float32)
+        image_info = tf.stack([original, size, size / original, tf.zeros([2])])
+        return resized, self._build_anchor_boxes(), image_info
 
     def serve(self, images):
         outputs = super().serve(images)
@@ -61,16 +79,12 @@ def _experiment(params: DetectorParams):
 
 
 def reference_detections(model: tf_keras.Model, params: DetectorParams, image: np.ndarray) -> dict:
-    """The checkpoint model on one uint8 image, preprocessed as the eval parser does; boxes normalized
-    to the input image. Written independently of DetectionModule, to check the export against."""
-    h, w = image.shape[:2]
+    """The checkpoint model on one uint8 image, preprocessed as the OD API does; boxes normalized to the
+    input image. Written independently of DetectionModule's batching, to check the export against."""
     size = [params.image_height, params.image_width]
-    x = preprocess_ops.normalize_image(tf.convert_to_tensor(image, tf.uint8))  # as the eval parser: uint8 in
-    x, info = preprocess_ops.resize_and_crop_image(x, size, padded_size=size, aug_scale_min=1.0, aug_scale_max=1.0,
-                                                   keep_aspect_ratio=False)
-    out = model(x[None], image_shape=info[1][None], training=False)
-    scale = tf.tile(info[2], [2]) * tf.constant([h, w, h, w], tf.float32)  # resized pixels -> [0, 1] of input
-    boxes = tf.clip_by_value(out["detection_boxes"][0] / scale, 0.0, 1.0)
+    x = ssd.resize(ssd.preprocess(tf.convert_to_tensor(image[None], tf.uint8)), size)
+    out = model(x, image_shape=tf.constant([size], tf.float32), training=False)
+    boxes = tf.clip_by_value(out["detection_boxes"][0] / tf.constant(size * 2, tf.float32), 0.0, 1.0)
     return {"num_detections": int(out["num_detections"][0]), "detection_boxes": boxes.numpy(),
             "detection_scores": out["detection_scores"][0].numpy(),
             "detection_classes": out["detection_classes"][0].numpy().astype(np.float32)}

@@ -20,6 +20,9 @@ class DetectorParams:
     # backbone: feature_extractor { type: 'ssd_mobilenet_v2_fpn_keras' depth_multiplier ... }
     depth_multiplier: float = 1.0  # -> MobileNet filter_size_scale
     activation: str = "relu6"  # conv_hyperparams.activation RELU_6
+    batch_norm_decay: float = 0.997  # conv_hyperparams.batch_norm.decay (backbone and FPN)
+    batch_norm_epsilon: float = 0.001  # conv_hyperparams.batch_norm.epsilon
+    init_stddev: float = 0.01  # conv_hyperparams.initializer.random_normal_initializer.stddev
 
     # FPN: feature_extractor.fpn { min_level max_level additional_layer_depth }
     min_level: int = 3
@@ -30,7 +33,13 @@ class DetectorParams:
     # head: box_predictor.weight_shared_convolutional_box_predictor
     head_num_filters: int = 128  # depth
     head_num_convs: int = 4  # num_layers_before_predictor
-    head_separable: bool = True  # share_prediction_tower / use_depthwise
+    head_separable: bool = True  # use_depthwise
+    head_kernel_size: int = 3  # kernel_size
+    share_prediction_tower: bool = True  # one tower for the box and the class predictors
+    class_prediction_bias_init: float = -4.6
+    head_batch_norm_decay: float = 0.997  # box_predictor's conv_hyperparams.batch_norm
+    head_batch_norm_epsilon: float = 0.001
+    head_init_stddev: float = 0.01
 
     # anchors: anchor_generator.multiscale_anchor_generator
     num_scales: int = 2  # scales_per_octave
@@ -66,6 +75,8 @@ class DetectorParams:
     aug_scale_max: float = 1.25
     fine_tune_checkpoint: str | None = None
     fine_tune_checkpoint_type: str | None = None  # "detection" or "classification"
+    freeze_variables: list[str] = field(default_factory=list)  # regexes: not trained
+    update_trainable_variables: list[str] = field(default_factory=list)  # regexes: only these trained
 
     # train_input_reader / eval_input_reader
     train_files: list[str] = field(default_factory=list)  # TFRecord paths or globs

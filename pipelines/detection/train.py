@@ -25,21 +25,56 @@ import tf_keras
 
 from pipelines.common import duration
 from pipelines.detection.experiment import build_experiment
+from pipelines.detection import ssd
 from pipelines.detection.params import DetectorParams
 
-from official.common import distribute_utils  # isort: skip
+from official.common import dataset_fn, distribute_utils  # isort: skip
 from official.core import train_lib, train_utils  # isort: skip
 from official.modeling import performance  # isort: skip
+from official.vision.dataloaders import input_reader, input_reader_factory, tf_example_decoder  # isort: skip
 from official.vision.tasks import retinanet as retinanet_task  # isort: skip
 
 
 class DetectionTask(retinanet_task.RetinaNetTask):
-    """Model Garden's RetinaNetTask with one fix for COCO evaluation from the TFRecords' own ground
-    truth: its eval parser gives `groundtruths['num_detections']` as [batch, 1], which
-    coco_utils.convert_groundtruths_to_coco_dataset passes to int(), a TypeError under NumPy 2."""
+    """Model Garden's RetinaNetTask building the Object Detection API's SSD network (pipelines/
+    detection/ssd.py) and reading our TFRecords with its parser; restores fine-tuning checkpoints
+    of either layout (ours, or the OD API's zoo: pipelines/detection/zoo.py).
+
+    Also fixes COCO evaluation from the TFRecords' own ground truth: Model Garden's eval parser
+    gives `groundtruths['num_detections']` as [batch, 1], which coco_utils.convert_groundtruths_to_
+    coco_dataset passes to int(), a TypeError under NumPy 2."""
+
+    def build_model(self):
+        decay = self.task_config.losses.l2_weight_decay
+        # Divided by 2 as Model Garden does: Keras' l2 has no 1/2, tf.nn.l2_loss has.
+        return ssd.build_model(self.task_config, tf_keras.regularizers.l2(decay / 2.0) if decay else None)
+
+    def initialize(self, model):
+        if not self.task_config.init_checkpoint:
+            return
+        from pipelines.detection import zoo
+
+        summary = zoo.restore(model, self.task_config.init_checkpoint, self.task_config.init_checkpoint_modules)
+        print(summary, flush=True)
 
     def build_inputs(self, params, input_context=None):
-        dataset = super().build_inputs(params, input_context)
+        model = self.task_config.model
+        decoder = tf_example_decoder.TfExampleDecoder(regenerate_source_id=params.decoder.get().regenerate_source_id)
+        parser = ssd.SSDParser(
+            task=self.task_config, output_size=model.input_size[:2], min_level=model.min_level,
+            max_level=model.max_level, num_scales=model.anchor.num_scales, aspect_ratios=model.anchor.aspect_ratios,
+            anchor_size=model.anchor.anchor_size, dtype=params.dtype, match_threshold=params.parser.match_threshold,
+            unmatched_threshold=params.parser.unmatched_threshold,
+            box_coder_weights=model.detection_generator.box_coder_weights, aug_type=params.parser.aug_type,
+            aug_rand_hflip=params.parser.aug_rand_hflip, aug_scale_min=params.parser.aug_scale_min,
+            aug_scale_max=params.parser.aug_scale_max,
+            skip_crowd_during_training=params.parser.skip_crowd_during_training,
+            max_num_instances=params.parser.max_num_instances, pad=params.parser.pad,
+            keep_aspect_ratio=params.parser.keep_aspect_ratio)
+        reader = input_reader_factory.input_reader_generator(
+            params, dataset_fn=dataset_fn.pick_dataset_fn(params.file_type), decoder_fn=decoder.decode,
+            combine_fn=input_reader.create_combine_fn(params), parser_fn=parser.parse_fn(params.is_training))
+        dataset = reader.read(input_context=input_context)
         if params.is_training:
             return dataset
 

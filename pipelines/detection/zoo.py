@@ -1,0 +1,387 @@
+"""Object Detection API checkpoints <-> our SSD network, and fine-tuning restores of every layout.
+
+The OD API's TF2 checkpoints (the model zoo's `checkpoint/ckpt-0`, or one written by its
+model_main_tf2.py) name variables by object path: `model/_feature_extractor/classification_backbone/
+layer_with_weights-N/...` (MobileNetV2, Keras-application layer order), `model/_feature_extractor/
+_fpn_features_generator/...` and `_coarse_feature_layers/...` (FPNLite), `model/_box_predictor/...`
+(the weight-shared head). `od_api_table` gives, for each of our network's variables, that name;
+the backbone's layers map in order (both are the Keras-application MobileNetV2: same layers, same
+order, same shapes), the rest by structure.
+
+`restore` initialises a model from any supported fine-tuning source, as the OD API's
+`SSDMetaArch.restore_from_objects` selects for each `fine_tune_checkpoint_type`:
+- `classification`: the backbone only;
+- `detection`: the feature extractor (backbone and FPN); the box predictor starts fresh;
+- `full`: everything (the checkpoint's classes and anchors must be the model's).
+Sources: an OD API checkpoint, one of ours (Model Garden's layout: `backbone`, `decoder`, `head`
+at its root), a Model Garden classification checkpoint (`backbone`), or a Keras-application
+MobileNetV2 weights file (`..._no_top.h5`, classification only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+BACKBONE = "model/_feature_extractor/classification_backbone/"
+FPN = "model/_feature_extractor/_fpn_features_generator/"
+COARSE = "model/_feature_extractor/_coarse_feature_layers/"
+PREDICTOR = "model/_box_predictor/"
+KINDS = ("classification", "detection", "full")
+
+# Which part of the network each OD API name belongs to (for summaries), in network order.
+PARTS = [(BACKBONE, "backbone"), (FPN, "FPN"), (COARSE, "FPN"),
+         (PREDICTOR + "_head_scope_conv_layers/", "box predictor tower"),
+         (PREDICTOR + "_base_tower_layers_for_heads/", "box predictor tower"),
+         (PREDICTOR + "_box_prediction_head/", "box predictor"),
+         (PREDICTOR + "_prediction_heads/", "class predictor")]
+RESTORED_PARTS = {"classification": {"backbone"}, "detection": {"backbone", "FPN"},
+                  "full": {"backbone", "FPN", "box predictor tower", "box predictor", "class predictor"}}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot initialise this model (message names the file and the reason)."""
+
+
+def part_of(name: str) -> str:
+    for prefix, part in PARTS:
+        if name.startswith(prefix):
+            return part
+    return "other"
+
+
+def _leaf_layers(layer) -> list:
+    """Layers holding variables, in build order (nested blocks flattened)."""
+    # Layers that own variables themselves (not through sublayers), in Keras' tracking order.
+    return [sub for sub in layer._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001
+            if sub._trainable_weights or sub._non_trainable_weights]  # noqa: SLF001
+
+
+def _short(var) -> str:
+    return var.name.split("/")[-1].split(":")[0]
+
+
+def _layer_vars(prefix: str, layer) -> dict[str, tf.Variable]:
+    return {f"{prefix}/{_short(v)}{SUFFIX}": v for v in layer.weights}
+
+
+def backbone_layers(model) -> list:
+    """Our backbone's weighted layers, in the Keras-application MobileNetV2 order."""
+    return _leaf_layers(model.backbone)
+
+
+def od_api_table(model) -> dict[str, tf.Variable]:
+    """{OD API checkpoint name: our variable} for every variable of our SSD network."""
+    table: dict[str, tf.Variable] = {}
+    for n, layer in enumerate(backbone_layers(model)):
+        table.update(_layer_vars(f"{BACKBONE}layer_with_weights-{n}", layer))
+    fpn = model.decoder
+    table.update(_layer_vars(f"{FPN}top_layers/0", fpn.top))
+    for i, (lateral, conv, norm) in enumerate(zip(fpn.laterals, fpn.smoothing, fpn.smoothing_norms)):
+        table.update(_layer_vars(f"{FPN}residual_blocks/{i}/0", lateral))
+        table.update(_layer_vars(f"{FPN}conv_layers/{i}/0", conv))
+        table.update(_layer_vars(f"{FPN}conv_layers/{i}/1", norm))
+    for i, (conv, norm) in enumerate(zip(fpn.coarse, fpn.coarse_norms)):
+        table.update(_layer_vars(f"{COARSE}{i}/0", conv))
+        table.update(_layer_vars(f"{COARSE}{i}/1", norm))
+    head = model.head
+    towers = [("PredictionTower" if head.share else "BoxPredictionTower", "box_encodings", head.box_tower,
+               head.box_tower_norms)]
+    if not head.share:
+        towers.append(("ClassPredictionTower", "class_predictions_with_background", head.class_tower,
+                       head.class_tower_norms))
+    for scope, key, convs, norms in towers:
+        for i, conv in enumerate(convs):
+            table.update(_layer_vars(f"{PREDICTOR}_head_scope_conv_layers/{scope}/{i}", conv))
+        for j, level_norms in enumerate(norms):
+            for i, norm in enumerate(level_norms):
+                # The tower is a list [conv, batch norm, activation] per layer: the norm is at 3i + 1.
+                table.update(_layer_vars(f"{PREDICTOR}_base_tower_layers_for_heads/{key}/{j}/{3 * i + 1}", norm))
+    table.update(_layer_vars(f"{PREDICTOR}_box_prediction_head/_box_encoder_layers/0", head.box_predictor))
+    table.update(_layer_vars(
+        f"{PREDICTOR}_prediction_heads/class_predictions_with_background/_class_predictor_layers/0",
+        head.class_predictor))
+    return table
+
+
+def od_api_names(model) -> dict[int, list[str]]:
+    """{id(our variable): [its OD API checkpoint name, without the '/.ATTRIBUTES...' suffix]}."""
+    return {id(v): [name[:-len(SUFFIX)]] for name, v in od_api_table(model).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+def checkpoint_prefix(path: str | Path) -> str:
+    """A checkpoint prefix from a prefix or a folder (its latest checkpoint)."""
+    path = str(path)
+    if tf.io.gfile.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: no checkpoint in this folder")
+        return latest
+    if not tf.io.gfile.exists(path + ".index"):
+        raise CheckpointError(f"{path}: no such checkpoint (expected {path}.index)")
+    return path
+
+
+def layout(path: str | Path) -> str:
+    """'od_api', 'ours' (Model Garden layout, detection or classification) or 'keras_h5'."""
+    if str(path).endswith((".h5", ".hdf5")):
+        if not Path(path).is_file():
+            raise CheckpointError(f"{path}: no such weights file")
+        return "keras_h5"
+    names = [name for name, _ in tf.train.list_variables(checkpoint_prefix(path))]
+    if any(name.startswith("model/_feature_extractor/") for name in names):
+        return "od_api"
+    if any(name.startswith("backbone/") for name in names):
+        return "ours"
+    raise CheckpointError(f"{path}: neither an Object Detection API checkpoint (model/_feature_extractor/...) nor "
+                          "one of this pipeline's (backbone/...)")
+
+
+@dataclasses.dataclass
+class RestoreSummary:
+    source: str
+    kind: str
+    source_layout: str
+    restored: int
+    fresh: list[str]  # parts of the model initialised fresh
+    unused: dict[str, int]  # checkpoint part -> variables not used
+    num_classes: int
+
+    def __str__(self) -> str:
+        what = {"od_api": "Object Detection API checkpoint", "ours": "checkpoint",
+                "keras_h5": "Keras MobileNetV2 weights"}[self.source_layout]
+        line = f"restored {self.restored} variables from {self.source} ({what}, '{self.kind}')"
+        if self.fresh:
+            fresh = ", ".join(f"{p} ({self.num_classes} classes)" if p == "class predictor" else p for p in self.fresh)
+            line += f"; initialised fresh: {fresh}"
+        if self.unused:
+            line += "; not used from the checkpoint: " + ", ".join(f"{p} ({n})" for p, n in self.unused.items())
+        return line
+
+
+def _fresh_parts(kind: str) -> list[str]:
+    order = ["backbone", "FPN", "box predictor tower", "box predictor", "class predictor"]
+    return [p for p in order if p not in RESTORED_PARTS[kind]]
+
+
+def _num_classes(model) -> int:
+    """Label-map classes K (the network predicts K + 1 columns, background first)."""
+    return model.head.get_config()["num_classes"] - 1
+
+
+def restore_od_api(model, path: str | Path, kind: str = "full") -> RestoreSummary:
+    """Assign the OD API checkpoint's values to `model` for `kind`; every variable checked by shape."""
+    prefix = checkpoint_prefix(path)
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    table = od_api_table(model)
+    wanted = {name: var for name, var in table.items() if part_of(name) in RESTORED_PARTS[kind]}
+    missing = sorted(name for name in wanted if name not in shapes)
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} variables of this model are not in the checkpoint, e.g. "
+                              f"{missing[0][:-len(SUFFIX)]} (another architecture or configuration?)")
+    for name, var in wanted.items():
+        if tuple(shapes[name]) != tuple(var.shape):
+            hint = (" (the checkpoint was trained for other classes: use fine_tune_checkpoint_type 'detection')"
+                    if part_of(name) == "class predictor" else "")
+            raise CheckpointError(f"{path}: {name[:-len(SUFFIX)]} has shape {list(shapes[name])}, this model "
+                                  f"{var.shape.as_list()}{hint}")
+    for name, var in wanted.items():
+        var.assign(reader.get_tensor(name).astype(var.dtype.as_numpy_dtype))
+    unused: dict[str, int] = {}
+    for name in shapes:
+        if name.endswith(SUFFIX) and name not in wanted and name.startswith("model/"):
+            part = part_of(name)
+            unused[part] = unused.get(part, 0) + 1
+    return RestoreSummary(str(path), kind, "od_api", len(wanted), _fresh_parts(kind), unused, _num_classes(model))
+
+
+def restore_ours(model, path: str | Path, kind: str) -> RestoreSummary:
+    """Restore a checkpoint of this pipeline (or Model Garden's classification task) for `kind`."""
+    prefix = checkpoint_prefix(path)
+    roots = {name.split("/")[0] for name, _ in tf.train.list_variables(prefix)}
+    items = {"classification": ["backbone"], "detection": ["backbone", "decoder"],
+             "full": ["backbone", "decoder", "head"]}[kind]
+    absent = [item for item in items if item not in roots]
+    if absent:
+        raise CheckpointError(f"{path}: has no {', '.join(absent)} (a classification checkpoint holds the backbone "
+                              f"only: use fine_tune_checkpoint_type 'classification')")
+    objects = {item: getattr(model, item) for item in items}
+    try:
+        tf.train.Checkpoint(**objects).read(prefix).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise CheckpointError(f"{path}: does not fit this model's {', '.join(items)} ({first})") from None
+    restored = sum(len(obj.weights) for obj in objects.values())
+    return RestoreSummary(str(path), kind, "ours", restored, _fresh_parts(kind), {}, _num_classes(model))
+
+
+def keras_mobilenet_v2(alpha: float = 1.0):
+    return tf_keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(None, None, 3), alpha=alpha)
+
+
+def restore_keras_h5(model, path: str | Path, alpha: float = 1.0) -> RestoreSummary:
+    """The backbone from a Keras-application MobileNetV2 weights file (no top), layer by layer."""
+    keras_model = keras_mobilenet_v2(alpha)
+    try:
+        keras_model.load_weights(str(path))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a Keras MobileNetV2 (alpha {alpha}) weights file without top: "
+                              f"{str(e).splitlines()[0][:200]}") from None
+    source = [layer for layer in keras_model.layers if layer.weights]
+    target = backbone_layers(model)
+    if len(source) != len(target):
+        raise CheckpointError(f"{path}: {len(source)} weighted layers, the backbone has {len(target)}")
+    pairs = []
+    for src, dst in zip(source, target):
+        src_vars = {_short(v): v for v in src.weights}
+        for var in dst.weights:
+            value = src_vars.get(_short(var))
+            if value is None or tuple(value.shape) != tuple(var.shape):
+                raise CheckpointError(f"{path}: layer {src.name} does not match the backbone's {dst.name}")
+            pairs.append((var, value))
+    for var, value in pairs:
+        var.assign(value)
+    return RestoreSummary(str(path), "classification", "keras_h5", len(pairs), _fresh_parts("classification"), {},
+                          _num_classes(model))
+
+
+def restore(model, path: str | Path, kind: str = "detection") -> RestoreSummary:
+    """Initialise `model` from `path` as fine_tune_checkpoint_type `kind` says (see the module doc)."""
+    kind = (kind or "detection").lower()
+    if kind not in KINDS:
+        raise CheckpointError(f"fine_tune_checkpoint_type '{kind}': expected one of {', '.join(KINDS)}")
+    source = layout(path)
+    if source == "keras_h5":
+        if kind != "classification":
+            raise CheckpointError(f"{path}: a Keras weights file holds a backbone only: use "
+                                  "fine_tune_checkpoint_type 'classification'")
+        return restore_keras_h5(model, path)
+    if source == "od_api":
+        return restore_od_api(model, path, kind)
+    return restore_ours(model, path, kind)
+
+
+def check(params, kind: str | None = None) -> RestoreSummary:
+    """Whether params.fine_tune_checkpoint can initialise the params' model: builds the model and
+    restores into it (nothing is written). Raises CheckpointError naming the problem."""
+    from pipelines.detection.train import build_model
+
+    return restore(build_model(params), params.fine_tune_checkpoint, kind or params.fine_tune_checkpoint_type)
+
+
+def variable_report(model, path: str | Path) -> dict[str, list[str]]:
+    """For an OD API checkpoint: {'mapped': [...], 'unmapped_checkpoint': [...], 'unmapped_model': [...]}."""
+    shapes = tf.train.load_checkpoint(checkpoint_prefix(path)).get_variable_to_shape_map()
+    table = od_api_table(model)
+    ckpt = {n for n in shapes if n.endswith(SUFFIX)}
+    return {"mapped": sorted(ckpt & set(table)), "unmapped_checkpoint": sorted(ckpt - set(table)),
+            "unmapped_model": sorted(set(table) - ckpt)}
+
+
+def np_values(model) -> dict[str, np.ndarray]:
+    """{OD API name: value} of the model's variables (for comparisons in tests)."""
+    return {name: var.numpy() for name, var in od_api_table(model).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# make import
+
+COCO_LABEL_MAP = "configs/mscoco_label_map.pbtxt"
+
+
+def _zoo_checkpoint(zoo_dir: Path) -> str:
+    """The zoo folder's checkpoint prefix, with its data files present."""
+    folder = zoo_dir / "checkpoint"
+    if not folder.is_dir():
+        raise CheckpointError(f"{zoo_dir}: no checkpoint/ folder (an extracted zoo model has pipeline.config and "
+                              "checkpoint/ckpt-0.*)")
+    prefix = tf.train.latest_checkpoint(str(folder)) or str(folder / "ckpt-0")
+    if not Path(prefix + ".index").is_file():
+        raise CheckpointError(f"{folder}: no checkpoint (expected ckpt-0.index and ckpt-0.data-*)")
+    data = sorted(Path(prefix).parent.glob(Path(prefix).name + ".data-*"))
+    match = re.search(r"of-(\d+)$", data[0].name) if data else None
+    if not data or (match and len(data) != int(match.group(1))):
+        raise CheckpointError(f"{prefix}.data-00000-of-00001: missing (the index alone holds no weights: extract the "
+                              "whole archive)")
+    return prefix
+
+
+def import_zoo(zoo_dir: Path, run: str | None = None, label_map: Path | None = None, force: bool = False,
+               log=print) -> Path:
+    """An extracted zoo folder -> workspace/RUN/ (pipeline.config, label_map.pbtxt, train/ckpt-0)."""
+    import json
+    import shutil
+
+    from pipelines.common import REPO_ROOT, UserError, atomic_output_dir, display_path, workspace_dir
+    from pipelines.config import translate as tr
+    from pipelines.config.textproto import TextProto
+    from pipelines.data.label_map import read_label_map
+    from pipelines.detection.train import build_model
+
+    zoo_dir = Path(zoo_dir)
+    config_path = zoo_dir / "pipeline.config"
+    if not config_path.is_file():
+        raise UserError(display_path(zoo_dir), "no pipeline.config (give the extracted zoo model's folder)")
+    prefix = _zoo_checkpoint(zoo_dir)
+    if layout(prefix) != "od_api":
+        raise CheckpointError(f"{prefix}: not an Object Detection API checkpoint")
+    run = run or zoo_dir.resolve().name
+    target = workspace_dir() / run
+    if target.exists() and not force:
+        raise UserError(display_path(target), "exists already: choose another RUN= or remove it")
+
+    label_map = Path(label_map) if label_map else REPO_ROOT / COCO_LABEL_MAP
+    labels = read_label_map(label_map)
+    doc = TextProto(config_path.read_text(encoding="utf-8"), display_path(config_path))
+    params = tr.translate(doc, check_paths=False).params  # unsupported architectures stop here
+    if max(labels) > params.num_classes:
+        raise UserError(display_path(label_map), f"ids up to {max(labels)}, but the model has {params.num_classes} "
+                                                 "classes (give its own label map with LABEL_MAP=)")
+
+    model = build_model(params)
+    summary = restore_od_api(model, prefix, "full")
+    report = variable_report(model, prefix)
+    extra = [n[:-len(SUFFIX)] for n in report["unmapped_checkpoint"] if not n.startswith("save_counter/")]
+    if extra:
+        raise CheckpointError(f"{prefix}: {len(extra)} variables this model has no place for, e.g. {extra[0]} "
+                              "(the checkpoint does not match its pipeline.config?)")
+    log(f"{summary} ({len(report['mapped'])} of the checkpoint's {len(report['mapped']) + 1} entries; the other, "
+        "save_counter, counts saves and is not a weight)")
+
+    # The run's config: the zoo's, reading our label map; no fine-tuning source (the weights are in train/).
+    for reader in ("train_input_reader", "eval_input_reader"):
+        if doc.has(f"{reader}.label_map_path"):
+            doc.set(f"{reader}.label_map_path", _portable(target / "label_map.pbtxt"))
+    for name in ("fine_tune_checkpoint", "fine_tune_checkpoint_type", "fine_tune_checkpoint_version"):
+        doc.remove(f"train_config.{name}")
+    with atomic_output_dir(target) as tmp:
+        label_path = tmp / "label_map.pbtxt"
+        shutil.copyfile(label_map, label_path)
+        (tmp / "pipeline.config").write_text(doc.text, encoding="utf-8")
+        tf.train.Checkpoint(model=model, **model.checkpoint_items).write(str(tmp / "train" / "ckpt-0"))
+        tf.compat.v1.train.update_checkpoint_state(str(tmp / "train"), "ckpt-0", all_model_checkpoint_paths=["ckpt-0"])
+        (tmp / "train" / "import.json").write_text(json.dumps({
+            "zoo": str(zoo_dir.resolve()), "checkpoint": prefix, "restored": summary.restored,
+            "label_map": str(label_map), "num_classes": params.num_classes}, indent=2) + "\n")
+    log(f"wrote {display_path(target)}/: pipeline.config, label_map.pbtxt ({len(labels)} classes), train/ckpt-0; "
+        f"next: make export RUN={run} && make serve RUN={run}")
+    return target
+
+
+def _portable(path: Path) -> str:
+    from pipelines.common import REPO_ROOT
+
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path.resolve())
