@@ -1,18 +1,28 @@
-"""Training speed of `make train` against Model Garden's own trainer, and a learning benchmark.
+"""Training speed of `make train` (the exact network) against the previous network, and a learning benchmark.
 
     .venv/bin/python bench/bench_train_detection.py [--steps 40] [--batch 8] [--rounds 2]
     .venv/bin/python bench/bench_train_detection.py --learning [--steps 1500] [--batch 16]
 
 Speed: the bundled sample (300 images) goes through `pipelines data` and `pipelines config`
 (ssd_mobilenet_v2_fpnlite_320x320, --batch-size/--num-steps); then, alternating which goes first,
-    ours:         python -m pipelines train --run RUN
-    Model Garden: python -m official.vision.train --experiment=retinanet --mode=train
-                  --config_file=params.yaml --model_dir=...
-train the same model from scratch on the same TFRecords. params.yaml is the Model Garden
-experiment `make train` builds for RUN (written fresh each round by the same code), so both do
-the same work. Images/s are taken from the
-"steps/sec" lines both print (orbit's own timing), averaged over every loop after the first
-(which includes graph tracing), times the batch size. The ratio ours/Model Garden is printed.
+    exact:    python -m pipelines train --run RUN
+              (the Object Detection API's network, pipelines/detection/ssd.py, in our DetectionTask)
+    previous: python -m official.vision.train --experiment=retinanet --mode=train
+              --config_file=params.yaml --model_dir=...
+train from scratch on the same TFRecords with the same batch, steps and loops. The previous
+network is the one `make train` trained before commit 2479dba: Model Garden's stock RetinaNet made
+to look like SSD MobileNet V2 FPNLite (separable FPN, level-shared separable RetinaNetHead, Model
+Garden anchors, ImageNet mean/std normalisation), trained by Model Garden's own trainer. Its
+params.yaml is the experiment `make train` builds for RUN (written fresh each round by the same
+code), with the `task.ssd` block removed (Model Garden's RetinaNetTask has no such field) and the
+fields set as the previous FIELDS table (b4967f6:pipelines/detection/experiment.py) set them:
+`task.model.decoder.fpn.use_separable_conv`, `task.model.head.use_separable_conv` and
+`task.model.head.share_level_convs` true; `task.model.norm_activation.norm_momentum` and
+`norm_epsilon`, which the current table takes from the pipeline.config's batch_norm decay and
+epsilon, back to the retinanet experiment's defaults as the previous table left them (see
+`previous_experiment`). Images/s are taken from the "steps/sec" lines both print (orbit's own
+timing), averaged over every loop after the first (which includes graph tracing), times the batch
+size. The ratio exact/previous is printed.
 
 Learning (--learning): our trainer alone, from scratch on CPU, for --steps, then `pipelines eval`:
 the COCO AP@[.5:.95] reached and the wall time it took.
@@ -68,8 +78,46 @@ def prepare(out: Path, env: dict, batch: int, steps: int, run: str) -> Path:
     return out / "ws" / run
 
 
+# The fields the previous FIELDS table (commit b4967f6) set for the stock RetinaNet that the current one no
+# longer sets; the current table's `task.ssd.*` rows replace them.
+PREVIOUS_FIELDS = {
+    "task.model.decoder.fpn.use_separable_conv": True,
+    "task.model.head.use_separable_conv": True,
+    "task.model.head.share_level_convs": True,
+}
+# Set by the current table (from batch_norm decay/epsilon) but not by the previous one: the previous
+# network used the retinanet experiment's defaults (filled in from retinanet_cfg.retinanet()).
+PREVIOUS_DEFAULTS = ("task.model.norm_activation.norm_momentum", "task.model.norm_activation.norm_epsilon")
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def previous_experiment(exp):
+    """The previous network's experiment from the current one: no `task.ssd`, stock-RetinaNet fields."""
+    from official.vision.configs import retinanet as retinanet_cfg
+
+    from pipelines.detection.experiment import _set
+
+    task = exp.task.as_dict()
+    task.pop("ssd")
+    exp.task = retinanet_cfg.RetinaNetTask(**task)
+    for path, value in PREVIOUS_FIELDS.items():
+        _set(exp, path, value)
+    stock = retinanet_cfg.retinanet()
+    for path in PREVIOUS_DEFAULTS:
+        _set(exp, path, _get(stock, path))
+    return exp
+
+
 def write_experiment(run: str, folder: Path) -> Path:
-    """The Model Garden experiment `make train` builds for RUN, written as params.yaml (as train does)."""
+    """The previous network's Model Garden experiment for RUN, written as params.yaml (as train does).
+
+    The current experiment is built by the code `make train` uses, then `previous_experiment`.
+    """
     from official.core import train_utils
 
     from pipelines.detection.experiment import build_experiment
@@ -78,34 +126,40 @@ def write_experiment(run: str, folder: Path) -> Path:
     params, run_dir, _ = load_run(run)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    train_utils.serialize_config(build_experiment(params, str(run_dir / "train")), str(folder))
+    exp = previous_experiment(build_experiment(params, str(run_dir / "train")))
+    train_utils.serialize_config(exp, str(folder))
     return folder / "params.yaml"
 
 
 def speed(args, out: Path, env: dict) -> None:
     rows = []
     for round_ in range(args.rounds):
-        order = ["ours", "model_garden"] if round_ % 2 == 0 else ["model_garden", "ours"]
+        order = ["exact", "previous"] if round_ % 2 == 0 else ["previous", "exact"]
         for who in order:
             run_dir = prepare(out, env, args.batch, args.steps, f"speed-{round_}")
-            if who == "ours":
+            if who == "exact":
                 shutil.rmtree(run_dir / "train", ignore_errors=True)
                 wall, output = sh([PY, "-m", "pipelines", "train", "--run", run_dir.name], env,
-                                  out / f"ours-{round_}.log")
+                                  out / f"exact-{round_}.log")
             else:
-                mg_dir = out / f"mg-{round_}"
+                mg_dir = out / f"previous-{round_}"
                 shutil.rmtree(mg_dir, ignore_errors=True)
-                params_yaml = write_experiment(run_dir.name, out / f"mg-{round_}-params")
+                params_yaml = write_experiment(run_dir.name, out / f"previous-{round_}-params")
                 wall, output = sh([PY, "-m", "official.vision.train", "--experiment=retinanet", "--mode=train",
                                    f"--config_file={params_yaml}", f"--model_dir={mg_dir}"],
-                                  env, out / f"mg-{round_}.log")
+                                  env, out / f"previous-{round_}.log")
             sps = steady_steps_per_sec(output)
             rows.append((who, round_, wall, sps, sps * args.batch))
-            print(f"  round {round_ + 1} {who:<12} {sps:6.3f} steps/s  {sps * args.batch:6.2f} img/s  wall {wall:6.1f}s",
+            print(f"  round {round_ + 1} {who:<9} {sps:6.3f} steps/s  {sps * args.batch:6.2f} img/s  wall {wall:6.1f}s",
                   flush=True)
-    ours = statistics.median(r[4] for r in rows if r[0] == "ours")
-    theirs = statistics.median(r[4] for r in rows if r[0] == "model_garden")
-    print(f"\nmedian images/s: ours {ours:.2f}, Model Garden {theirs:.2f}; ratio ours/Model Garden {ours / theirs:.3f}")
+    exact = statistics.median(r[4] for r in rows if r[0] == "exact")
+    previous = statistics.median(r[4] for r in rows if r[0] == "previous")
+    for round_ in range(args.rounds):
+        ratio = [r[4] for r in rows if r[1] == round_ and r[0] == "exact"][0] / \
+            [r[4] for r in rows if r[1] == round_ and r[0] == "previous"][0]
+        print(f"round {round_ + 1}: exact/previous {ratio:.3f}")
+    print(f"\nmedian images/s: exact (ours) {exact:.2f}, previous {previous:.2f}; "
+          f"ratio exact/previous {exact / previous:.3f}")
 
 
 def learning(args, out: Path, env: dict) -> None:

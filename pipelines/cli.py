@@ -127,27 +127,6 @@ def cmd_config(args) -> int:
     return 0
 
 
-def add_import_parser(sub) -> None:
-    p = sub.add_parser("import", help="an Object Detection API zoo model as a run -> workspace/RUN/ (eval, export, "
-                                      "serve it like any other)",
-                       description="Turn an extracted Object Detection API model-zoo folder (pipeline.config, "
-                                   "checkpoint/ckpt-0.*) into workspace/RUN/: its pipeline.config, the weights as a "
-                                   "checkpoint of this pipeline (train/ckpt-0) and a label map.")
-    p.add_argument("--zoo", required=True, help="the extracted zoo folder (e.g. ssd_mobilenet_v2_fpnlite_320x320_"
-                                                "coco17_tpu-8/)")
-    p.add_argument("--run", help="run name (default: the zoo folder's name)")
-    p.add_argument("--label-map", help="the model's label map (default: configs/mscoco_label_map.pbtxt, COCO's 90 ids)")
-    p.add_argument("--force", action="store_true", help="replace an existing workspace/RUN/")
-
-
-@_engine_errors
-def cmd_import(args) -> int:
-    from pipelines.detection.zoo import import_zoo
-
-    import_zoo(Path(args.zoo), args.run, Path(args.label_map) if args.label_map else None, force=args.force, log=_log)
-    return 0
-
-
 def add_run_parsers(sub) -> None:
     p = sub.add_parser("train", help="train the detector or segmenter of workspace/RUN/pipeline.config",
                        description="Train from workspace/RUN/pipeline.config (a detector with Model Garden, or a "
@@ -208,6 +187,27 @@ def _engine_errors(fn):
 
 def _log(line: str) -> None:
     print(line, flush=True)
+
+
+def add_import_parser(sub) -> None:
+    p = sub.add_parser("import", help="an Object Detection API zoo model as a run -> workspace/RUN/ (eval, export, "
+                                      "serve it like any other)",
+                       description="Turn an extracted Object Detection API model-zoo folder (pipeline.config, "
+                                   "checkpoint/ckpt-0.*) into workspace/RUN/: its pipeline.config, the weights as a "
+                                   "checkpoint of this pipeline (train/ckpt-0) and a label map.")
+    p.add_argument("--zoo", required=True, help="the extracted zoo folder (e.g. ssd_mobilenet_v2_fpnlite_320x320_"
+                                                "coco17_tpu-8/)")
+    p.add_argument("--run", help="run name (default: the zoo folder's name)")
+    p.add_argument("--label-map", help="the model's label map (default: configs/mscoco_label_map.pbtxt, COCO's 90 ids)")
+    p.add_argument("--force", action="store_true", help="replace an existing workspace/RUN/")
+
+
+@_engine_errors
+def cmd_import(args) -> int:
+    from pipelines.detection.zoo import import_zoo
+
+    import_zoo(Path(args.zoo), args.run, Path(args.label_map) if args.label_map else None, force=args.force, log=_log)
+    return 0
 
 
 @_engine_errors

@@ -280,25 +280,53 @@ def test_learning_rate_and_image_size(workspace):
 def test_fine_tune_checkpoint_set_and_checked(workspace, tmp_path):
     import tensorflow as tf
 
-    # Shaped like this model's checkpoints (backbone and decoder objects at the root); restoring real
-    # ones is tested in test_detection.py.
-    prefix = tf.train.Checkpoint(backbone=tf.train.Checkpoint(v=tf.Variable(1.0)),
-                                 decoder=tf.train.Checkpoint(v=tf.Variable(2.0))).write(str(tmp_path / "ckpt-1"))
+    from pipelines.config import translate as tr
+    from pipelines.detection.train import build_model
+
+    # A checkpoint of this model, as training writes it (model plus backbone/decoder/head at the root).
+    make_config(workspace, "--run", "ft0")
+    params = tr.load(workspace / "ft0" / "pipeline.config").params
+    model = build_model(params)
+    prefix = tf.train.Checkpoint(model=model, **model.checkpoint_items).write(str(tmp_path / "ckpt-1"))
     plain = tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(tmp_path / "plain" / "ckpt-1"))
-    make_config(workspace, "--run", "ft", "--checkpoint", prefix)
+    proc = make_config(workspace, "--run", "ft", "--checkpoint", prefix)
     doc = TextProto((workspace / "ft" / "pipeline.config").read_text())
     assert doc.get("train_config.fine_tune_checkpoint") == prefix
-    assert doc.get("train_config.fine_tune_checkpoint_type") == "classification"  # the template's
-    make_config(workspace, "--run", "ft", "--checkpoint", prefix, "--checkpoint-type", "detection")
+    assert doc.get("train_config.fine_tune_checkpoint_type") == "detection"  # a detector's checkpoint
+    assert f"restored 290 variables from {prefix} (checkpoint, 'detection'); initialised fresh: box predictor " \
+           "tower, box predictor, class predictor (4 classes)" in proc.stdout
+    proc = make_config(workspace, "--run", "ft", "--checkpoint", prefix, "--checkpoint-type", "full")
+    assert "restored 384 variables" in proc.stdout
+    proc = make_config(workspace, "--run", "ft", "--checkpoint", prefix, "--checkpoint-type", "classification")
     doc = TextProto((workspace / "ft" / "pipeline.config").read_text())
-    assert doc.get("train_config.fine_tune_checkpoint_type") == "detection"
+    assert doc.get("train_config.fine_tune_checkpoint_type") == "classification"
+    assert "restored 260 variables" in proc.stdout
     # A checkpoint that exists but is not one of this model's (here: a plain variable) is refused at config time.
-    assert "not a Model Garden checkpoint" in make_config(workspace, "--run", "ft3", "--checkpoint", plain,
-                                                          "--checkpoint-type", "classification", check=False).stderr
+    assert "neither an Object Detection API checkpoint" in make_config(
+        workspace, "--run", "ft3", "--checkpoint", plain, "--checkpoint-type", "classification", check=False).stderr
     proc = make_config(workspace, "--run", "ft2", "--checkpoint", tmp_path / "nope" / "ckpt-3", check=False)
     assert proc.returncode == 2
     assert "train_config.fine_tune_checkpoint: no checkpoint at" in proc.stderr and "Traceback" not in proc.stderr
     assert not (workspace / "ft2" / "pipeline.config").exists()
+
+
+def test_freeze_shortcut_writes_freeze_variables(workspace):
+    make_config(workspace, "--run", "fr", "--freeze", "backbone")
+    doc = TextProto((workspace / "fr" / "pipeline.config").read_text())
+    assert doc.get_all("train_config.freeze_variables") == ["model/_feature_extractor/classification_backbone/.*"]
+    params = tr_load(workspace / "fr" / "pipeline.config")
+    assert params.freeze_variables == ["model/_feature_extractor/classification_backbone/.*"]
+    text = (workspace / "fr" / "pipeline.config").read_text().replace(
+        'freeze_variables: "model', 'freeze_variables: "(unclosed')
+    (workspace / "fr" / "pipeline.config").write_text(text)
+    with pytest.raises(UserError, match=r"train_config.freeze_variables: .* not a valid regular expression"):
+        tr_load(workspace / "fr" / "pipeline.config")
+
+
+def tr_load(path):
+    from pipelines.config import translate as tr
+
+    return tr.load(path).params
 
 
 def test_a_zoo_file_works_as_the_template(workspace, tmp_path):

@@ -78,8 +78,12 @@ def test_experiment_maps_params(data_dir, tmp_path):
     m = exp.task.model
     assert m.num_classes == 5 and m.input_size == [320, 320, 3]
     assert m.backbone.type == "mobilenet" and m.backbone.mobilenet.model_id == "MobileNetV2"
-    assert m.decoder.type == "fpn" and m.decoder.fpn.use_separable_conv and m.decoder.fpn.num_filters == 128
-    assert (m.head.num_convs, m.head.num_filters, m.head.use_separable_conv) == (4, 128, True)
+    assert m.decoder.fpn.num_filters == 128 and exp.task.ssd.fpn_use_depthwise
+    assert (m.head.num_convs, m.head.num_filters) == (4, 128)
+    ssd = exp.task.ssd
+    assert (ssd.head_use_depthwise, ssd.share_prediction_tower, ssd.head_kernel_size) == (True, True, 3)
+    assert np.isclose(ssd.class_prediction_bias_init, -4.6) and ssd.max_detections_per_class == 100
+    assert (m.norm_activation.norm_momentum, m.norm_activation.norm_epsilon) == (0.997, 0.001)
     assert (m.anchor.num_scales, m.anchor.aspect_ratios, m.anchor.anchor_size) == (2, [1.0, 2.0, 0.5], 4.0)
     assert m.detection_generator.box_coder_weights == [10.0, 10.0, 5.0, 5.0]
     assert m.detection_generator.nms_version == "batched" and m.detection_generator.nms_iou_threshold == 0.6
@@ -154,15 +158,15 @@ def test_killed_run_resumes_from_its_checkpoint(data_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------- fine-tune
 
 
-def test_detection_fine_tune_restores_backbone_decoder_and_head(trained, tmp_path):
+def test_full_fine_tune_restores_backbone_decoder_and_head(trained, tmp_path):
     """Through train(): the trainer's first checkpoint holds the source's weights (lr 0, so one step
     changes no trainable weight; batch-norm moving statistics do move and are not compared)."""
     params, run_dir, _ = trained
     source = tf.train.latest_checkpoint(str(run_dir / "train"))
-    ft = dataclasses.replace(params, fine_tune_checkpoint=source, fine_tune_checkpoint_type="detection",
+    ft = dataclasses.replace(params, fine_tune_checkpoint=source, fine_tune_checkpoint_type="full",
                              num_steps=1, learning_rate=0.0, warmup_learning_rate=0.0)
-    assert build_experiment(ft, "", gpus=0).task.init_checkpoint_modules == "all"
-    result = train(ft, tmp_path, log=lambda line: None)
+    lines = []
+    result = train(ft, tmp_path, log=lines.append)
     assert result["global_step"] == 1
     for root in ("backbone", "decoder", "head"):
         want, got = checkpoint_values(source, root), checkpoint_values(result["checkpoint"], root)
@@ -172,24 +176,35 @@ def test_detection_fine_tune_restores_backbone_decoder_and_head(trained, tmp_pat
                 np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def test_detection_fine_tune_with_other_classes_skips_the_head(trained):
+def test_detection_fine_tune_restores_the_feature_extractor_only(trained):
+    """'detection' restores what the OD API's restore_from_objects('detection') does: backbone and
+    FPN; the box predictor (tower, box and class predictors) starts fresh, whatever its classes."""
     from official.core import task_factory
+
+    from pipelines.detection import zoo
 
     params, run_dir, _ = trained
     source = tf.train.latest_checkpoint(str(run_dir / "train"))
-    ft = dataclasses.replace(params, num_classes=2, fine_tune_checkpoint=source, fine_tune_checkpoint_type="detection")
-    exp = build_experiment(ft, "", gpus=0)
-    assert exp.task.init_checkpoint_modules == ["backbone", "decoder"]
-    task = task_factory.get_task(exp.task)
-    model = task.build_model()
-    task.initialize(model)  # what the trainer calls when its model_dir has no checkpoint
-    reference = build_model(params)
-    tf.train.Checkpoint(model=reference).read(source).expect_partial().assert_existing_objects_matched()
-    for part in ("backbone", "decoder"):
-        for got, want in zip(getattr(model, part).weights, getattr(reference, part).weights, strict=True):
-            np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.name)
-    shared = [(g, w) for g, w in zip(model.head.weights, reference.head.weights) if g.shape == w.shape]
-    assert not all(np.array_equal(g.numpy(), w.numpy()) for g, w in shared), "head restored"
+    for num_classes in (params.num_classes, 2):
+        ft = dataclasses.replace(params, num_classes=num_classes, fine_tune_checkpoint=source,
+                                 fine_tune_checkpoint_type="detection")
+        exp = build_experiment(ft, "", gpus=0)
+        assert exp.task.init_checkpoint_modules == "detection"
+        task = task_factory.get_task(exp.task)
+        model = task.build_model()
+        summary = zoo.restore(model, source, "detection")
+        reference = build_model(params)
+        tf.train.Checkpoint(model=reference).read(source).expect_partial().assert_existing_objects_matched()
+        for part in ("backbone", "decoder"):
+            for got, want in zip(getattr(model, part).weights, getattr(reference, part).weights, strict=True):
+                np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.name)
+        for layer in ("box_tower", "box_predictor"):  # kernels: fresh, not the source's
+            got, want = getattr(model.head, layer), getattr(reference.head, layer)
+            got, want = (got[0], want[0]) if isinstance(got, list) else (got, want)
+            assert not np.array_equal(got.weights[0].numpy(), want.weights[0].numpy()), f"{layer} restored"
+        assert summary.restored == len(model.backbone.weights) + len(model.decoder.weights)
+        assert f"initialised fresh: box predictor tower, box predictor, class predictor ({num_classes} classes)" in \
+            str(summary)
 
 
 def test_classification_fine_tune_restores_the_backbone(data_dir, tmp_path):
@@ -209,7 +224,7 @@ def test_classification_fine_tune_restores_the_backbone(data_dir, tmp_path):
 
     params = tiny_params(data_dir, fine_tune_checkpoint=prefix, fine_tune_checkpoint_type="classification")
     exp = build_experiment(params, "", gpus=0)
-    assert exp.task.init_checkpoint_modules == "backbone"
+    assert exp.task.init_checkpoint_modules == "classification"
     task = task_factory.get_task(exp.task)
     detector = task.build_model()
     task.initialize(detector)
@@ -220,11 +235,15 @@ def test_classification_fine_tune_restores_the_backbone(data_dir, tmp_path):
 
 
 def test_fine_tune_refuses_a_foreign_checkpoint(data_dir, tmp_path):
-    prefix = tf.train.Checkpoint(model=tf.Module()).save(str(tmp_path / "odapi" / "ckpt"))
+    from pipelines.detection import zoo
+
+    module = tf.Module()
+    module.v = tf.Variable(1.0)
+    prefix = tf.train.Checkpoint(model=module).save(str(tmp_path / "other" / "ckpt"))
     tf.train.Checkpoint(feature_extractor=tf.Variable(1.0)).write(str(tmp_path / "foreign"))
     for path in (prefix, str(tmp_path / "foreign")):
-        with pytest.raises(ValueError, match="not a Model Garden checkpoint"):
-            build_experiment(tiny_params(data_dir, fine_tune_checkpoint=path), "", gpus=0)
+        with pytest.raises(zoo.CheckpointError, match="neither an Object Detection API checkpoint"):
+            zoo.check(tiny_params(data_dir, fine_tune_checkpoint=path, fine_tune_checkpoint_type="detection"))
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -155,7 +155,8 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
     elif opts.checkpoint:
         ckpt = portable(Path(opts.checkpoint)) if Path(opts.checkpoint).exists() or Path(
             str(opts.checkpoint) + ".index").exists() else opts.checkpoint
-        kind = opts.checkpoint_type or doc.get("train_config.fine_tune_checkpoint_type") or "detection"
+        kind = opts.checkpoint_type or _checkpoint_kind(opts.checkpoint) or \
+            doc.get("train_config.fine_tune_checkpoint_type") or "detection"
         if not doc.set("train_config.fine_tune_checkpoint", ckpt):
             doc.add("train_config", "fine_tune_checkpoint", ckpt, after="num_steps")
         if not doc.set("train_config.fine_tune_checkpoint_type", kind):
@@ -175,6 +176,23 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
 # FREEZE=... shortcuts: regexes over the Object Detection API's variable names (also matched against ours).
 FREEZE_PATTERNS = {"backbone": "model/_feature_extractor/classification_backbone/.*",
                    "feature_extractor": "model/_feature_extractor/.*"}
+
+
+def _checkpoint_kind(path: str) -> str | None:
+    """'detection' for a detector's checkpoint, 'classification' for a backbone's (None: unreadable,
+    left to the checks that name the problem)."""
+    from pipelines.detection import zoo
+
+    try:
+        return zoo.default_kind(path)
+    except (ValueError, OSError, tf_errors()):
+        return None
+
+
+def tf_errors():
+    import tensorflow as tf
+
+    return tf.errors.OpError
 
 
 def _round(value: float) -> float:

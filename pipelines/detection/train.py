@@ -176,6 +176,11 @@ def train(params: DetectorParams, run_dir: str | Path, log: Callable[[str], None
         with strategy.scope():
             task = DetectionTask(exp.task, logging_dir=str(model_dir))
             trainer = train_utils.create_trainer(exp, task, train=True, evaluate=mode == "train_and_eval")
+        frozen = trainer.model.frozen_variables() if hasattr(trainer.model, "frozen_variables") else []
+        if frozen:
+            total = len(frozen) + len(trainer.model.trainable_weights)
+            log(f"froze {len(frozen)} of {total} trainable variables (train_config.freeze_variables / "
+                "update_trainable_variables): they get no gradient")
         progress = Progress(trainer.global_step, params.num_steps, params.batch_size, log)
         evals: list[dict] = []
 

@@ -202,6 +202,8 @@ def restore_od_api(model, path: str | Path, kind: str = "full") -> RestoreSummar
         if name.endswith(SUFFIX) and name not in wanted and name.startswith("model/"):
             part = part_of(name)
             unused[part] = unused.get(part, 0) + 1
+    order = ["backbone", "FPN", "box predictor tower", "box predictor", "class predictor", "other"]
+    unused = {part: unused[part] for part in order if part in unused}
     return RestoreSummary(str(path), kind, "od_api", len(wanted), _fresh_parts(kind), unused, _num_classes(model))
 
 
@@ -253,6 +255,16 @@ def restore_keras_h5(model, path: str | Path, alpha: float = 1.0) -> RestoreSumm
         var.assign(value)
     return RestoreSummary(str(path), "classification", "keras_h5", len(pairs), _fresh_parts("classification"), {},
                           _num_classes(model))
+
+
+def default_kind(path: str | Path) -> str:
+    """The fine_tune_checkpoint_type a checkpoint calls for when none is given: 'detection' for a
+    detector's checkpoint (it has an FPN), 'classification' for a backbone-only one."""
+    if layout(path) == "keras_h5":
+        return "classification"
+    names = [name for name, _ in tf.train.list_variables(checkpoint_prefix(path))]
+    detector = any(name.startswith(("model/_feature_extractor/_fpn_features_generator/", "decoder/")) for name in names)
+    return "detection" if detector else "classification"
 
 
 def restore(model, path: str | Path, kind: str = "detection") -> RestoreSummary:
