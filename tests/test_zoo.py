@@ -295,3 +295,19 @@ def test_freeze_variables_leave_the_backbone_untrained(tmp_path, sample_dir):
     assert not any(moved["backbone"]) and len(moved["backbone"]) > 50
     # (a few head/FPN variables can get no gradient in 3 steps, e.g. a bias under a saturated ReLU6)
     assert np.mean(moved["decoder"]) > 0.8 and np.mean(moved["head"]) > 0.8
+
+
+def test_the_640_template_builds_the_zoo_layout_too():
+    """The 640x640 zoo model has the same variables as the 320x320 one; only the grid grows."""
+    from conftest import REPO
+
+    params = zoo_params(REPO / "configs" / "ssd_mobilenet_v2_fpnlite_640x640.config", num_classes=90)
+    model = build_model(params)
+    if ZOO.is_dir():
+        shapes = dict(tf.train.list_variables(str(ZOO / "checkpoint" / "ckpt-0")))
+        assert {n: list(s) for n, s in shapes.items() if n.endswith(zoo.SUFFIX) and "save_counter" not in n} == {
+            n: v.shape.as_list() for n, v in zoo.od_api_table(model).items()}
+    anchors = ssd.anchor_boxes(3, 7, 2, params.aspect_ratios, params.anchor_size, (640, 640))
+    assert sum(int(np.prod(a.shape)) // 4 for a in anchors.values()) == 6 * (80 * 80 + 40 * 40 + 20 * 20 + 10 * 10 + 5 * 5)
+    out = model(tf.zeros([1, 640, 640, 3]), training=False)
+    assert out["detection_boxes"].shape == (1, params.max_detections, 4)

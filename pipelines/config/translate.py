@@ -42,6 +42,7 @@ FIELD_MAP = [
     (f"{SSD}.image_resizer.fixed_shape_resizer.height", "image_height", int),
     (f"{SSD}.image_resizer.fixed_shape_resizer.width", "image_width", int),
     (f"{FE}.depth_multiplier", "depth_multiplier", float),
+    (f"{FE}.min_depth", "min_depth", int),
     (f"{FE}.conv_hyperparams.activation", "activation", _activation),
     (f"{FE}.conv_hyperparams.batch_norm.decay", "batch_norm_decay", float),
     (f"{FE}.conv_hyperparams.batch_norm.epsilon", "batch_norm_epsilon", float),

@@ -58,8 +58,9 @@ FIELDS: list[Row] = [
      "task.model.norm_activation.activation", lambda p: p.activation),
     ("feature_extractor.fpn.min_level", "task.model.min_level", lambda p: p.min_level),
     ("feature_extractor.fpn.max_level", "task.model.max_level", lambda p: p.max_level),
-    ("feature_extractor.fpn.additional_layer_depth", "task.model.decoder.fpn.num_filters",
-     lambda p: p.fpn_num_filters),
+    # The OD API's depth_fn: the FPN's depth scales with the multiplier, never below min_depth.
+    ("feature_extractor.fpn.additional_layer_depth x depth_multiplier, min_depth",
+     "task.model.decoder.fpn.num_filters", lambda p: max(int(p.fpn_num_filters * p.depth_multiplier), p.min_depth)),
     ("feature_extractor.use_depthwise (FPNLite: separable FPN convs)", "task.ssd.fpn_use_depthwise",
      lambda p: p.fpn_separable),
     ("feature_extractor.conv_hyperparams.batch_norm.decay", "task.model.norm_activation.norm_momentum",

@@ -19,6 +19,7 @@ class DetectorParams:
 
     # backbone: feature_extractor { type: 'ssd_mobilenet_v2_fpn_keras' depth_multiplier ... }
     depth_multiplier: float = 1.0  # -> MobileNet filter_size_scale
+    min_depth: int = 16  # feature_extractor.min_depth: the FPN's depth is max(depth * multiplier, min_depth)
     activation: str = "relu6"  # conv_hyperparams.activation RELU_6
     batch_norm_decay: float = 0.997  # conv_hyperparams.batch_norm.decay (backbone and FPN)
     batch_norm_epsilon: float = 0.001  # conv_hyperparams.batch_norm.epsilon

@@ -29,12 +29,13 @@ from pipelines.detection import ssd
 from pipelines.detection.params import DetectorParams
 
 from official.common import dataset_fn, distribute_utils  # isort: skip
-from official.core import train_lib, train_utils  # isort: skip
+from official.core import task_factory, train_lib, train_utils  # isort: skip
 from official.modeling import performance  # isort: skip
 from official.vision.dataloaders import input_reader, input_reader_factory, tf_example_decoder  # isort: skip
 from official.vision.tasks import retinanet as retinanet_task  # isort: skip
 
 
+@task_factory.register_task_cls(ssd.SSDTask)
 class DetectionTask(retinanet_task.RetinaNetTask):
     """Model Garden's RetinaNetTask building the Object Detection API's SSD network (pipelines/
     detection/ssd.py) and reading our TFRecords with its parser; restores fine-tuning checkpoints
