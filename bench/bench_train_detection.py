@@ -97,20 +97,25 @@ def _get(config, dotted: str):
 
 
 def previous_experiment(exp):
-    """The previous network's experiment from the current one: no `task.ssd`, stock-RetinaNet fields."""
+    """The previous network's experiment from the current one: no `task.ssd`, stock-RetinaNet fields.
+
+    `exp` is locked (build_experiment locks it): the result is a fresh retinanet experiment
+    overridden with `exp`'s values.
+    """
     from official.vision.configs import retinanet as retinanet_cfg
 
     from pipelines.detection.experiment import _set
 
-    task = exp.task.as_dict()
-    task.pop("ssd")
-    exp.task = retinanet_cfg.RetinaNetTask(**task)
+    values = exp.as_dict()
+    values["task"].pop("ssd")
+    previous = retinanet_cfg.retinanet()
+    previous.override(values, is_strict=True)
     for path, value in PREVIOUS_FIELDS.items():
-        _set(exp, path, value)
+        _set(previous, path, value)
     stock = retinanet_cfg.retinanet()
     for path in PREVIOUS_DEFAULTS:
-        _set(exp, path, _get(stock, path))
-    return exp
+        _set(previous, path, _get(stock, path))
+    return previous
 
 
 def write_experiment(run: str, folder: Path) -> Path:
