@@ -17,6 +17,8 @@ SHARDS  ?=
 IMAGES  ?= 300
 ANNOTATIONS ?=
 SKIP_INVALID ?= 0
+MAX_PIXELS ?=
+ALLOW_OUTSIDE_IMAGES ?= 0
 MODEL   ?= ssd_mobilenet_v2_fpnlite_320x320
 RUN     ?=
 BATCH   ?=
@@ -38,7 +40,7 @@ help:
 	@echo "make test                          run the test suite"
 	@echo "make sample [IMAGES=300]           (re)generate the bundled sample in datasets/sample"
 	@echo "make data DATASET=NAME [TASK=detection|segmentation] [MASKS=0|1] [VAL_RATIO=0.2] [SEED=0]"
-	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1]"
+	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1] [MAX_PIXELS=N] [ALLOW_OUTSIDE_IMAGES=1]"
 	@echo "make config DATASET=NAME [MODEL=ssd_mobilenet_v2_fpnlite_320x320] [RUN=NAME] [BATCH=N] [STEPS=N]"
 	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification] [LR=peak] [SIZE=N|HxW]"
 	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
@@ -81,7 +83,8 @@ data: $(STAMP)
 	$(PY) -m pipelines data --dataset $(DATASET) --task $(TASK) --val-ratio $(VAL_RATIO) --seed $(SEED) \
 	  $(if $(filter 1,$(MASKS)),--masks) $(if $(filter 1,$(SKIP_INVALID)),--skip-invalid) \
 	  $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(if $(SHARDS),--shards $(SHARDS)) \
-	  $(if $(WORKERS),--workers $(WORKERS))
+	  $(if $(WORKERS),--workers $(WORKERS)) $(if $(MAX_PIXELS),--max-pixels $(MAX_PIXELS)) \
+	  $(if $(filter 1,$(ALLOW_OUTSIDE_IMAGES)),--allow-outside-images)
 
 config: $(STAMP)
 	$(PY) -m pipelines config --dataset $(DATASET) --model $(MODEL) $(if $(RUN),--run $(RUN)) \

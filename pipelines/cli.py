@@ -67,6 +67,10 @@ def add_data_parser(sub) -> None:
     p.add_argument("--skip-invalid", action="store_true",
                    help="drop invalid items (missing images, unknown ids, ...) instead of stopping; "
                         "each is listed in summary.json")
+    p.add_argument("--max-pixels", type=_positive_int,
+                   help="largest image (width x height) to read (default: PIPELINES_MAX_PIXELS, else 40000000)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="read image paths that lead out of the dataset folder (and --images), e.g. ../x.jpg")
     p.add_argument("--out", help="output folder (default workspace/NAME/data)")
 
 
@@ -78,7 +82,7 @@ def cmd_data(args) -> int:
     run(DataOptions(dataset=args.dataset, task=args.task, masks=args.masks, val_ratio=args.val_ratio,
                     seed=args.seed, shards=args.shards, workers=args.workers, skip_invalid=args.skip_invalid,
                     annotations=args.annotations, val_annotations=args.val_annotations, images=args.images,
-                    out=args.out))
+                    out=args.out, max_pixels=args.max_pixels, allow_outside_images=args.allow_outside_images))
     return 0
 
 

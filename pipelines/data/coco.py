@@ -17,9 +17,11 @@ Plain COCO adds RLE crowd annotations (compressed and uncompressed), a `_backgro
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path, PurePosixPath
 
 from pipelines.common import UserError, display_path
+from pipelines.data.checks import finite_reason, is_finite, is_number, numbers_in, show
 from pipelines.data.items import Category, Report, SourceDataset, SourceImage, SourceObject
 
 BACKGROUND_NAMES = {"_background_", "__background__", "__ignore__"}
@@ -33,6 +35,10 @@ def read_json(path: Path):
         raise UserError(display_path(path), f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise UserError(display_path(path), f"not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except RecursionError:
+        raise UserError(display_path(path), "invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(display_path(path), f"invalid JSON: {str(e).splitlines()[0][:200]}") from None
     except OSError as e:
         raise UserError(display_path(path), f"cannot read: {e.strerror or e}") from None
 
@@ -41,23 +47,52 @@ def _sort_key(value):
     return (0, value, "") if isinstance(value, int) else (1, 0, str(value))
 
 
-def find_file(root: Path, extra_roots: list[Path], names: list[str]) -> Path | None:
+class OutsideImage(Exception):
+    """An image path that leads out of the dataset folder (`..`), refused unless the user allows it."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def find_file(root: Path, extra_roots: list[Path], names: list[str], allow_outside: bool = False) -> Path | None:
     """The first of `names` (relative or absolute-looking paths) found below one of the roots.
 
     For each name, every tail of its path is tried from the longest, so that an absolute path
-    recorded on another machine (`/datasets/NAME/sub/x.jpg`) still finds `sub/x.jpg` here.
+    recorded on another machine (`/datasets/NAME/sub/x.jpg`) still finds `sub/x.jpg` here. A name
+    is only ever looked up below a root: a tail that climbs out with `..` is skipped unless
+    `allow_outside`, and when nothing else is found, OutsideImage says that the file exists out
+    there. (Symbolic links inside a root are followed wherever they point: they are the folder's
+    own entries, not text from an annotation file.)
     """
+    outside = None
     for name in names:
-        if not name:
+        if not name or not isinstance(name, str):
             continue
-        parts = [p for p in PurePosixPath(str(name).replace("\\", "/")).parts if p not in ("/", "")]
+        parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("/", "")]
         for start in range(len(parts)):
-            tail = Path(*parts[start:])
+            tail = posixpath.normpath("/".join(parts[start:]))  # "a/../b" is "b"; "../b" climbs out
+            climbs = tail == ".." or tail.startswith("../")
             for base in [root, *extra_roots]:
                 candidate = base / tail
-                if candidate.is_file():
-                    return candidate
+                try:
+                    exists = candidate.is_file()
+                except (OSError, ValueError):  # a name too long, a NUL byte
+                    exists = False
+                if not exists:
+                    continue
+                if climbs and not allow_outside:
+                    outside = outside or name
+                    continue
+                return candidate
+    if outside is not None:
+        raise OutsideImage(outside)
     return None
+
+
+def outside_reason(name: str, roots: list[Path]) -> str:
+    return (f"image path '{name}' leads outside {', '.join(display_path(r) for r in roots)}: refused "
+            "(--allow-outside-images reads it)")
 
 
 def image_key(path: Path, roots: list[Path]) -> str:
@@ -79,8 +114,12 @@ def image_key(path: Path, roots: list[Path]) -> str:
 def _polygons(segmentation, where, file, repaired, invalid):
     polygons = []
     for i, poly in enumerate(segmentation):
-        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+        if not isinstance(poly, list) or not all(is_number(v) for v in poly):
             invalid.append(Report(file, where, f"polygon {i} is not a list of numbers"))
+            return None
+        problem = finite_reason(poly, f"polygon {i}")
+        if problem:
+            invalid.append(Report(file, where, problem))
             return None
         if len(poly) < 6 or len(poly) % 2:
             repaired.append(Report(file, where, f"degenerate polygon with {len(poly) // 2} point(s) dropped"))
@@ -90,12 +129,41 @@ def _polygons(segmentation, where, file, repaired, invalid):
 
 
 def _bbox(value):
-    if isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value):
+    if isinstance(value, list) and len(value) == 4 and all(is_finite(v) for v in value):
         return tuple(float(v) for v in value)
     return None
 
 
-def load_coco(json_path: Path, root: Path, image_dirs: list[Path], format_name: str) -> SourceDataset:
+def _number_problem(ann: dict) -> str | None:
+    """Why one of the annotation's numbers (bbox, area, keypoints, RLE size) is not finite."""
+    bbox = ann.get("bbox")
+    if isinstance(bbox, list) and all(is_number(v) for v in bbox):
+        problem = finite_reason(bbox, "bbox")
+        if problem:
+            return problem
+    area = ann.get("area")
+    if is_number(area) and not is_finite(area):
+        return f"area is {show(area)}, not a finite number"
+    keypoints = ann.get("keypoints")
+    if isinstance(keypoints, list):
+        bad = next((v for v in numbers_in(keypoints) if not is_finite(v)), None)
+        if bad is not None:
+            return f"keypoints hold {show(bad)}, not a finite number"
+    segmentation = ann.get("segmentation")
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("size"), list):
+        problem = finite_reason([v for v in segmentation["size"] if is_number(v)], "RLE size")
+        if problem:
+            return problem
+    return None
+
+
+def _id_ok(value) -> bool:
+    """Ids are looked up in dicts: an integer, a string or a finite number (not a list, NaN, ...)."""
+    return isinstance(value, str) or is_finite(value)
+
+
+def load_coco(json_path: Path, root: Path, image_dirs: list[Path], format_name: str,
+              allow_outside: bool = False) -> SourceDataset:
     data = read_json(json_path)
     file = display_path(json_path)
     if not isinstance(data, dict):
@@ -118,7 +186,14 @@ def load_coco(json_path: Path, root: Path, image_dirs: list[Path], format_name: 
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat or not isinstance(cat.get("name"), str):
             raise UserError(file, f"categories[{i}] needs an 'id' and a 'name'")
+        if not _id_ok(cat["id"]):
+            raise UserError(file, f"categories[{i}]: id {show(cat['id']) if is_number(cat['id']) else repr(cat['id'])[:40]} "
+                                  "is not an integer or a string")
         cid, name = cat["id"], cat["name"].strip()
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but no text
+            raise UserError(file, f"categories[{i}]: name {name!r} is not valid Unicode text") from None
         where = f"category id {cid} ('{name}')"
         if name in BACKGROUND_NAMES:
             dropped.append(Report(file, where, "background pseudo-category, not a class"))
@@ -148,18 +223,33 @@ def load_coco(json_path: Path, root: Path, image_dirs: list[Path], format_name: 
             raise UserError(file, f"images[{i}] has no 'id'")
         iid = im["id"]
         name = im.get("file_name") or PurePosixPath(str(im.get("path", ""))).name
+        if not _id_ok(iid):
+            invalid.append(Report(file, f"images[{i}] ('{name}')",
+                                  f"id {show(iid) if is_number(iid) else repr(iid)[:40]} is not an integer or a string"))
+            continue
         where = f"image id {iid} ('{name}')"
         if iid in images or iid in bad_image_ids:
             invalid.append(Report(file, where, "duplicate image id"))
             continue
-        found = find_file(root, image_dirs, [im.get("path"), im.get("file_name")])
+        width, height = im.get("width"), im.get("height")
+        size_problem = next((f"{key} is {show(v)}, not a finite number" for key, v in (("width", width), ("height", height))
+                             if is_number(v) and not is_finite(v)), None)
+        if size_problem:
+            invalid.append(Report(file, where, size_problem))
+            bad_image_ids.add(iid)
+            continue
+        try:
+            found = find_file(root, image_dirs, [im.get("path"), im.get("file_name")], allow_outside)
+        except OutsideImage as e:
+            invalid.append(Report(file, where, outside_reason(e.name, roots)))
+            bad_image_ids.add(iid)
+            continue
         if found is None:
             looked = im.get("file_name") or im.get("path")
             invalid.append(Report(file, where, f"image file not found (looked for '{looked}' below "
                                                f"{', '.join(display_path(r) for r in roots)})"))
             bad_image_ids.add(iid)
             continue
-        width, height = im.get("width"), im.get("height")
         images[iid] = SourceImage(
             key=image_key(found, roots), path=str(found), source_id=str(iid) if numeric_ids else "",
             width=int(width) if isinstance(width, (int, float)) and width > 0 else None,
@@ -174,6 +264,9 @@ def load_coco(json_path: Path, root: Path, image_dirs: list[Path], format_name: 
         aid = ann.get("id", f"#{i}")
         where = f"annotation id {aid}"
         iid, cid = ann.get("image_id"), ann.get("category_id")
+        if not (_id_ok(iid) and _id_ok(cid)):
+            invalid.append(Report(file, where, "'image_id' and 'category_id' must be integers or strings"))
+            continue
         if iid in bad_image_ids:
             continue  # reported with its image
         if iid not in images:
@@ -184,6 +277,10 @@ def load_coco(json_path: Path, root: Path, image_dirs: list[Path], format_name: 
             continue
         if cid not in label_of:
             invalid.append(Report(file, where, f"refers to unknown category id {cid}"))
+            continue
+        problem = _number_problem(ann)
+        if problem:
+            invalid.append(Report(file, where, problem))
             continue
         segmentation = ann.get("segmentation")
         bbox = _bbox(ann.get("bbox"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,8 @@ from tqdm import tqdm
 
 from pipelines.common import (UserError, atomic_output_dir, dataset_name, display_path, ordered_parallel_map,
                               resolve_dataset, workspace_dir)
-from pipelines.data.encode import EncodedImage, EncodeOptions, encode_or_report
+from pipelines.data.checks import max_pixels
+from pipelines.data.encode import EncodedImage, EncodeOptions, apply_pixel_limit, encode_or_report
 from pipelines.data.items import Report
 from pipelines.data import tfrecords
 from pipelines.data.label_map import write_label_map
@@ -37,6 +40,8 @@ class DataOptions:
     val_annotations: str | None = None
     images: str | None = None
     out: str | None = None
+    max_pixels: int | None = None  # None: PIPELINES_MAX_PIXELS, else 40 million (as the server)
+    allow_outside_images: bool = False  # read image paths that lead out of the dataset/--images folder
 
 
 def _first_problem(invalid: list[Report]) -> UserError:
@@ -44,6 +49,64 @@ def _first_problem(invalid: list[Report]) -> UserError:
     more = f" (and {len(invalid) - 1} more problem(s); --skip-invalid drops such items)" if len(invalid) > 1 \
         else " (--skip-invalid drops such items)"
     return UserError(first.file, f"{first.item}: {first.reason}{more}")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold `.NAME.lock` beside the output folder for the run: one data run per output at a time.
+
+    Holding it, the run removes the `.NAME.tmp-*` folders that runs killed before they could clean
+    up left behind (only that kind, only this output's), and yields how many it removed. The lock
+    file goes when the run ends; parent folders made for it go too when the run fails.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking, no clean-up of other runs' folders
+        yield 0
+        return
+    created = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    fd = None
+    done = False
+    try:
+        while fd is None:
+            candidate = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(candidate, 32).decode(errors="replace").strip()
+                os.close(candidate)
+                raise UserError(display_path(out), "another data run" + (f" (pid {holder})" if holder else "")
+                                + " is writing this folder: wait for it to end, or stop it") from None
+            try:  # a run that just ended unlinked the file we opened: lock the new one
+                same = os.stat(path).st_ino == os.fstat(candidate).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                fd = candidate
+            else:
+                os.close(candidate)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        stale = [p for p in out.parent.glob(f".{out.name}.tmp-*") if p.is_dir() and not p.is_symlink()]
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+        yield len(stale)
+        done = True
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
+        if not done:
+            for folder in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def default_workers() -> int:
@@ -57,11 +120,14 @@ def run(opts: DataOptions) -> Path:
     if not 0.0 <= opts.val_ratio < 1.0:
         raise UserError(None, f"val ratio {opts.val_ratio} must be at least 0 and below 1")
     started = time.monotonic()
+    pixel_limit = max_pixels(opts.max_pixels)
+    apply_pixel_limit(pixel_limit)  # the preview decodes images in this process
     dataset = resolve_dataset(opts.dataset)
     out = Path(opts.out) if opts.out else workspace_dir() / dataset_name(dataset) / "data"
     train_src, val_src = discover(dataset, Path(opts.annotations) if opts.annotations else None,
                                   Path(opts.val_annotations) if opts.val_annotations else None,
-                                  Path(opts.images) if opts.images else None)
+                                  Path(opts.images) if opts.images else None,
+                                  allow_outside=opts.allow_outside_images)
     sources = [train_src] + ([val_src] if val_src else [])
     print(f"read {train_src.format} annotations: {', '.join(f for s in sources for f in s.annotation_files)}")
     invalid = [r for s in sources for r in s.invalid]
@@ -85,7 +151,8 @@ def run(opts: DataOptions) -> Path:
         raise UserError(train_src.annotation_files[0], "no usable images")
     counts = {s: sum(1 for split, _ in items if split == s) for s in ("train", "val")}
     workers = opts.workers or default_workers()
-    options = EncodeOptions(names=names, instance_masks=opts.masks, class_mask=opts.task == "segmentation")
+    options = EncodeOptions(names=names, instance_masks=opts.masks, class_mask=opts.task == "segmentation",
+                            max_pixels=pixel_limit, parent_pid=os.getpid())
 
     tally = Tally(categories)
     dropped = [r for s in sources for r in s.dropped]
@@ -93,7 +160,9 @@ def run(opts: DataOptions) -> Path:
     skipped = list(invalid)
     preview: list[tuple[str, EncodedImage]] = []
     preview_empty: list[tuple[str, EncodedImage]] = []
-    with atomic_output_dir(out) as tmp:
+    with output_lock(out) as stale, atomic_output_dir(out) as tmp:
+        if stale:
+            print(f"removed {stale} temporary folder(s) left in {display_path(out.parent)} by interrupted runs")
         write_label_map(tmp, categories)
         writers = {s: tfrecords.ShardWriter(tmp, s, tfrecords.shard_count(n, opts.shards))
                    for s, n in counts.items() if n}
@@ -108,6 +177,10 @@ def run(opts: DataOptions) -> Path:
                         raise _first_problem([result])
                     skipped.append(result)
                     continue
+                if result.invalid:  # objects with unusable numbers: left out of the example
+                    if not opts.skip_invalid:
+                        raise _first_problem(result.invalid)
+                    skipped += result.invalid
                 writers[split].write(result.example)
                 tally.add(split, result)
                 dropped += result.dropped
@@ -141,7 +214,8 @@ def run(opts: DataOptions) -> Path:
             "repaired": reports_json(repaired),
             "skipped_invalid": reports_json(skipped),
         }
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
+                                          errors="backslashreplace")  # a lone surrogate from a JSON name
         contact_sheet(preview + preview_empty, names).save(tmp / "preview.png")
 
     elapsed = time.monotonic() - started

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import sys
+import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
-from pipelines.data import geometry
+from pipelines.data import checks, geometry
 from pipelines.data.tfrecords import example_features, serialize_example
 from pipelines.data.items import Report, SourceImage, SourceObject
 
@@ -29,7 +33,13 @@ IGNORE_LABEL = 255  # class-mask value for crowd regions: losses and metrics ski
 EXIF_ORIENTATION = 0x0112
 TRANSPOSING = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
-Image.MAX_IMAGE_PIXELS = None  # annotated datasets hold large photos; the server has its own limit
+
+
+def apply_pixel_limit(limit: int) -> None:
+    """Pillow's own guard at our limit, for every decode in this process. Images over the limit are
+    refused from their header before that (`_open`), so its warning would only repeat it."""
+    Image.MAX_IMAGE_PIXELS = limit
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -37,6 +47,8 @@ class EncodeOptions:
     names: dict[int, str] = field(default_factory=dict)  # label id -> class name
     instance_masks: bool = False  # image/object/mask, one PNG per object
     class_mask: bool = False  # image/segmentation/class/encoded
+    max_pixels: int = checks.DEFAULT_MAX_PIXELS  # width x height above which an image is refused
+    parent_pid: int | None = None  # the data stage's process: workers end when it does
 
 
 @dataclass
@@ -63,6 +75,7 @@ class EncodedImage:
     copied: bool = True
     repaired: list[Report] = field(default_factory=list)
     dropped: list[Report] = field(default_factory=list)
+    invalid: list[Report] = field(default_factory=list)  # objects left out: errors unless --skip-invalid
 
 
 class ImageError(Exception):
@@ -95,8 +108,13 @@ def _fail(image: SourceImage, reason: str) -> ImageError:
     return ImageError(Report(image.key, image.item, reason))
 
 
-def _open(image: SourceImage) -> tuple[bytes, Image.Image]:
-    """Read the file and parse its headers (no pixels are decoded yet)."""
+def _over_limit(image: SourceImage, size: str, limit: int) -> ImageError:
+    return _fail(image, f"image is {size} pixels, over the limit of {limit} (PIPELINES_MAX_PIXELS or "
+                        "--max-pixels raise it)")
+
+
+def _open(image: SourceImage, limit: int) -> tuple[bytes, Image.Image]:
+    """Read the file and parse its headers (no pixels are decoded yet); refuse more than `limit` pixels."""
     try:
         with open(image.path, "rb") as f:
             data = f.read()
@@ -104,10 +122,18 @@ def _open(image: SourceImage) -> tuple[bytes, Image.Image]:
         raise _fail(image, f"cannot read image file: {e.strerror or e}") from None
     if not data:
         raise _fail(image, "image file is empty")
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # headers only: the size is checked below
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises many types for corrupt data
         raise _fail(image, f"not a readable image ({type(e).__name__}: {e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+    width, height = img.size
+    if width * height > limit:  # from the header, before any pixel is decoded
+        raise _over_limit(image, f"{width}x{height} = {width * height}", limit)
+    if width < 1 or height < 1:
+        raise _fail(image, f"image has no pixels ({width}x{height})")
     return data, img
 
 
@@ -170,11 +196,17 @@ def _object_rle(obj: SourceObject, width: int, height: int, image: SourceImage):
 
 
 def _encode_object(obj: SourceObject, image: SourceImage, width: int, height: int,
-                   options: EncodeOptions, repaired: list[Report], dropped: list[Report]):
+                   options: EncodeOptions, repaired: list[Report], dropped: list[Report], invalid: list[Report]):
     where = f"{obj.item} of {image.item}"
+    # Numbers pycocotools would choke on (NaN, 1e300, a huge outline, RLE runs past the mask)
+    # never reach it: the object is an error, or left out with --skip-invalid.
+    problem = checks.object_problem(obj, width, height)
+    if problem:
+        invalid.append(Report(image.annotation_file, where, problem))
+        return None
     try:
         rle = _object_rle(obj, width, height, image)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         dropped.append(Report(image.annotation_file, where, f"unusable mask: {e}"))
         return None
     source_box = None
@@ -199,6 +231,9 @@ def _encode_object(obj: SourceObject, image: SourceImage, width: int, height: in
     else:
         box = None
 
+    if box is not None and not all(checks.is_finite(v) for v in box):  # cannot happen after the checks
+        invalid.append(Report(image.annotation_file, where, "its box is not finite"))
+        return None
     if box is None or box[2] - box[0] < 1.0 or box[3] - box[1] < 1.0:
         dropped.append(Report(image.annotation_file, where,
                               "object lies outside the image or is smaller than one pixel"))
@@ -219,18 +254,20 @@ def _encode_object(obj: SourceObject, image: SourceImage, width: int, height: in
     else:
         area = (box[2] - box[0]) * (box[3] - box[1])
 
-    mask = None
-    if (options.instance_masks or options.class_mask):
-        if rle is None:  # a plain box: its mask is the rectangle
-            rle = mask_utils.frPyObjects([[box[0], box[1], box[2], box[1], box[2], box[3], box[0], box[3]]],
-                                         height, width)[0]
-        mask = mask_utils.decode(rle)
+    if (options.instance_masks or options.class_mask) and rle is None:  # a plain box: its mask is the rectangle
+        rle = mask_utils.frPyObjects([[box[0], box[1], box[2], box[1], box[2], box[3], box[0], box[3]]],
+                                     height, width)[0]
+    # The region stays run-length encoded: it is decoded when a mask is written, one at a time.
     return EncodedObject(box=box, label_id=obj.label_id, is_crowd=obj.is_crowd, area=area,
-                         mask_png=None), mask
+                         mask_png=None), rle
 
 
-def class_mask(objects: list[EncodedObject], masks: list[np.ndarray], height: int, width: int) -> np.ndarray:
-    """One class id per pixel: 0 background, 1..K classes, 255 ignore.
+def _decoded(mask) -> np.ndarray:
+    return mask_utils.decode(mask) if isinstance(mask, dict) else mask
+
+
+def class_mask(objects: list[EncodedObject], masks: list, height: int, width: int) -> np.ndarray:
+    """One class id per pixel: 0 background, 1..K classes, 255 ignore (masks: arrays or COCO RLEs).
 
     Overlap rule: crowd regions are painted first as 255 (ignore), then the other objects from
     the largest to the smallest area, so where objects overlap the smaller one wins (the object
@@ -239,17 +276,19 @@ def class_mask(objects: list[EncodedObject], masks: list[np.ndarray], height: in
     out = np.zeros((height, width), dtype=np.uint8)
     for obj, mask in zip(objects, masks):
         if obj.is_crowd:
-            out[mask > 0] = IGNORE_LABEL
+            out[_decoded(mask) > 0] = IGNORE_LABEL
     order = sorted((i for i, o in enumerate(objects) if not o.is_crowd), key=lambda i: -objects[i].area)
     for i in order:
-        out[masks[i] > 0] = objects[i].label_id
+        out[_decoded(masks[i]) > 0] = objects[i].label_id
     return out
 
 
 def encode_image(image: SourceImage, options: EncodeOptions) -> EncodedImage:
     repaired: list[Report] = []
     dropped: list[Report] = []
-    data, img = _open(image)
+    invalid: list[Report] = []
+    apply_pixel_limit(options.max_pixels)
+    data, img = _open(image, options.max_pixels)
     source_format = img.format
     img, transformed = _orient(image, img, repaired)
     width, height = img.size
@@ -272,29 +311,69 @@ def encode_image(image: SourceImage, options: EncodeOptions) -> EncodedImage:
         encoded, copied = out.getvalue(), False
 
     objects: list[EncodedObject] = []
-    masks: list[np.ndarray] = []
+    masks: list[dict | None] = []  # RLEs: a decoded mask per object would hold objects x pixels bytes
     for obj in image.objects:
-        result = _encode_object(obj, image, width, height, options, repaired, dropped)
+        result = _encode_object(obj, image, width, height, options, repaired, dropped, invalid)
         if result is None:
             continue
-        encoded_obj, mask = result
+        encoded_obj, rle = result
         if options.instance_masks:
-            encoded_obj.mask_png = encode_png(mask)
+            encoded_obj.mask_png = encode_png(mask_utils.decode(rle))
         objects.append(encoded_obj)
-        masks.append(mask)
+        masks.append(rle)
 
     class_png = encode_png(class_mask(objects, masks, height, width)) if options.class_mask else None
     result = EncodedImage(
         key=image.key, source_id=image.source_id, encoded=encoded, format=fmt, width=width,
         height=height, sha256=hashlib.sha256(encoded).hexdigest(), objects=objects,
-        class_mask_png=class_png, copied=copied, repaired=repaired, dropped=dropped)
-    result.example = serialize_example(example_features(result, options.names))
+        class_mask_png=class_png, copied=copied, repaired=repaired, dropped=dropped, invalid=invalid)
+    try:
+        result.example = serialize_example(example_features(result, options.names))
+    except ValueError as e:  # the writer's own guard: no non-finite number goes into a record
+        raise _fail(image, str(e)) from None
     return result
+
+
+_watching_parent = False
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Make this worker process end when the data stage's process does, even by SIGKILL.
+
+    Linux: the kernel sends SIGKILL on the parent's death (PR_SET_PDEATHSIG). Elsewhere a daemon
+    thread polls the parent's pid. Either way, a parent that is already gone ends us at once.
+    """
+    global _watching_parent
+    if _watching_parent or parent_pid is None or parent_pid == os.getpid():
+        return
+    _watching_parent = True
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        def watch():
+            import time
+
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 def encode_or_report(args) -> EncodedImage | Report:
     """Worker entry point: a user-facing problem with the image comes back as its Report."""
     image, options = args
+    die_with_parent(options.parent_pid)
     try:
         return encode_image(image, options)
     except ImageError as e:

@@ -107,17 +107,35 @@ def _edges(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
+def _small(png: bytes, size: tuple[int, int]) -> np.ndarray:
+    """A mask PNG (ids or 0/1) at the tile's size: nearest neighbour keeps the values."""
+    return np.asarray(Image.open(io.BytesIO(png)).resize(size, Image.NEAREST))
+
+
+def preview_tile(image: EncodedImage, size: int = TILE - 6) -> Image.Image:
+    """The image decoded small: a JPEG at 1/2..1/8 scale straight from the decoder (draft), then
+    reduced to fit `size`. Memory stays that of the tile, not of the photo."""
+    img = Image.open(io.BytesIO(image.encoded))
+    img.draft("RGB", (size, size))
+    img = img.convert("RGB")
+    img.thumbnail((size, size), reducing_gap=2.0)
+    return img
+
+
 def draw_labels(rgb: Image.Image, image: EncodedImage, names: dict[int, str]) -> Image.Image:
-    """The image with its masks (class mask or instance masks) tinted and outlined, boxes drawn."""
+    """`rgb` (the image at any scale) with its masks (class mask or instance masks) tinted and
+    outlined, boxes drawn; masks and boxes are scaled to `rgb`'s size."""
+    size = rgb.size
+    sx, sy = size[0] / image.width, size[1] / image.height
     base = np.asarray(rgb, dtype=np.float32)
     overlay = base.copy()
     outlines = []
     if image.class_mask_png is not None:
-        cmask = np.asarray(Image.open(io.BytesIO(image.class_mask_png)))
+        cmask = _small(image.class_mask_png, size)
         regions = [(cmask == v, (128, 128, 128) if v == 255 else class_color(int(v))) for v in np.unique(cmask) if v]
         outlines.append((_edges(cmask), cmask))
     else:
-        regions = [(np.asarray(Image.open(io.BytesIO(o.mask_png))) > 0, class_color(o.label_id))
+        regions = [(_small(o.mask_png, size) > 0, class_color(o.label_id))
                    for o in image.objects if o.mask_png is not None]
     for region, color in regions:
         overlay[region] = color
@@ -132,12 +150,13 @@ def draw_labels(rgb: Image.Image, image: EncodedImage, names: dict[int, str]) ->
     out = Image.fromarray(np.uint8(out))
     draw = ImageDraw.Draw(out)
     font = _font()
-    thickness = max(2, round(max(out.size) / 300))
+    thickness = max(1, round(max(out.size) / 150))
     for obj in image.objects:
         color = class_color(obj.label_id)
-        draw.rectangle(obj.box, outline=color, width=thickness)
+        box = (obj.box[0] * sx, obj.box[1] * sy, obj.box[2] * sx, obj.box[3] * sy)
+        draw.rectangle(box, outline=color, width=thickness)
         text = names.get(obj.label_id, str(obj.label_id)) + (" (crowd)" if obj.is_crowd else "")
-        x, y = obj.box[0], max(0, obj.box[1] - 15)
+        x, y = box[0], max(0, box[1] - 15)
         draw.rectangle(draw.textbbox((x, y), text, font=font), fill=color)
         draw.text((x, y), text, fill=(0, 0, 0), font=font)
     return out
@@ -149,9 +168,7 @@ def contact_sheet(images: list[tuple[str, EncodedImage]], names: dict[int, str],
     draw = ImageDraw.Draw(sheet)
     font = _font()
     for n, (split, image) in enumerate(images):
-        rgb = Image.open(io.BytesIO(image.encoded)).convert("RGB")
-        tile = draw_labels(rgb, image, names)
-        tile.thumbnail((TILE - 6, TILE - 6))
+        tile = draw_labels(preview_tile(image), image, names)
         x, y = (n % columns) * TILE, (n // columns) * (TILE + 18)
         sheet.paste(tile, (x + (TILE - tile.width) // 2, y + 3 + (TILE - 6 - tile.height) // 2))
         caption = f"[{split}] {image.key}"

@@ -31,26 +31,30 @@ def _coco_split_files(dataset: Path) -> tuple[Path, Path] | None:
     return (train[0], val[0]) if len(train) == 1 and len(val) == 1 else None
 
 
-def load_annotations(path: Path, root: Path, image_dirs: list[Path]) -> SourceDataset:
+def load_annotations(path: Path, root: Path, image_dirs: list[Path], allow_outside: bool = False) -> SourceDataset:
     """Load one annotation file or folder, guessing its format."""
     if path.is_dir():
         xml = annotation_files(path)
         if xml:
-            return load_voc(root, xml, image_dirs)
+            return load_voc(root, xml, image_dirs, allow_outside)
         raise UserError(display_path(path), "no Pascal VOC XML files in this folder")
     if path.suffix.lower() == ".xml":
-        return load_voc(root, [path], image_dirs)
+        return load_voc(root, [path], image_dirs, allow_outside)
     fmt = "coco-annotator" if path.parent.name == ".exports" else "coco"
     if path.stem.startswith("instances_"):  # official COCO: instances_val2017.json -> val2017/
         split_dir = root / path.stem[len("instances_"):]
         if split_dir.is_dir():
             image_dirs = [*image_dirs, split_dir]
-    return load_coco(path, root, image_dirs, fmt)
+    return load_coco(path, root, image_dirs, fmt, allow_outside)
 
 
 def discover(dataset: Path, annotations: Path | None = None, val_annotations: Path | None = None,
-             images: Path | None = None) -> tuple[SourceDataset, SourceDataset | None]:
-    """Return the training source and, when the dataset brings its own, the validation source."""
+             images: Path | None = None, allow_outside: bool = False) -> tuple[SourceDataset, SourceDataset | None]:
+    """Return the training source and, when the dataset brings its own, the validation source.
+
+    Images are looked up below the dataset folder and the `images` folder only, unless
+    `allow_outside` (a `file_name` such as `../../x.jpg` is otherwise refused).
+    """
     image_dirs = [images] if images else []
     if dataset.is_file():
         annotations = annotations or dataset
@@ -78,8 +82,8 @@ def discover(dataset: Path, annotations: Path | None = None, val_annotations: Pa
     for path in (annotations, val_annotations):
         if path is not None and not path.exists():
             raise UserError(display_path(path), "annotation file not found")
-    train = load_annotations(annotations, root, image_dirs)
-    val = load_annotations(val_annotations, root, image_dirs) if val_annotations else None
+    train = load_annotations(annotations, root, image_dirs, allow_outside)
+    val = load_annotations(val_annotations, root, image_dirs, allow_outside) if val_annotations else None
     if val is not None:
         merge_categories(train, val)
     return train, val

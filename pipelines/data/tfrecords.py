@@ -23,6 +23,7 @@ from pathlib import Path
 import google_crc32c
 
 IMAGES_PER_SHARD = 500  # default shard size when no shard count is given
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 # --- tf.Example protobuf encoding --------------------------------------------------------------
@@ -52,6 +53,10 @@ def bytes_feature(values) -> bytes:
 
 
 def float_feature(values) -> bytes:
+    """A FloatList; a NaN or infinite value is refused (ValueError): no record ever holds one."""
+    for v in values:
+        if not (math.isfinite(v) and abs(v) <= FLOAT32_MAX):  # (a larger one would be infinite as float32)
+            raise ValueError(f"refusing to write the non-finite number {v} to a TFRecord")
     packed = struct.pack(f"<{len(values)}f", *values)
     return _field(2, _field(1, packed) if values else b"")
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from lxml import etree
 
 from pipelines.common import UserError, display_path
-from pipelines.data.coco import BACKGROUND_NAMES, find_file, image_key
+from pipelines.data.checks import is_finite
+from pipelines.data.coco import BACKGROUND_NAMES, OutsideImage, find_file, image_key, outside_reason
 from pipelines.data.items import Category, Report, SourceDataset, SourceImage, SourceObject
 
 IMAGE_DIRS = ("JPEGImages", "images", "Images", "img")
@@ -21,15 +22,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 
 
 def _text(element, path: str) -> str:
+    """The element's whole text (`.text` alone stops at the first comment or child element)."""
     found = element.find(path)
-    return (found.text or "").strip() if found is not None else ""
+    return str(found.xpath("string()")).strip() if found is not None else ""
 
 
 def _number(element, path: str):
     text = _text(element, path)
     if not text:
         return None
-    return float(text)  # ValueError for garbage: reported by the caller
+    value = float(text)  # ValueError for garbage: reported by the caller
+    if not is_finite(value):  # "nan", "inf", "1e400"
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 def annotation_files(folder: Path) -> list[Path]:
@@ -44,14 +49,19 @@ def class_names_file(root: Path) -> list[str] | None:
     path = root / "class_names.txt"
     if not path.is_file():
         return None
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise UserError(display_path(path), f"not UTF-8 text: {e.reason} at byte {e.start}") from None
     return [n for n in names if n and n not in BACKGROUND_NAMES]
 
 
-def load_voc(root: Path, xml_files: list[Path], image_dirs: list[Path]) -> SourceDataset:
+def load_voc(root: Path, xml_files: list[Path], image_dirs: list[Path], allow_outside: bool = False) -> SourceDataset:
     dropped: list[Report] = []
     invalid: list[Report] = []
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+    # Entities declared in the file itself are expanded (`<name>cat &amp; dog</name>`, a DTD's own
+    # entities); external ones (files, URLs) are never loaded, and libxml2 refuses entity bombs.
+    parser = etree.XMLParser(resolve_entities="internal", no_network=True, huge_tree=False, load_dtd=False)
     search_roots = [*image_dirs, *(root / d for d in IMAGE_DIRS if (root / d).is_dir())]
     parsed = []
     names_found: set[str] = set()
@@ -68,15 +78,22 @@ def load_voc(root: Path, xml_files: list[Path], image_dirs: list[Path]) -> Sourc
         if filename and not Path(filename).suffix:  # some tools write the stem only
             names += [filename + s for s in IMAGE_SUFFIXES]
         names += [xml.stem + s for s in IMAGE_SUFFIXES]
-        found = find_file(root, [xml.parent, *search_roots], names)
         where = f"image '{filename or xml.stem}'"
+        try:
+            found = find_file(root, [xml.parent, *search_roots], names, allow_outside)
+        except OutsideImage as e:
+            invalid.append(Report(file, where, outside_reason(e.name, [root, *search_roots])))
+            continue
         if found is None:
             invalid.append(Report(file, where, "image file not found (looked for "
                                   f"'{filename or xml.stem}' in {', '.join(display_path(r) for r in [root, *search_roots])})"))
             continue
         try:
             width, height = _number(tree, "size/width"), _number(tree, "size/height")
-        except ValueError:
+        except ValueError as e:
+            if "finite" in str(e):  # Infinity or NaN: a broken file, not a missing size
+                invalid.append(Report(file, where, f"<size> holds {str(e).split(' is ')[0]}, not a finite number"))
+                continue
             width = height = None
         objects = []
         for n, obj in enumerate(tree.iterfind("object"), start=1):
@@ -88,7 +105,7 @@ def load_voc(root: Path, xml_files: list[Path], image_dirs: list[Path]) -> Sourc
             try:
                 box = [_number(obj, f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
             except ValueError:
-                invalid.append(Report(file, item, "bndbox coordinates are not numbers"))
+                invalid.append(Report(file, item, "bndbox coordinates are not finite numbers"))
                 continue
             if any(v is None for v in box):
                 invalid.append(Report(file, item, "bndbox needs xmin, ymin, xmax and ymax"))
