@@ -60,7 +60,11 @@ def sh(cmd: list[str], env: dict, log: Path) -> tuple[float, str]:
 
 
 def steady_steps_per_sec(output: str) -> float:
-    rates = [float(r) for _, r in STEPS_PER_SEC.findall(output)]
+    # Model Garden's trainer logs each loop's line twice (absl to stderr and stdout): one rate per step.
+    by_step: dict[int, float] = {}
+    for step, rate in STEPS_PER_SEC.findall(output):
+        by_step.setdefault(int(step), float(rate))
+    rates = [by_step[step] for step in sorted(by_step)]
     if not rates:
         raise SystemExit("no 'steps/sec' line in the trainer's output")
     return statistics.mean(rates[1:]) if len(rates) > 1 else rates[0]
