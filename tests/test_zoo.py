@@ -311,3 +311,17 @@ def test_the_640_template_builds_the_zoo_layout_too():
     assert sum(int(np.prod(a.shape)) // 4 for a in anchors.values()) == 6 * (80 * 80 + 40 * 40 + 20 * 20 + 10 * 10 + 5 * 5)
     out = model(tf.zeros([1, 640, 640, 3]), training=False)
     assert out["detection_boxes"].shape == (1, params.max_detections, 4)
+
+
+def test_update_trainable_variables_trains_only_what_matches():
+    from pipelines.detection.params import DetectorParams
+
+    params = DetectorParams(num_classes=3, image_height=128, image_width=128, depth_multiplier=0.35,
+                            fpn_num_filters=16, head_num_filters=16, head_num_convs=1,
+                            update_trainable_variables=["model/_box_predictor/.*"])
+    model = build_model(params)
+    trainable = {id(v) for v in model.trainable_weights}
+    assert trainable == {id(v) for v in model.head.trainable_weights}
+    assert len(model.frozen_variables()) == len(model.backbone.trainable_weights) + len(model.decoder.trainable_weights)
+    ours = build_model(dataclasses.replace(params, update_trainable_variables=[], freeze_variables=["backbone/"]))
+    assert {id(v) for v in ours.frozen_variables()} == {id(v) for v in ours.backbone.trainable_weights}

@@ -329,8 +329,9 @@ class SSDDetectionGenerator(detection_generator.MultilevelDetectionGenerator):
 class SSDModel(retinanet_model.RetinaNetModel):
     """Model Garden's RetinaNet model with the OD API's variable freezing: variables whose names
     match `freeze` (or, when `train_only` is given, do not match it) are left out of
-    `trainable_variables`, so the trainer computes no gradient for them. Names matched are ours
-    (`backbone/...`) and, where the zoo mapping knows one, the OD API's (`model/_feature_extractor/...`)."""
+    `trainable_variables`, so the trainer computes no gradient for them. Names matched are the OD
+    API's (`model/_feature_extractor/...`, as its checkpoints name them) and ours (`backbone/`,
+    `decoder/` or `head/` followed by the Keras variable name)."""
 
     def __init__(self, *args, freeze: list[str] | None = None, train_only: list[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -343,9 +344,12 @@ class SSDModel(retinanet_model.RetinaNetModel):
         from pipelines.detection.zoo import od_api_names
 
         names = od_api_names(self)
+        for part in ("backbone", "decoder", "head"):  # ours: the part, then the Keras variable name
+            for var in getattr(self, part).weights:
+                names.setdefault(id(var), []).append(f"{part}/{var.name.split(':')[0]}")
         frozen = []
         for var in super().trainable_weights:
-            candidates = [var.name, *names.get(id(var), [])]
+            candidates = names.get(id(var), [var.name])
             if self._train_only and not any(re.match(p, n) for p in self._train_only for n in candidates):
                 frozen.append(var)
             elif any(re.match(p, n) for p in self._freeze for n in candidates):
