@@ -55,6 +55,17 @@ def dataset_name(dataset_path: Path) -> str:
     return dataset_path.stem if dataset_path.is_file() else dataset_path.name
 
 
+def make_parents(path: Path) -> list[Path]:
+    """Create `path`'s missing parent folders; returns them innermost first (to remove on failure)."""
+    created = []
+    parent = Path(path).parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return created
+
+
 @contextlib.contextmanager
 def atomic_output_dir(final: Path):
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
@@ -64,12 +75,7 @@ def atomic_output_dir(final: Path):
     folders this call had to create are removed again on failure.
     """
     final = Path(final)
-    created = []
-    parent = final.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    final.parent.mkdir(parents=True, exist_ok=True)
+    created = make_parents(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines.common import (UserError, atomic_output_dir, dataset_name, display_path, ordered_parallel_map,
-                              resolve_dataset, workspace_dir)
+from pipelines.common import (UserError, atomic_output_dir, dataset_name, display_path, make_parents,
+                              ordered_parallel_map, resolve_dataset, workspace_dir)
 from pipelines.data.checks import max_pixels
 from pipelines.data.encode import EncodedImage, EncodeOptions, apply_pixel_limit, encode_or_report
 from pipelines.data.items import Report
@@ -64,12 +64,7 @@ def output_lock(out: Path):
     except ImportError:  # not POSIX: no locking, no clean-up of other runs' folders
         yield 0
         return
-    created = []
-    parent = out.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = make_parents(out)
     path = out.parent / f".{out.name}.lock"
     fd = None
     done = False
