@@ -157,12 +157,12 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
     elif opts.checkpoint:
         ckpt = portable(Path(opts.checkpoint)) if Path(opts.checkpoint).exists() or Path(
             str(opts.checkpoint) + ".index").exists() else opts.checkpoint
-        kind = opts.checkpoint_type or _checkpoint_kind(opts.checkpoint) or \
+        ckpt_type = opts.checkpoint_type or _checkpoint_kind(opts.checkpoint) or \
             doc.get("train_config.fine_tune_checkpoint_type") or "detection"
         if not doc.set("train_config.fine_tune_checkpoint", ckpt):
             doc.add("train_config", "fine_tune_checkpoint", ckpt, after="num_steps")
-        if not doc.set("train_config.fine_tune_checkpoint_type", kind):
-            doc.add("train_config", "fine_tune_checkpoint_type", kind, after="fine_tune_checkpoint")
+        if not doc.set("train_config.fine_tune_checkpoint_type", ckpt_type):
+            doc.add("train_config", "fine_tune_checkpoint_type", ckpt_type, after="fine_tune_checkpoint")
     else:
         for name in ("fine_tune_checkpoint", "fine_tune_checkpoint_type", "fine_tune_checkpoint_version"):
             doc.remove(f"train_config.{name}")
@@ -212,18 +212,14 @@ def _batch_norm_decay(doc: TextProto) -> list[str]:
 def _checkpoint_kind(path: str) -> str | None:
     """'detection' for a detector's checkpoint, 'classification' for a backbone's (None: unreadable,
     left to the checks that name the problem)."""
+    import tensorflow as tf
+
     from pipelines.detection import zoo
 
     try:
         return zoo.default_kind(path)
-    except (ValueError, OSError, tf_errors()):
+    except (ValueError, OSError, tf.errors.OpError):
         return None
-
-
-def tf_errors():
-    import tensorflow as tf
-
-    return tf.errors.OpError
 
 
 def _round(value: float) -> float:

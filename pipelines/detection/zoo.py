@@ -300,11 +300,6 @@ def variable_report(model, path: str | Path) -> dict[str, list[str]]:
             "unmapped_model": sorted(set(table) - ckpt)}
 
 
-def np_values(model) -> dict[str, np.ndarray]:
-    """{OD API name: value} of the model's variables (for comparisons in tests)."""
-    return {name: var.numpy() for name, var in od_api_table(model).items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # make import
 
