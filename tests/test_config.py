@@ -400,3 +400,14 @@ def test_short_schedules_get_a_faster_batch_norm_decay(workspace):
     make_config(workspace, "--run", "bn", "--num-steps", "5000")
     doc = TextProto((workspace / "bn" / "pipeline.config").read_text())
     assert doc.get("model.ssd.feature_extractor.conv_hyperparams.batch_norm.decay") == 0.997
+
+
+def test_a_few_step_run_keeps_a_sane_batch_norm_decay(workspace, tmp_path):
+    make_config(workspace, "--run", "bn6", "--num-steps", "6")
+    doc = TextProto((workspace / "bn6" / "pipeline.config").read_text())
+    assert doc.get("model.ssd.feature_extractor.conv_hyperparams.batch_norm.decay") == 0.9
+    text = (workspace / "bn6" / "pipeline.config").read_text().replace("decay: 0.9\n", "decay: 1.5\n", 1)
+    bad = tmp_path / "bad.config"
+    bad.write_text(text)
+    with pytest.raises(UserError, match=r"feature_extractor.conv_hyperparams.batch_norm.decay: 1.5 must be at least 0"):
+        translate(TextProto(text, str(bad)), check_paths=False)

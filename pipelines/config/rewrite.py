@@ -182,6 +182,7 @@ FREEZE_PATTERNS = {"backbone": "model/_feature_extractor/classification_backbone
 
 # A batch-norm moving average spans about 1 / (1 - decay) steps; at most this share of the run.
 BN_WINDOW = 1 / 8
+BN_MIN_DECAY = 0.9
 
 
 def _batch_norm_decay(doc: TextProto) -> list[str]:
@@ -191,12 +192,14 @@ def _batch_norm_decay(doc: TextProto) -> list[str]:
     schedule the moving mean and variance, which evaluation and serving use, keep part of their
     initial 0 and 1 (0.997**800 = 9%) and lag the weights: a detector trained from scratch for 800
     steps then scored AP 0.001 (0.9942: 0.09; 0.99: 0.36; bench/RESULTS.md). The decay is set to
-    1 - 1 / (BN_WINDOW * num_steps) when the config's is slower (0.99 for 800 steps)."""
+    1 - 1 / (BN_WINDOW * num_steps), at least BN_MIN_DECAY, when the config's is slower (0.99 for 800
+    steps)."""
     steps = int(doc.get("train_config.num_steps", 0) or 0)
     notes = []
     if steps <= 0:
         return notes
-    target = int((1 - 1 / (BN_WINDOW * steps)) * 10000) / 10000
+    # Never below 0.9 (a 10-step window): a few-step run (a smoke test) keeps a sane average.
+    target = max(BN_MIN_DECAY, int((1 - 1 / (BN_WINDOW * steps)) * 10000) / 10000)
     for path in ("model.ssd.feature_extractor.conv_hyperparams.batch_norm.decay",
                  "model.ssd.box_predictor.weight_shared_convolutional_box_predictor.conv_hyperparams.batch_norm.decay"):
         decay = doc.get(path)

@@ -189,6 +189,10 @@ def translate(doc: TextProto, check_paths: bool = True) -> Translation:
     if anchor_levels != (None, None) and anchor_levels != (params.min_level, params.max_level):
         raise _fail(doc.source, f"{ANCHORS}.min_level/max_level",
                     f"levels {anchor_levels} must equal the FPN's ({params.min_level}, {params.max_level})")
+    for path, value in ((f"{FE}.conv_hyperparams.batch_norm.decay", params.batch_norm_decay),
+                        (f"{HEAD}.conv_hyperparams.batch_norm.decay", params.head_batch_norm_decay)):
+        if not 0.0 <= value < 1.0:
+            raise _fail(doc.source, path, f"{value} must be at least 0 and below 1")
     if params.num_classes < 1:
         raise _fail(doc.source, f"{SSD}.num_classes", "must be at least 1")
     for name, value in (("height", params.image_height), ("width", params.image_width)):
