@@ -10,6 +10,9 @@ The file has two roles:
 
 * importable helpers for tests (no TensorFlow or OD API import at module import time):
   `oracle_dir()`, `oracle_env()` and `run_oracle(...)`;
+* `field_schema()` and `text_format_verdicts(...)`: the OD API's pipeline.config schema from its
+  own protos (`python tests/odapi_oracle.py --schema pipelines/config/odapi_fields.json` regenerates
+  the file `make config` checks configs against), and protobuf's own verdict on config files;
 * the child process itself: `python tests/odapi_oracle.py --config PIPELINE_CONFIG
   --images IMAGES.npz --out DIR [--seed N] [--num-classes K]`. It builds the model from the
   pipeline.config, gives every variable a distinct seeded random value, writes DIR as an
@@ -354,19 +357,105 @@ def _run_model(config_path: Path, images_path: Path, out_dir: Path, seed: int,
     np.savez(out_dir / "outputs.npz", **outputs)
 
 
+def field_schema(timeout: float = 300) -> dict:
+    """The OD API's pipeline.config schema as pipelines/config/odapi_fields.json holds it (generated in
+    a child process from the OD API's own protos; see `_schema`)."""
+    env = oracle_env()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "schema.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--schema", str(out)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"OD API schema dump failed (exit {proc.returncode}):\n{_tail(proc.stderr)}")
+        return json.loads(out.read_text())
+
+
+def text_format_verdicts(configs: list[Path], timeout: float = 300) -> list[str | None]:
+    """For each file, None when protobuf's own text_format.Parse accepts it as the OD API's
+    TrainEvalPipelineConfig, else the parser's error message."""
+    env = oracle_env()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--parse", *map(str, configs)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"OD API parse failed (exit {proc.returncode}):\n{_tail(proc.stderr)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _schema() -> dict:
+    """Every message reachable from TrainEvalPipelineConfig (the model oneof kept to `ssd`): for
+    each field whether it is repeated and its type ('message:NAME', 'enum:NAME', 'map', 'float',
+    'int', 'bool' or 'string'); enums with their value names."""
+    from google.protobuf.descriptor import FieldDescriptor as FD
+    from object_detection.protos import pipeline_pb2
+
+    scalar = {FD.TYPE_DOUBLE: "float", FD.TYPE_FLOAT: "float", FD.TYPE_BOOL: "bool", FD.TYPE_STRING: "string",
+              FD.TYPE_BYTES: "string"}
+    messages, enums = {}, {}
+
+    def walk(desc, keep=None):
+        if desc.full_name in messages:
+            return
+        entry = messages[desc.full_name] = {}
+        for f in desc.fields:
+            if keep and f.name not in keep:
+                continue
+            repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == FD.LABEL_REPEATED
+            if f.type in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
+                if f.message_type.GetOptions().map_entry:
+                    kind = "map"
+                else:
+                    kind = "message:" + f.message_type.full_name
+                    walk(f.message_type)
+            elif f.type == FD.TYPE_ENUM:
+                kind = "enum:" + f.enum_type.full_name
+                enums[f.enum_type.full_name] = [v.name for v in f.enum_type.values]
+            else:
+                kind = scalar.get(f.type, "int")
+            entry[f.name] = [repeated, kind]
+
+    root = pipeline_pb2.TrainEvalPipelineConfig.DESCRIPTOR
+    walk(root.fields_by_name["model"].message_type, keep={"ssd"})
+    walk(root)
+    return {"source": ODAPI_REQUIREMENT, "root": root.full_name, "messages": messages, "enums": enums}
+
+
+def _parse_verdicts(paths: list[str]) -> list[str | None]:
+    from google.protobuf import text_format
+    from object_detection.protos import pipeline_pb2
+
+    verdicts = []
+    for path in paths:
+        try:
+            text_format.Parse(Path(path).read_text(), pipeline_pb2.TrainEvalPipelineConfig())
+            verdicts.append(None)
+        except (text_format.ParseError, RecursionError) as e:
+            verdicts.append(str(e) or type(e).__name__)
+    return verdicts
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="pipeline.config (text TrainEvalPipelineConfig)")
-    parser.add_argument("--images", type=Path, required=True, help=".npz of uint8 HxWx3 arrays image_0, image_1, ...")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (zoo-like model folder + outputs)")
+    parser.add_argument("--config", type=Path, help="pipeline.config (text TrainEvalPipelineConfig)")
+    parser.add_argument("--images", type=Path, help=".npz of uint8 HxWx3 arrays image_0, image_1, ...")
+    parser.add_argument("--out", type=Path, help="output folder (zoo-like model folder + outputs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-classes", type=int, default=None, help="override model.ssd.num_classes")
+    parser.add_argument("--schema", type=Path, help="instead: write the pipeline.config field schema (JSON) here")
+    parser.add_argument("--parse", nargs="+", help="instead: print protobuf text_format.Parse verdicts as JSON")
     args = parser.parse_args(argv)
     # Run by hand (not through run_oracle): re-exec once with the shims, which must be in place
     # before Python starts (PYTHONPATH) or before protobuf/TensorFlow are imported.
     if os.environ.get("_ODAPI_ORACLE_CHILD") != "1":
         os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:])],
                   _child_env(_pythonpath_entries()))
+    if args.schema:
+        args.schema.write_text(json.dumps(_schema(), indent=1, sort_keys=True) + "\n")
+        return
+    if args.parse:
+        print(json.dumps(_parse_verdicts(args.parse)))
+        return
+    if not (args.config and args.images and args.out):
+        parser.error("--config, --images and --out are required")
     _run_model(args.config, args.images, args.out, args.seed, args.num_classes)
 
 

@@ -104,7 +104,7 @@ def test_constant_learning_rate_and_momentum(workspace, tmp_path):
     (lambda t: t.replace("decoder_filters: [256, 128, 64, 32, 16]", "decoder_filters: [256, 128]"),
      "model.segmentation.decoder_filters: must be 5 positive numbers"),
     (lambda t: t.replace("dice {", "lovasz {"),
-     "model.segmentation.loss.lovasz: not supported; supported: dice, categorical_focal, categorical_crossentropy"),
+     "model.segmentation.loss.lovasz: unknown field in model.segmentation.loss; it has: dice, categorical_focal, categorical_crossentropy"),
     (lambda t: t.replace("adam_optimizer {", "rms_prop_optimizer {"),
      "train_config.optimizer.rms_prop_optimizer: not supported; supported: adam_optimizer, momentum_optimizer"),
     (lambda t: t.replace("random_horizontal_flip {", "random_adjust_hue {"),

@@ -25,7 +25,10 @@ _TOKEN = re.compile(r"""
   | (?P<number>[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?[fF]?|inf(?:inity)?\b|nan\b))
   | (?P<ident>[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<punct>[{}<>\[\]:,;])
-""", re.X)
+  | (?P<bad>.)
+""", re.X | re.S)
+MAX_DEPTH = 100  # nesting of messages; the Object Detection API's configs nest about 8 deep
+MAX_BYTES = 1_000_000  # the templates are ~6 KB, the largest Object Detection API configs ~10 KB
 
 
 @dataclass
@@ -107,16 +110,19 @@ class _Parser:
     def __init__(self, text: str, source: str):
         self.text = text
         self.source = source
+        if len(text) > MAX_BYTES:
+            raise UserError(source, f"{len(text) / 1e6:.1f} MB: larger than any pipeline.config "
+                                    f"(limit {MAX_BYTES / 1e6:.0f} MB)")
         self.tokens = []  # (kind, text, start)
-        pos = 0
-        while pos < len(text):
-            m = _TOKEN.match(text, pos)
-            if not m:
-                self.fail(pos, f"unexpected character {text[pos]!r}")
-            if m.lastgroup not in ("space", "comment"):
-                self.tokens.append((m.lastgroup, m.group(), m.start()))
-            pos = m.end()
+        append = self.tokens.append
+        for m in _TOKEN.finditer(text):  # one pass, linear in the text
+            kind = m.lastgroup
+            if kind == "bad":
+                self.fail(m.start(), f"unexpected character {m.group()!r}")
+            if kind != "space" and kind != "comment":
+                append((kind, m.group(), m.start()))
         self.i = 0
+        self.depth = 0
 
     def fail(self, pos: int, message: str):
         line = self.text.count("\n", 0, pos) + 1
@@ -135,38 +141,47 @@ class _Parser:
 
     def message(self, open_pos: int, closer: str | None) -> Message:
         fields = []
+        tokens, n = self.tokens, len(self.tokens)
         while True:
-            kind, text, pos = self.peek()
-            if closer is None and kind is None:
-                return Message(fields, open_pos, len(self.text))
-            if closer is not None and text == closer:
-                self.take()
+            if self.i >= n:
+                if closer is None:
+                    return Message(fields, open_pos, len(self.text))
+                self.fail(len(self.text), f"expected a field name, found 'end of file'")
+            kind, text, pos = tokens[self.i]
+            if text == closer and kind == "punct":
+                self.i += 1
                 return Message(fields, open_pos, pos)
             if kind != "ident":
-                self.fail(pos, f"expected a field name, found {text or 'end of file'!r}")
+                self.fail(pos, f"expected a field name, found {text!r}")
             fields.append(self.field())
-            if self.peek()[1] in (",", ";"):
-                self.take()
+            if self.i < n and tokens[self.i][1] in (",", ";") and tokens[self.i][0] == "punct":
+                self.i += 1
 
     def field(self) -> Field:
-        _, name, start = self.take()
-        colon = self.peek()[1] == ":"
+        tokens = self.tokens
+        _, name, start = tokens[self.i]
+        self.i += 1
+        colon = self.i < len(tokens) and tokens[self.i][1] == ":" and tokens[self.i][0] == "punct"
         if colon:
-            self.take()
+            self.i += 1
         kind, text, pos = self.peek()
-        if text in ("{", "<"):
-            self.take()
+        if kind == "punct" and text in ("{", "<"):
+            self.i += 1
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                self.fail(pos, f"messages nested more than {MAX_DEPTH} deep")
             msg = self.message(pos, "}" if text == "{" else ">")
+            self.depth -= 1
             return Field(name, start, msg.close + 1, message=msg)
         if not colon:
             self.fail(pos, f"expected ':' or '{{' after {name!r}")
-        if text == "[":
-            self.take()
+        if kind == "punct" and text == "[":
+            self.i += 1
             values = []
             while self.peek()[1] != "]":
                 values.append(self.scalar())
                 if self.peek()[1] == ",":
-                    self.take()
+                    self.i += 1
             _, _, close = self.take("]")
             return Field(name, start, close + 1, values=values)
         value = self.scalar()
@@ -175,7 +190,7 @@ class _Parser:
     def scalar(self) -> Scalar:
         kind, text, pos = self.peek()
         if kind == "string":
-            self.take()
+            self.i += 1
             end = pos + len(text)
             pieces = [text]
             while self.peek()[0] == "string":  # "a" "b" is "ab"
@@ -187,7 +202,7 @@ class _Parser:
                 return _JoinedScalar(quote(joined), pos, end)
             return Scalar(text, pos, end)
         if kind in ("number", "ident"):
-            self.take()
+            self.i += 1
             return Scalar(text, pos, pos + len(text))
         self.fail(pos, f"expected a value, found {text or 'end of file'!r}")
 
@@ -257,6 +272,15 @@ class TextProto:
             else:  # a list value: write it as one value
                 self._splice(f.values[0].start - 1, f.values[-1].end + 1, format_value(value, old))
             # positions after the edit moved, but targets are processed from the end
+        return True
+
+    def rename(self, path: str, name: str) -> bool:
+        """Rename the first field at the path (e.g. which member of a oneof is set); False if absent."""
+        found = self.find(path)
+        if not found:
+            return False
+        old = path.rsplit(".", 1)[-1]
+        self._splice(found[0].start, found[0].start + len(old), name)
         return True
 
     def remove(self, path: str) -> int:
