@@ -42,7 +42,7 @@ help:
 	@echo "make data DATASET=NAME [TASK=detection|segmentation] [MASKS=0|1] [VAL_RATIO=0.2] [SEED=0]"
 	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1] [MAX_PIXELS=N] [ALLOW_OUTSIDE_IMAGES=1]"
 	@echo "make config DATASET=NAME [MODEL=ssd_mobilenet_v2_fpnlite_320x320] [RUN=NAME] [BATCH=N] [STEPS=N]"
-	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification|full] [LR=peak] [SIZE=N|HxW]"
+	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification|full] [LR=peak] [OPTIMIZER=adam|momentum] [SIZE=N|HxW]"
 	@echo "          [FREEZE=backbone|feature_extractor]"
 	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
@@ -90,7 +90,7 @@ config: $(STAMP)
 	$(PY) -m pipelines config --dataset $(DATASET) --model $(MODEL) $(if $(RUN),--run $(RUN)) \
 	  $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--num-steps $(STEPS)) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(CHECKPOINT_TYPE),--checkpoint-type $(CHECKPOINT_TYPE)) \
-	  $(if $(LR),--learning-rate $(LR)) $(if $(SIZE),--image-size $(SIZE)) $(if $(FREEZE),--freeze $(FREEZE))
+	  $(if $(LR),--learning-rate $(LR)) $(if $(SIZE),--image-size $(SIZE)) $(if $(FREEZE),--freeze $(FREEZE)) $(if $(OPTIMIZER),--optimizer $(OPTIMIZER))
 
 import: $(STAMP)
 	@test -n "$(ZOO)" || { echo "error: give ZOO=path/to/extracted_zoo_model_folder"; exit 2; }

@@ -117,6 +117,9 @@ def add_config_parser(sub) -> None:
     p.add_argument("--learning-rate", type=_positive_float,
                    help="the schedule's peak learning rate (applied after --batch-size's scaling; warmup keeps "
                         "its ratio)")
+    p.add_argument("--optimizer", choices=("adam", "momentum"),
+                   help="train_config.optimizer: adam_optimizer (peak learning rate 0.001 unless --learning-rate) "
+                        "or momentum_optimizer (0.9; peak 0.01 unless --learning-rate); the schedule is kept")
     p.add_argument("--image-size", type=_image_size, metavar="HxW|N",
                    help="the network's input size (image_resizer.fixed_shape_resizer), e.g. 256 or 256x320")
 
@@ -127,7 +130,7 @@ def cmd_config(args) -> int:
     write_run_config(ConfigOptions(dataset=args.dataset, model=args.model, run=args.run, batch_size=args.batch_size,
                                    num_steps=args.num_steps, checkpoint=args.checkpoint,
                                    checkpoint_type=args.checkpoint_type, learning_rate=args.learning_rate,
-                                   image_size=args.image_size, freeze=args.freeze))
+                                   image_size=args.image_size, freeze=args.freeze, optimizer=args.optimizer))
     return 0
 
 
@@ -216,12 +219,13 @@ def cmd_import(args) -> int:
 
 @_engine_errors
 def cmd_train(args) -> int:
-    from pipelines.runs import load_run
+    from pipelines.runs import check_memory, load_run
     from pipelines.segmentation.params import SegmenterParams
 
     params, folder, notes = load_run(args.run)
     for note in notes:
         print(f"note: {note}")
+    check_memory(params, display_path(folder / "pipeline.config"))
     if isinstance(params, SegmenterParams):
         from pipelines.segmentation.train import train as train_segmenter
 

@@ -58,3 +58,75 @@ def load_run(run: str, need_data: bool = True) -> tuple[DetectorParams | Segment
         params = dataclasses.replace(p, fine_tune_checkpoint=_absolute(p.fine_tune_checkpoint), **common)
     check_engine(params, display_path(config))
     return params, folder, translation.ignored
+
+
+# Host memory `make train` takes on a CPU, measured with the templates' networks (bench/RESULTS.md,
+# "Training memory"): a fixed part (TensorFlow, the model, the input pipeline) and a part per pixel of
+# each training image (the activations the backward pass keeps). A rough guide for other backbones.
+TRAIN_MEMORY = {"detection": (1.2e9, 1600.0), "segmentation": (1.2e9, 3700.0)}
+SKIP_MEMORY_CHECK = "PIPELINES_SKIP_MEMORY_CHECK"
+
+
+def training_memory(params: DetectorParams | SegmenterParams, batch_size: int | None = None) -> float:
+    """Estimated peak bytes of training on a CPU."""
+    base, per_pixel = TRAIN_MEMORY["segmentation" if isinstance(params, SegmenterParams) else "detection"]
+    batch = params.batch_size if batch_size is None else batch_size
+    return base + per_pixel * batch * params.image_height * params.image_width
+
+
+def available_memory() -> float | None:
+    """Bytes this process can still take: MemAvailable, or less under a cgroup (container) limit."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = float(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            room = float(limit) - used
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def memory_advice(params: DetectorParams | SegmenterParams) -> tuple[bool, str] | None:
+    """(too much?, one line) when training on a CPU would take most of the memory left, else None."""
+    available = available_memory()
+    if available is None:
+        return None
+    need = training_memory(params)
+    if need < 0.7 * available:
+        return None
+    base, per_pixel = TRAIN_MEMORY["segmentation" if isinstance(params, SegmenterParams) else "detection"]
+    fits = int((0.7 * available - base) // (per_pixel * params.image_height * params.image_width))
+    advice = (f"BATCH={fits} fits" if fits >= 1 else
+              "not even BATCH=1 fits at this input size: lower SIZE=")
+    return need > 0.9 * available, (
+        f"training batch {params.batch_size} at {params.image_height}x{params.image_width} on a CPU takes about "
+        f"{need / 1e9:.1f} GB; {available / 1e9:.1f} GB of memory is available here ({advice})")
+
+
+def check_memory(params: DetectorParams | SegmenterParams, source: str, log=print) -> None:
+    """Refuse a CPU training run that would not fit in memory (the kernel would kill it, perhaps with
+    other processes); warn when it takes most of it. No check with a GPU or with
+    PIPELINES_SKIP_MEMORY_CHECK=1."""
+    import os
+
+    if os.environ.get(SKIP_MEMORY_CHECK) == "1":
+        return
+    advice = memory_advice(params)
+    if advice is None:
+        return
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return
+    too_much, line = advice
+    if too_much:
+        raise UserError(source, f"{line}; make config ... BATCH=N, or {SKIP_MEMORY_CHECK}=1 to try anyway")
+    log(f"note: {line}")

@@ -277,6 +277,40 @@ def test_learning_rate_and_image_size(workspace):
     assert not (workspace / "bad").exists()
 
 
+def test_optimizer_switch(workspace):
+    """OPTIMIZER=adam: the oneof member renamed, the schedule kept with Adam's default peak (or LR=), and
+    Model Garden's optimizer follows; OPTIMIZER=momentum back on a file that has adam."""
+    from pipelines.detection.experiment import build_experiment
+
+    proc = make_config(workspace, "--run", "adam", "--batch-size", "8", "--num-steps", "100", "--optimizer", "adam")
+    text = (workspace / "adam" / "pipeline.config").read_text()
+    doc = TextProto(text)
+    cosine = "train_config.optimizer.adam_optimizer.learning_rate.cosine_decay_learning_rate"
+    assert doc.get(f"{cosine}.learning_rate_base") == pytest.approx(0.001)
+    assert doc.get(f"{cosine}.total_steps") == 100
+    assert "momentum_optimizer" not in text
+    assert "note: optimizer momentum_optimizer -> adam_optimizer" in proc.stdout
+    assert "learning rate 0.005 -> 0.001 (warmup_learning_rate in proportion) (adam's default peak" in proc.stdout
+    params = translate(TextProto(text)).params
+    assert params.optimizer == "adam" and params.learning_rate == pytest.approx(0.001)
+    opt = build_experiment(params, "unused", gpus=0).trainer.optimizer_config
+    assert opt.optimizer.type == "adam" and opt.optimizer.adam.epsilon == pytest.approx(1e-8)
+    assert opt.learning_rate.cosine.initial_learning_rate == pytest.approx(0.001)
+
+    make_config(workspace, "--run", "adam2", "--optimizer", "adam", "--learning-rate", "0.003")
+    doc = TextProto((workspace / "adam2" / "pipeline.config").read_text())
+    assert doc.get(f"{cosine}.learning_rate_base") == pytest.approx(0.003)
+
+    back = workspace / "adam.config"
+    back.write_text(text)
+    make_config(workspace, "--run", "momentum", "--model", back, "--optimizer", "momentum")
+    doc = TextProto((workspace / "momentum" / "pipeline.config").read_text())
+    assert doc.get("train_config.optimizer.momentum_optimizer.momentum_optimizer_value") == 0.9
+    assert doc.get("train_config.optimizer.momentum_optimizer.learning_rate.cosine_decay_learning_rate."
+                   "learning_rate_base") == pytest.approx(0.01)
+    assert translate(TextProto(doc.text)).params.optimizer == "sgd"
+
+
 def test_fine_tune_checkpoint_set_and_checked(workspace, tmp_path):
     import tensorflow as tf
 
@@ -344,9 +378,10 @@ def test_a_zoo_file_works_as_the_template(workspace, tmp_path):
     (lambda t: t.replace("'ssd_mobilenet_v2_fpn_keras'", "'ssd_resnet50_v1_fpn_keras'"),
      "model.ssd.feature_extractor.type: 'ssd_resnet50_v1_fpn_keras' is not supported; supported: "
      "ssd_mobilenet_v2_fpn_keras"),
-    (lambda t: t.replace("momentum_optimizer: {", "adam_optimizer: {").replace("momentum_optimizer_value: 0.9", ""),
-     "train_config.optimizer.adam_optimizer: not supported; supported: momentum_optimizer"),
-    (lambda t: t.replace("cosine_decay_learning_rate {", "exponential_decay_learning_rate {"),
+    (lambda t: t.replace("momentum_optimizer: {", "rms_prop_optimizer: {").replace("momentum_optimizer_value: 0.9", ""),
+     "train_config.optimizer.rms_prop_optimizer: not supported; supported: momentum_optimizer, adam_optimizer"),
+    (lambda t: re.sub(r"cosine_decay_learning_rate \{[^}]*\}", "exponential_decay_learning_rate { initial_learning_rate: .08 }",
+                      t),
      "learning_rate.exponential_decay_learning_rate: not supported; supported: cosine_decay_learning_rate"),
     (lambda t: t.replace("random_horizontal_flip { }", "random_adjust_brightness { }"),
      "data_augmentation_options.random_adjust_brightness: not supported; supported: random_horizontal_flip, "
@@ -409,5 +444,5 @@ def test_a_few_step_run_keeps_a_sane_batch_norm_decay(workspace, tmp_path):
     text = (workspace / "bn6" / "pipeline.config").read_text().replace("decay: 0.9\n", "decay: 1.5\n", 1)
     bad = tmp_path / "bad.config"
     bad.write_text(text)
-    with pytest.raises(UserError, match=r"feature_extractor.conv_hyperparams.batch_norm.decay: 1.5 must be at least 0"):
+    with pytest.raises(UserError, match=r"feature_extractor.conv_hyperparams.batch_norm.decay: 1.5 must be in \[0, 1\)"):
         translate(TextProto(text, str(bad)), check_paths=False)

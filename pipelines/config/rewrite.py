@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.common import REPO_ROOT, UserError, display_path, resolve_dataset, workspace_dir
+from pipelines.config import schema
 from pipelines.config import translate as tr
 from pipelines.config.textproto import TextProto
 from pipelines.data.label_map import read_label_map
+from pipelines.runs import memory_advice
 from pipelines.segmentation.params import SegmenterParams
 
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -36,6 +38,7 @@ class ConfigOptions:
     checkpoint_type: str | None = None
     freeze: str | None = None  # 'backbone' or 'feature_extractor': train_config.freeze_variables
     learning_rate: float | None = None  # the schedule's peak (after any batch-size scaling)
+    optimizer: str | None = None  # 'adam' or 'momentum': train_config.optimizer's member
     image_size: tuple[int, int] | None = None  # (height, width) of the fixed_shape_resizer
 
 
@@ -94,6 +97,7 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
         elif not doc.set(f"{reader}.tf_record_input_reader.input_path", pattern):
             raise UserError(doc.source, f"{reader}.tf_record_input_reader: missing")
 
+    switched = _optimizer(doc, opts.optimizer, notes) if opts.optimizer else None
     schedule, schedule_name = tr.learning_rate_path(doc)
     rates = {"cosine_decay_learning_rate": ("learning_rate_base", "warmup_learning_rate"),
              "constant_learning_rate": ("learning_rate",)}.get(schedule_name, ())
@@ -108,7 +112,8 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
                     doc.set(f"{schedule}.{name}", _round(float(value) * factor))
             if rates:
                 notes.append(f"batch size {old} -> {opts.batch_size}: learning rates scaled by {factor:g}")
-    if opts.learning_rate:
+    learning_rate = opts.learning_rate or (OPTIMIZER_PEAK[switched] if switched else None)
+    if learning_rate:
         if not rates:
             raise UserError(doc.source, f"{schedule}: LR= sets cosine_decay_learning_rate or constant_learning_rate, "
                                         f"not {schedule_name}")
@@ -116,10 +121,11 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
         for name in rates:  # the warmup start keeps its ratio to the peak
             value = doc.get(f"{schedule}.{name}")
             if value is not None:
-                doc.set(f"{schedule}.{name}", _round(float(value) * opts.learning_rate / peak) if peak else
-                        opts.learning_rate)
-        notes.append(f"learning rate {_round(peak)} -> {_round(opts.learning_rate)}"
-                     + (" (warmup_learning_rate in proportion)" if len(rates) > 1 else ""))
+                doc.set(f"{schedule}.{name}", _round(float(value) * learning_rate / peak) if peak else
+                        learning_rate)
+        notes.append(f"learning rate {_round(peak)} -> {_round(learning_rate)}"
+                     + (" (warmup_learning_rate in proportion)" if len(rates) > 1 else "")
+                     + ("" if opts.learning_rate else f" ({switched}'s default peak; LR= sets another)"))
     if opts.image_size:
         resizer = f"model.{kind}.image_resizer.fixed_shape_resizer"
         if not doc.has(resizer):
@@ -173,6 +179,35 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
             doc.remove("train_config.freeze_variables")
             doc.add("train_config", "freeze_variables", FREEZE_PATTERNS[opts.freeze], after="num_steps")
     return notes
+
+
+# OPTIMIZER=...: the train_config.optimizer member, and the peak learning rate it gets unless LR= is
+# given (a momentum peak means nothing to Adam). From scratch on the bundled sample Adam at 0.001
+# learned far faster than momentum at its best peak (bench/RESULTS.md).
+OPTIMIZERS = {"adam": "adam_optimizer", "momentum": "momentum_optimizer"}
+OPTIMIZER_PEAK = {"adam": 0.001, "momentum": 0.01}
+MOMENTUM = 0.9
+
+
+def _optimizer(doc: TextProto, name: str, notes: list[str]) -> str | None:
+    """Make train_config.optimizer's member OPTIMIZERS[name], keeping its learning-rate schedule;
+    returns `name` when it changed, None when the config already had it."""
+    members = [n for n in doc.message_names("train_config.optimizer") if n != "use_moving_average"]
+    if not members:
+        raise UserError(doc.source, "train_config.optimizer: missing, so OPTIMIZER= has nothing to change")
+    old, new = members[0], OPTIMIZERS[name]
+    if old == new:
+        return None
+    if old not in OPTIMIZERS.values():
+        raise UserError(doc.source, f"train_config.optimizer.{old}: OPTIMIZER= switches between "
+                                    f"{' and '.join(OPTIMIZERS.values())} only")
+    doc.remove(f"train_config.optimizer.{old}.momentum_optimizer_value")
+    doc.remove(f"train_config.optimizer.{old}.epsilon")
+    doc.rename(f"train_config.optimizer.{old}", new)
+    if new == "momentum_optimizer":
+        doc.add(f"train_config.optimizer.{new}", "momentum_optimizer_value", MOMENTUM)
+    notes.append(f"optimizer {old} -> {new}")
+    return name
 
 
 # FREEZE=... shortcuts: regexes over the Object Detection API's variable names (also matched against ours).
@@ -229,11 +264,76 @@ def _round(value: float) -> float:
     return float(f"{value:.6g}")
 
 
+class _LineDiff(difflib.SequenceMatcher):
+    """difflib's hunks over Myers' shortest edit script: O((N + M) * D) for D changed lines, where
+    SequenceMatcher without autojunk (a config's many identical "}" lines must not count as junk)
+    grows worse than quadratically with the file (a 0.4 MB config took 14 s)."""
+
+    def get_opcodes(self):
+        a, b = self.a, self.b
+        n, m = len(a), len(b)
+        v, trace = {1: 0}, []
+        for d in range(n + m + 1):
+            trace.append(dict(v))
+            for k in range(-d, d + 1, 2):
+                x = v[k + 1] if k == -d or (k != d and v[k - 1] < v[k + 1]) else v[k - 1] + 1
+                y = x - k
+                while x < n and y < m and a[x] == b[y]:
+                    x, y = x + 1, y + 1
+                v[k] = x
+                if x >= n and y >= m:
+                    return _opcodes(_backtrack(trace, x, y), n, m)
+        return [("equal", 0, 0, 0, 0)]
+
+    def get_matching_blocks(self):  # not used by get_grouped_opcodes; kept consistent
+        return [difflib.Match(i1, j1, i2 - i1) for tag, i1, i2, j1, _ in self.get_opcodes() if tag == "equal"] + \
+            [difflib.Match(len(self.a), len(self.b), 0)]
+
+
+def _backtrack(trace: list[dict], x: int, y: int) -> list[tuple[str, int, int]]:
+    """The edit script's steps, first to last: ('=', i, j), ('-', i, j) or ('+', i, j)."""
+    steps = []
+    for d in range(len(trace) - 1, -1, -1):
+        v, k = trace[d], x - y
+        prev_k = k + 1 if k == -d or (k != d and v.get(k - 1, -1) < v.get(k + 1, -1)) else k - 1
+        prev_x = v.get(prev_k, 0)
+        prev_y = prev_x - prev_k
+        while x > prev_x and y > prev_y:
+            x, y = x - 1, y - 1
+            steps.append(("=", x, y))
+        if d > 0:
+            steps.append(("+", prev_x, prev_y) if x == prev_x else ("-", prev_x, prev_y))
+        x, y = prev_x, prev_y
+    return steps[::-1]
+
+
+def _opcodes(steps, n: int, m: int) -> list[tuple[str, int, int, int, int]]:
+    """Steps -> difflib opcodes (runs of '=' are equal; a run of '-'/'+' is delete, insert or replace)."""
+    ops, i, j, pos = [], 0, 0, 0
+    while pos < len(steps):
+        if steps[pos][0] == "=":
+            start = pos
+            while pos < len(steps) and steps[pos][0] == "=":
+                pos += 1
+            ops.append(("equal", i, i + pos - start, j, j + pos - start))
+            i, j = i + pos - start, j + pos - start
+            continue
+        dels = adds = 0
+        while pos < len(steps) and steps[pos][0] != "=":
+            dels += steps[pos][0] == "-"
+            adds += steps[pos][0] == "+"
+            pos += 1
+        tag = "replace" if dels and adds else "delete" if dels else "insert"
+        ops.append((tag, i, i + dels, j, j + adds))
+        i, j = i + dels, j + adds
+    return ops or [("equal", 0, n, 0, m)]
+
+
 def unified_diff(old: str, new: str, old_name: str, new_name: str, context: int = 1) -> str:
-    """A unified diff; autojunk is off because a config's many "}" lines would count as junk."""
+    """A unified diff of two versions of a config."""
     a, b = old.splitlines(), new.splitlines()
     lines = [f"--- {old_name}", f"+++ {new_name}"]
-    for group in difflib.SequenceMatcher(None, a, b, autojunk=False).get_grouped_opcodes(context):
+    for group in _LineDiff(None, a, b, autojunk=False).get_grouped_opcodes(context):
         i1, i2, j1, j2 = group[0][1], group[-1][2], group[0][3], group[-1][4]
         lines.append(f"@@ -{i1 + 1},{i2 - i1} +{j1 + 1},{j2 - j1} @@")
         for tag, a1, a2, b1, b2 in group:
@@ -251,6 +351,7 @@ def write_run_config(opts: ConfigOptions) -> Path:
     out = workspace_dir() / run / "pipeline.config"
     original = template.read_text(encoding="utf-8")
     doc = TextProto(original, display_path(template))
+    schema.check(doc)  # the template's own mistakes, named by its lines
     notes = rewrite(doc, data, opts)
     # Validate what will be written (fields and every path) before writing anything.
     translation = tr.translate_any(TextProto(doc.text, display_path(out)))
@@ -270,6 +371,9 @@ def write_run_config(opts: ConfigOptions) -> Path:
             params, fine_tune_checkpoint=str(tr.resolve_path(params.fine_tune_checkpoint))), display_path(out),
             restore=True)
         notes.append(restores)
+    memory = memory_advice(params)
+    if memory:
+        notes.append(memory[1] + (": `make train` will refuse it without a GPU" if memory[0] else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".pipeline.config.", dir=out.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

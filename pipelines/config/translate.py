@@ -24,7 +24,9 @@ ANCHORS = f"{SSD}.anchor_generator.multiscale_anchor_generator"
 CODER = f"{SSD}.box_coder.faster_rcnn_box_coder"
 NMS = f"{SSD}.post_processing.batch_non_max_suppression"
 MOMENTUM = "train_config.optimizer.momentum_optimizer"
+ADAM = "train_config.optimizer.adam_optimizer"
 COSINE = f"{MOMENTUM}.learning_rate.cosine_decay_learning_rate"
+ADAM_COSINE = f"{ADAM}.learning_rate.cosine_decay_learning_rate"
 PLACEHOLDER = "PATH_TO_BE_CONFIGURED"
 
 
@@ -81,6 +83,11 @@ FIELD_MAP = [
     (f"{COSINE}.warmup_learning_rate", "warmup_learning_rate", float),
     (f"{COSINE}.warmup_steps", "warmup_steps", int),
     (f"{MOMENTUM}.momentum_optimizer_value", "momentum", float),
+    # adam_optimizer instead of momentum_optimizer (a oneof: one of the two sets of rows applies)
+    (f"{ADAM_COSINE}.learning_rate_base", "learning_rate", float),
+    (f"{ADAM_COSINE}.warmup_learning_rate", "warmup_learning_rate", float),
+    (f"{ADAM_COSINE}.warmup_steps", "warmup_steps", int),
+    (f"{ADAM}.epsilon", "adam_epsilon", float),
     (f"{FE}.conv_hyperparams.regularizer.l2_regularizer.weight", "weight_decay", float),
     ("train_config.fine_tune_checkpoint", "fine_tune_checkpoint", str),
     ("train_config.fine_tune_checkpoint_type", "fine_tune_checkpoint_type", str),
@@ -101,8 +108,9 @@ SUPPORTED = {
     f"{SSD}.box_predictor": ["weight_shared_convolutional_box_predictor"],
     f"{SSD}.loss.classification_loss": ["weighted_sigmoid_focal"],
     f"{SSD}.loss.localization_loss": ["weighted_smooth_l1"],
-    "train_config.optimizer": ["momentum_optimizer", "use_moving_average"],
+    "train_config.optimizer": ["momentum_optimizer", "adam_optimizer", "use_moving_average"],
     f"{MOMENTUM}.learning_rate": ["cosine_decay_learning_rate"],
+    f"{ADAM}.learning_rate": ["cosine_decay_learning_rate"],
     "train_config.data_augmentation_options": ["random_horizontal_flip", "random_crop_image"],
     "train_config.fine_tune_checkpoint_type": ["detection", "classification", "full"],
 }
@@ -142,6 +150,72 @@ def _check_oneofs(doc: TextProto) -> None:
             if name not in allowed:
                 raise _fail(doc.source, f"{path}.{name}",
                             f"not supported; supported: {', '.join(a for a in allowed if a != 'use_moving_average')}")
+
+
+# (pipeline.config field, DetectorParams field, lowest, highest, lowest allowed?, highest allowed?)
+RANGES = [
+    (f"{SSD}.num_classes", "num_classes", 1, None, True, True),
+    (f"{FE}.depth_multiplier", "depth_multiplier", 0, None, False, True),
+    (f"{FE}.min_depth", "min_depth", 1, None, True, True),
+    (f"{FE}.conv_hyperparams.batch_norm.decay", "batch_norm_decay", 0, 1, True, False),
+    (f"{FE}.conv_hyperparams.batch_norm.epsilon", "batch_norm_epsilon", 0, None, False, True),
+    (f"{FE}.conv_hyperparams.initializer.random_normal_initializer.stddev", "init_stddev", 0, None, False, True),
+    (f"{FE}.conv_hyperparams.regularizer.l2_regularizer.weight", "weight_decay", 0, None, True, True),
+    (f"{FE}.fpn.min_level", "min_level", 3, 7, True, True),
+    (f"{FE}.fpn.max_level", "max_level", 3, 7, True, True),
+    (f"{FE}.fpn.additional_layer_depth", "fpn_num_filters", 1, None, True, True),
+    (f"{HEAD}.depth", "head_num_filters", 1, None, True, True),
+    (f"{HEAD}.num_layers_before_predictor", "head_num_convs", 0, None, True, True),
+    (f"{HEAD}.kernel_size", "head_kernel_size", 1, None, True, True),
+    (f"{HEAD}.conv_hyperparams.batch_norm.decay", "head_batch_norm_decay", 0, 1, True, False),
+    (f"{HEAD}.conv_hyperparams.batch_norm.epsilon", "head_batch_norm_epsilon", 0, None, False, True),
+    (f"{HEAD}.conv_hyperparams.initializer.random_normal_initializer.stddev", "head_init_stddev", 0, None, False,
+     True),
+    (f"{ANCHORS}.scales_per_octave", "num_scales", 1, None, True, True),
+    (f"{ANCHORS}.anchor_scale", "anchor_size", 0, None, False, True),
+    (f"{SSD}.loss.classification_loss.weighted_sigmoid_focal.alpha", "focal_alpha", 0, 1, True, True),
+    (f"{SSD}.loss.classification_loss.weighted_sigmoid_focal.gamma", "focal_gamma", 0, None, True, True),
+    (f"{SSD}.loss.classification_weight", "classification_weight", 0, None, False, True),
+    (f"{SSD}.loss.localization_weight", "localization_weight", 0, None, True, True),
+    (f"{NMS}.iou_threshold", "nms_iou_threshold", 0, 1, True, True),
+    (f"{NMS}.score_threshold", "nms_score_threshold", 0, 1, True, False),
+    (f"{NMS}.max_total_detections", "max_detections", 1, None, True, True),
+    (f"{NMS}.max_detections_per_class", "max_detections_per_class", 1, None, True, True),
+    ("train_config.batch_size", "batch_size", 1, None, True, True),
+    ("train_config.num_steps", "num_steps", 1, None, True, True),
+    ("train_config.optimizer...learning_rate_base", "learning_rate", 0, None, False, True),
+    ("train_config.optimizer...warmup_learning_rate", "warmup_learning_rate", 0, None, True, True),
+    ("train_config.optimizer...warmup_steps", "warmup_steps", 0, None, True, True),
+    (f"{MOMENTUM}.momentum_optimizer_value", "momentum", 0, 1, True, False),
+    (f"{ADAM}.epsilon", "adam_epsilon", 0, None, False, True),
+    ("eval_config.batch_size", "eval_batch_size", 1, None, True, True),
+]
+
+
+def _interval(low, high, low_ok: bool, high_ok: bool) -> str:
+    if high is None:
+        return f"at least {low}" if low_ok else f"above {low}"
+    return f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+
+
+def _check_ranges(doc: TextProto, params: DetectorParams) -> None:
+    for path, name, low, high, low_ok, high_ok in RANGES:
+        value = getattr(params, name)
+        if not math.isfinite(value):
+            raise _fail(doc.source, path, f"{value} is not a finite number")
+        too_low = low is not None and (value < low or (value == low and not low_ok))
+        too_high = high is not None and (value > high or (value == high and not high_ok))
+        if too_low or too_high:
+            raise _fail(doc.source, path, f"{value} must be {_interval(low, high, low_ok, high_ok)}")
+    for value in params.aspect_ratios:
+        if not (math.isfinite(value) and value > 0):
+            raise _fail(doc.source, f"{ANCHORS}.aspect_ratios", f"{value} must be above 0")
+    for i, value in enumerate(params.box_coder_weights):
+        if not (math.isfinite(value) and value > 0):
+            raise _fail(doc.source, CODER, f"scale {value} must be above 0")
+    if params.warmup_steps > params.num_steps:
+        raise _fail(doc.source, "train_config.optimizer...warmup_steps",
+                    f"{params.warmup_steps} is more than train_config.num_steps ({params.num_steps})")
 
 
 def _regex(value: str) -> str:
@@ -184,17 +258,13 @@ def translate(doc: TextProto, check_paths: bool = True) -> Translation:
         else:
             setattr(params, name, value)
     params.box_coder_weights = coder
+    params.optimizer = "adam" if doc.has(ADAM) else "sgd"
 
     anchor_levels = (doc.get(f"{ANCHORS}.min_level"), doc.get(f"{ANCHORS}.max_level"))
     if anchor_levels != (None, None) and anchor_levels != (params.min_level, params.max_level):
         raise _fail(doc.source, f"{ANCHORS}.min_level/max_level",
                     f"levels {anchor_levels} must equal the FPN's ({params.min_level}, {params.max_level})")
-    for path, value in ((f"{FE}.conv_hyperparams.batch_norm.decay", params.batch_norm_decay),
-                        (f"{HEAD}.conv_hyperparams.batch_norm.decay", params.head_batch_norm_decay)):
-        if not 0.0 <= value < 1.0:
-            raise _fail(doc.source, path, f"{value} must be at least 0 and below 1")
-    if params.num_classes < 1:
-        raise _fail(doc.source, f"{SSD}.num_classes", "must be at least 1")
+    _check_ranges(doc, params)
     for name, value in (("height", params.image_height), ("width", params.image_width)):
         # The backbone's stride-32 features are merged with upsampled coarser ones in the FPN.
         if value < 32 or value % 32:
@@ -273,6 +343,9 @@ def model_kind(doc: TextProto) -> str:
 
 def translate_any(doc: TextProto, check_paths: bool = True) -> Translation:
     """A detection or a segmentation config, whichever the model block holds."""
+    from pipelines.config import schema
+
+    schema.check(doc)
     if model_kind(doc) == "segmentation":
         from pipelines.config import segmentation
 

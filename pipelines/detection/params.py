@@ -68,7 +68,9 @@ class DetectorParams:
     learning_rate: float = 0.08  # cosine_decay_learning_rate.learning_rate_base
     warmup_learning_rate: float = 0.026666  # warmup_learning_rate
     warmup_steps: int = 1000
+    optimizer: str = "sgd"  # momentum_optimizer ("sgd") or adam_optimizer ("adam")
     momentum: float = 0.9  # momentum_optimizer.momentum_optimizer_value
+    adam_epsilon: float = 1e-8  # adam_optimizer.epsilon
     weight_decay: float = 4e-5  # conv_hyperparams.regularizer.l2_regularizer.weight
     random_horizontal_flip: bool = True  # data_augmentation_options
     random_crop: bool = True  # random_crop_image -> the parser's scale jitter and crop
