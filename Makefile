@@ -49,7 +49,7 @@ help:
 	@echo "make import ZOO=DIR [RUN=NAME] [LABEL_MAP=file]   an Object Detection API zoo model as a run"
 	@echo "make train RUN=NAME | make eval RUN=NAME | make export RUN=NAME"
 	@echo "make report RUN=NAME               workspace/RUN/report.html: data, config, curves, metrics, predictions"
-	@echo "make serve RUN=NAME [PORT=3000] | make serve MODEL=name:version (a BentoML model-store tag)"
+	@echo "make serve RUN=NAME [PORT=3000] [HOST=127.0.0.1] | make serve MODEL=name:version (a BentoML model-store tag)"
 	@echo "make serve-spectrogram [PORT=3000]  POST /spectrogram: WAV in, spectrogram PNG out (no model)"
 	@echo "make bento RUN=NAME | make bento MODEL=name:version   a Bento (model + code + requirements.lock) in the bento store"
 	@echo "make containerize BENTO=name:version                 its Docker image (bentoml containerize; needs Docker)"
@@ -98,6 +98,8 @@ import: $(STAMP)
 
 RUN_OR_DATASET = $(if $(RUN),$(RUN),$(notdir $(DATASET)))
 PORT ?= 3000
+# make serve listens on this machine only; HOST=0.0.0.0 exposes it (set PIPELINES_API_TOKEN then).
+HOST ?= 127.0.0.1
 # make serve: MODEL given on the command line (or in the environment) is a BentoML model tag; else RUN's export.
 SERVE_MODEL = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),workspace/$(RUN_OR_DATASET)/export)
 BENTO_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL),--run $(RUN_OR_DATASET))
@@ -116,10 +118,10 @@ export: $(STAMP)
 	$(PY) -m pipelines export --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 serve: $(STAMP)
-	PIPELINES_MODEL=$(SERVE_MODEL) $(VENV)/bin/bentoml serve pipelines.serving.service:Service --host 0.0.0.0 --port $(PORT)
+	PIPELINES_MODEL=$(SERVE_MODEL) $(VENV)/bin/bentoml serve pipelines.serving.service:Service --host $(HOST) --port $(PORT)
 
 serve-spectrogram: $(STAMP)
-	$(VENV)/bin/bentoml serve pipelines.serving.audio:Spectrogram --host 0.0.0.0 --port $(PORT)
+	$(VENV)/bin/bentoml serve pipelines.serving.audio:Spectrogram --host $(HOST) --port $(PORT)
 
 bento: $(STAMP)
 	$(PY) -m pipelines.serving.bento $(BENTO_MODEL)

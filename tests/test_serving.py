@@ -59,6 +59,7 @@ def make_segmenter(run_dir: Path) -> Path:
 
 import base64  # noqa: E402
 import io  # noqa: E402
+import re  # noqa: E402
 from pipelines.serving.process import free_port  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -72,15 +73,16 @@ from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_PIXELS = 1_000_000
+TOKEN = "t0ken-for-tests"
 
 
 class Server:
-    def __init__(self, model: str, bento_home: Path, log: Path):
+    def __init__(self, model: str, bento_home: Path, log: Path, **extra_env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PIPELINES_MODEL": model, "BENTOML_HOME": str(bento_home),
                "PIPELINES_MAX_PIXELS": str(MAX_PIXELS), "PIPELINES_MAX_BATCH_SIZE": "8",
-               "PIPELINES_MAX_LATENCY_MS": "20000", "BENTOML_DO_NOT_TRACK": "True"}
+               "PIPELINES_MAX_LATENCY_MS": "20000", "BENTOML_DO_NOT_TRACK": "True", **extra_env}
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "pipelines.serving.service:Service",
                                       "--host", "127.0.0.1", "--port", str(self.port)],
@@ -127,13 +129,17 @@ def servers(tmp_path_factory):
         else:
             os.environ["BENTOML_HOME"] = previous
     det = Server(str(detector_export), bento_home, root / "detector.log")
-    seg = Server("tiny-segmenter", bento_home, root / "segmenter.log")
+    seg = Server("tiny-segmenter", bento_home, root / "segmenter.log", PIPELINES_MAX_MASK_SIDE="100")
+    # The same detector behind a bearer token and a 1 MB body limit.
+    locked = Server(str(detector_export), bento_home, root / "locked.log", PIPELINES_API_TOKEN=TOKEN,
+                    PIPELINES_MAX_BODY_MB="1")
     try:
-        ready = {"detector": det.wait_ready(), "segmenter": seg.wait_ready()}
-        yield {"detector": det, "segmenter": seg, "ready": ready}
+        ready = {"detector": det.wait_ready(), "segmenter": seg.wait_ready(), "locked": locked.wait_ready()}
+        yield {"detector": det, "segmenter": seg, "locked": locked, "ready": ready}
     finally:
         det.stop()
         seg.stop()
+        locked.stop()
 
 
 @pytest.fixture(scope="module")
@@ -411,3 +417,120 @@ def test_segmenter_bad_input_and_concurrency(servers, seg):
     assert all(a.status_code == 200 for a in answers)
     assert all((np.asarray(Image.open(io.BytesIO(a.content))) == np.asarray(Image.open(io.BytesIO(want)))).mean()
                > 0.999 for a in answers)
+
+
+# ------------------------------------------------------------------------------- the request guard
+
+
+def _raw_http(url: str, head: bytes, body: bytes = b"", chunks: int = 0, chunk: bytes = b"") -> tuple[int, dict]:
+    """Send a request by hand (a huge Content-Length, or chunks) and read the answer the server sends
+    back before taking the whole body; returns (status, JSON body)."""
+    import json
+    import socket
+
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        try:
+            for _ in range(chunks):
+                sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        except OSError:  # the server answered and closed while we were still sending
+            pass
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"content-length: (\d+)", data.lower()).group(1)):
+            more = sock.recv(65536)
+            if not more:
+                break
+            data += more
+    head_text, _, payload = data.partition(b"\r\n\r\n")
+    return int(head_text.split()[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize("case,status,expected", [
+    ("wrong_field", 400, 'no file field "image" (file fields sent: "picture")'),
+    ("extra_file", 400, 'unexpected file field "other"'),
+    ("long_filename", 400, "the file name is 304 bytes long, over 200"),
+    ("malformed", 400, 'no file field "image"'),
+    ("json_body", 415, "the body is application/json: send it as multipart/form-data"),
+    ("bad_form_value", 400, "score_threshold: Input should be a valid number"),
+])
+def test_client_mistakes_are_4xx_json(det, case, status, expected):
+    """Each of these was a 500 with a traceback in the log, or a raw pydantic report."""
+    if case == "wrong_field":
+        r = det.post("/detect", files={"picture": ("a.jpg", JPEG, "image/jpeg")})
+    elif case == "extra_file":
+        r = det.post("/detect", files={"image": ("a.jpg", JPEG, "image/jpeg"), "other": ("b.jpg", JPEG, "image/jpeg")})
+    elif case == "long_filename":
+        r = det.post("/detect", files=upload(JPEG, "x" * 300 + ".jpg"))
+    elif case == "malformed":
+        r = det.post("/detect", content=b"--B\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=B"})
+    elif case == "json_body":
+        r = det.post("/detect", json={"image": "abc"})
+    else:
+        r = det.post("/detect", files=upload(JPEG), data={"score_threshold": "abc"})
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and expected in body["error"], body
+
+
+def test_deeply_nested_json_is_a_400(det):
+    r = det.post("/detect/base64", content=b"[" * 100_000 + b"]" * 100_000,
+                 headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deep" in r.json()["error"]
+    assert det.post("/detect", files=upload(JPEG)).status_code == 200
+
+
+def test_bearer_token(servers):
+    url = servers["locked"].url
+    with httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/detect", files=upload(JPEG))
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert "bearer token" in r.json()["error"]
+        r = client.post("/detect", files=upload(JPEG), headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = client.post("/detect/base64", content=base64.b64encode(JPEG))
+        assert r.status_code == 401
+        r = client.post("/detect", files=upload(JPEG), headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200 and "detections" in r.json()
+        for open_path in ("/readyz", "/livez", "/metrics"):
+            assert client.get(open_path).status_code == 200, open_path
+
+
+def test_body_size_limit(servers):
+    """1 MB limit on this server: refused from Content-Length before reading, or as a chunked body
+    passes it; a body under it is served."""
+    url = servers["locked"].url
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    head = (b"POST /detect HTTP/1.1\r\nHost: x\r\n" + auth +
+            b"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 1000000000\r\n\r\n")
+    status, body = _raw_http(url, head, b"x" * 1000)
+    assert status == 413 and "over the limit of 1 MB (PIPELINES_MAX_BODY_MB)" in body["error"]
+    head = (b"POST /detect HTTP/1.1\r\nHost: x\r\n" + auth +
+            b"Content-Type: multipart/form-data; boundary=B\r\nTransfer-Encoding: chunked\r\n\r\n")
+    status, body = _raw_http(url, head, chunks=40, chunk=b"y" * 100_000)
+    assert status == 413 and "PIPELINES_MAX_BODY_MB" in body["error"]
+    half = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), np.uint8)), "PNG")
+    assert 300_000 < len(half) < 1_000_000
+    with httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/detect", files=upload(half, "noise.png", "image/png"),
+                        headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200, r.text
+
+
+def test_segmenter_bounds_its_full_resolution_work(seg):
+    """This server runs at most 100 pixels on a side (PIPELINES_MAX_MASK_SIDE): a 400x300 photo's mask
+    is the mask of the photo stretched to 100x75, scaled up nearest-neighbour to 400x300."""
+    import cv2
+
+    from pipelines.serving.images import resize_to
+
+    photo = np.asarray(picture(400, 300, seed=3))
+    r = seg.post("/segment/mask", files=upload(encoded(Image.fromarray(photo), "PNG"), "p.png", "image/png"))
+    assert r.status_code == 200, r.text
+    full = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert full.shape == (300, 400)
+    small = resize_to(photo, (75, 100))
+    r = seg.post("/segment/mask", files=upload(encoded(Image.fromarray(small), "PNG"), "s.png", "image/png"))
+    expected = cv2.resize(np.asarray(Image.open(io.BytesIO(r.content))), (400, 300), interpolation=cv2.INTER_NEAREST)
+    assert (full == expected).all()

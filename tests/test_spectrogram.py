@@ -75,3 +75,39 @@ def test_bad_audio_is_a_4xx_with_a_json_error(server, data, status, message):
     assert message in r.json()["error"]
     ok = server.post("/spectrogram", files={"audio": ("t.wav", wav_bytes(tone(300, 0.5)), "audio/wav")})
     assert ok.status_code == 200  # still serving
+
+
+def test_audio_is_limited_by_samples_from_the_header(monkeypatch):
+    """Seconds are not the cost, samples are: a high declared rate gave 41 MB -> 6.1 GB. The header's
+    data size is checked before anything is decoded."""
+    from pipelines.serving.images import BadRequest
+
+    data = wav_bytes(tone(440, seconds=2.0, rate=8000), rate=8000)  # 16,000 samples
+    monkeypatch.setenv("PIPELINES_MAX_AUDIO_SAMPLES", "10000")
+    with pytest.raises(BadRequest, match=r"16000 samples, over the limit of 10000") as info:
+        read_wav(data)
+    assert info.value.status == 413
+    header_only = data[:44]  # a header announcing 16,000 samples, none sent: refused on the header alone
+    lying = header_only[:40] + (10**9).to_bytes(4, "little")
+    with pytest.raises(BadRequest, match="over the limit of 10000"):
+        read_wav(lying + b"\0" * 30_000)
+    monkeypatch.setenv("PIPELINES_MAX_AUDIO_SAMPLES", "20000")
+    samples, rate = read_wav(data)
+    assert len(samples) == 16000 and rate == 8000
+
+
+def test_stft_columns_are_bounded_and_keep_the_peaks():
+    """At most max_frames columns, each the maximum of the frames it covers: the same picture of a
+    long recording without its n_fft-times-the-samples memory."""
+    rate = 8000
+    signal = tone(1000, seconds=30.0, rate=rate)
+    signal[rate * 10: rate * 10 + 400] += 0.9  # a click at 10 s
+    times, freqs, full = stft_db(signal.astype(np.float32), rate)
+    times_b, freqs_b, bounded = stft_db(signal.astype(np.float32), rate, max_frames=100)
+    assert bounded.shape[1] <= 100 and full.shape[1] > 400
+    group = -(-full.shape[1] // bounded.shape[1])
+    pad = -full.shape[1] % group
+    pooled = np.pad(full, ((0, 0), (0, pad)), constant_values=-1e9).reshape(full.shape[0], -1, group).max(axis=2)
+    np.testing.assert_allclose(bounded, pooled, atol=1e-3)
+    click = int(np.argmax(bounded[-50:].max(axis=0)))  # high frequencies: only the click has them
+    assert abs(times_b[click] - 10.0) < 30.0 / 100 * 2

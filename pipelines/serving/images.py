@@ -87,6 +87,8 @@ def base64_image(body: bytes, content_type: str = "") -> bytes:
             payload = json.loads(text)
         except ValueError as e:
             raise BadRequest(f"body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise BadRequest("body is JSON nested too deep (expected {\"image\": \"<base64>\"})") from None
         if isinstance(payload, dict):
             if "image" not in payload:
                 raise BadRequest('JSON body has no "image" field (expected {"image": "<base64>"})')

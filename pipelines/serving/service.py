@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
+from pipelines.serving.guard import RequestGuard
 from pipelines.serving.images import (BadRequest, base64_image, decode_image, max_detections_of,
                                       png_bytes, resize_to, score_threshold_of)
 
@@ -45,6 +46,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 MAX_BATCH_SIZE = _env_int("PIPELINES_MAX_BATCH_SIZE", 8)
+# The segmenter runs at most this many pixels on a side and scales its mask up to the image: its
+# probabilities at full size would take H x W x classes floats (1.9 GB for a 6300x6300 photo).
+MAX_MASK_SIDE = _env_int("PIPELINES_MAX_MASK_SIDE", 2048)
 MAX_LATENCY_MS = _env_int("PIPELINES_MAX_LATENCY_MS", 10_000)
 TIMEOUT_S = _env_int("PIPELINES_TIMEOUT_S", 120)
 
@@ -328,6 +332,13 @@ def segments(mask: np.ndarray, labels: dict[int, str]) -> list[dict]:
     return classes
 
 
+def _nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A class mask scaled to size = (height, width), nearest neighbour."""
+    import cv2
+
+    return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+
 @bentoml.service(name="segmenter", traffic={"timeout": TIMEOUT_S})
 class Segmenter:
     """Class masks of an exported segmenter: /segment (JSON), /segment/mask (palette PNG), /render (PNG)."""
@@ -341,7 +352,14 @@ class Segmenter:
 
     async def _mask(self, image: Path) -> tuple[np.ndarray, np.ndarray]:
         array = await read_upload(image)
-        return array, (await model_outputs(self, array))[MASK_KEY]
+        height, width = array.shape[:2]
+        scale = MAX_MASK_SIDE / max(height, width)
+        if scale >= 1:
+            return array, (await model_outputs(self, array))[MASK_KEY]
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        small = await asyncio.to_thread(resize_to, array, size)
+        mask = (await model_outputs(self, small))[MASK_KEY]
+        return array, await asyncio.to_thread(_nearest, mask, (height, width))
 
     @bentoml.api(route="/segment")
     async def segment(self, image: Path) -> dict:
@@ -377,6 +395,10 @@ class Segmenter:
             return error_response(e)
         return png_response(Image.fromarray(await asyncio.to_thread(overlay, array, mask)))
 
+
+Detector.add_asgi_middleware(RequestGuard, file_fields={"/detect": "image", "/render": "image"})
+Segmenter.add_asgi_middleware(RequestGuard, file_fields={"/segment": "image", "/segment/mask": "image",
+                                                         "/render": "image"})
 
 # The service for PIPELINES_MODEL's task: `bentoml serve pipelines.serving.service:Service`.
 Service = Segmenter if model_task() == "segmentation" else Detector
