@@ -131,8 +131,9 @@ def servers(tmp_path_factory):
     det = Server(str(detector_export), bento_home, root / "detector.log")
     seg = Server("tiny-segmenter", bento_home, root / "segmenter.log", PIPELINES_MAX_MASK_SIDE="100")
     # The same detector behind a bearer token and a 1 MB body limit.
+    (root / "locked-tmp").mkdir()
     locked = Server(str(detector_export), bento_home, root / "locked.log", PIPELINES_API_TOKEN=TOKEN,
-                    PIPELINES_MAX_BODY_MB="1")
+                    PIPELINES_MAX_BODY_MB="1", TMPDIR=str(root / "locked-tmp"))
     try:
         ready = {"detector": det.wait_ready(), "segmenter": seg.wait_ready(), "locked": locked.wait_ready()}
         yield {"detector": det, "segmenter": seg, "locked": locked, "ready": ready}
@@ -534,3 +535,41 @@ def test_segmenter_bounds_its_full_resolution_work(seg):
     r = seg.post("/segment/mask", files=upload(encoded(Image.fromarray(small), "PNG"), "s.png", "image/png"))
     expected = cv2.resize(np.asarray(Image.open(io.BytesIO(r.content))), (400, 300), interpolation=cv2.INTER_NEAREST)
     assert (full == expected).all()
+
+
+def test_a_killed_worker_is_logged_cleaned_and_not_ready_until_replaced(servers):
+    """kill -9 of the worker (runs last: the server restarts its worker). The replacement answers /readyz
+    503 while its model loads (no connection left hanging for the load), removes what the killed one left
+    in its temporary folder, and says so in the log."""
+    import psutil
+
+    locked = servers["locked"]
+    tmp = Path(locked.log).parent / "locked-tmp"
+    workers = [p for p in psutil.Process(locked.proc.pid).children(recursive=True)
+               if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    assert len(workers) == 1, workers
+    worker = workers[0]
+    folder = tmp / f"pipelines-worker-{worker.pid}"
+    assert folder.is_dir()
+    (folder / "bentoml-request-x").mkdir()
+    (folder / "bentoml-request-x" / "upload.jpg").write_bytes(JPEG)  # an upload in flight
+    worker.kill()
+    worker.wait(10)
+    statuses, deadline = [], time.time() + 180
+    while time.time() < deadline:
+        try:
+            statuses.append(httpx.get(locked.url + "/readyz", timeout=30).status_code)
+        except httpx.HTTPError:
+            statuses.append(0)  # the killed worker's connection, or none accepting yet
+        if statuses[-1] == 200:
+            break
+        time.sleep(0.2)
+    assert statuses[-1] == 200, statuses
+    assert 503 in statuses, statuses  # said "not ready" while the new worker loaded its model
+    assert not folder.exists()
+    log = Path(locked.log).read_text()
+    assert f"worker {worker.pid} ended without stopping (killed or crashed)" in log
+    assert "removed its 1 temporary upload file(s)" in log
+    with httpx.Client(base_url=locked.url, timeout=60) as client:
+        r = client.post("/detect", files=upload(JPEG), headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200

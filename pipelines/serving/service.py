@@ -94,19 +94,26 @@ def model_task(spec: str | None = None) -> str:
         return "detection"
 
 
+def check_model(task: str) -> tuple[Path, str, str, dict]:
+    """(folder, name, version, metadata) of PIPELINES_MODEL, which must be a `task` export; fast (no
+    TensorFlow), so that a wrong model stops the worker at once with one clear line."""
+    from pipelines.model_store import read_metadata
+
+    folder, name, version = resolve_model()
+    metadata = read_metadata(folder) or {"task": "detection"}
+    if metadata.get("task", "detection") != task:
+        raise ModelNotFound(f"{folder}: a {metadata.get('task')} export, not a {task} one "
+                            "(serve pipelines.serving.service:Service to pick by the export's task)")
+    return folder, name, version, metadata
+
+
 class LoadedModel:
     """The export's serving signature, label map and identity, loaded once per worker."""
 
     def __init__(self, task: str):
         import tensorflow as tf
 
-        from pipelines.model_store import read_metadata
-
-        folder, self.name, self.version = resolve_model()
-        metadata = read_metadata(folder) or {"task": "detection"}
-        if metadata.get("task", "detection") != task:
-            raise ModelNotFound(f"{folder}: a {metadata.get('task')} export, not a {task} one "
-                                "(serve pipelines.serving.service:Service to pick by the export's task)")
+        folder, self.name, self.version, metadata = check_model(task)
         self.task = task
         self.metadata = metadata
         self.labels = {int(k): v for k, v in (metadata.get("label_map") or {}).items()}
@@ -159,7 +166,7 @@ class Batcher:
     batch takes and waits only while that pays), batches hold at most PIPELINES_MAX_BATCH_SIZE images, and
     one batch runs at a time, in a thread, while the event loop goes on taking requests."""
 
-    def __init__(self, model: LoadedModel, max_batch_size: int = MAX_BATCH_SIZE,
+    def __init__(self, model: LoadedModel | None, max_batch_size: int = MAX_BATCH_SIZE,
                  max_latency_ms: int = MAX_LATENCY_MS) -> None:
         from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
@@ -213,6 +220,7 @@ async def read_upload(image: Path) -> np.ndarray:
 
 async def model_outputs(service, array: np.ndarray) -> dict[str, np.ndarray]:
     """One image through the worker's batcher (run with whatever other requests are waiting)."""
+    service.ready_model()
     try:
         return await service.batcher(array)
     except Overloaded as e:
@@ -228,6 +236,88 @@ class RawBody(bentoml.IODescriptor):
         return cls()
 
 
+# ------------------------------------------------------------------------------------------- workers
+
+
+WORKER_DIR_PREFIX = "pipelines-worker-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_temp_dir() -> Path:
+    """This worker's own temporary folder ($TMPDIR/pipelines-worker-PID), where BentoML keeps the
+    uploads of its requests; made the process's temporary folder. The folders of workers that ended
+    without removing theirs (killed) are removed here, and the crash is logged."""
+    import atexit
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(WORKER_DIR_PREFIX + "*"):
+        pid = folder.name[len(WORKER_DIR_PREFIX):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            files = sum(1 for p in folder.rglob("*") if p.is_file())
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"worker {pid} ended without stopping (killed or crashed): its requests in flight were "
+                  f"cut off; removed its {files} temporary upload file(s)", file=sys.stderr, flush=True)
+    mine = root / f"{WORKER_DIR_PREFIX}{os.getpid()}"
+    mine.mkdir(exist_ok=True)
+    tempfile.tempdir = str(mine)
+    atexit.register(shutil.rmtree, mine, True)  # and the service's shutdown hook, which runs first
+    return mine
+
+
+class ModelService:
+    """What the detector and the segmenter services share: the model checked at once (a wrong one stops
+    the worker with one line), then loaded and warmed up in the background while the worker already
+    answers: /readyz 503 and the routes 503 until it is ready, not a connection that hangs."""
+
+    task = ""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.temp_dir = worker_temp_dir()
+        check_model(self.task)
+        self.model: LoadedModel | None = None
+        self.batcher = Batcher(None)
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            model = LoadedModel(self.task)
+        except BaseException:  # noqa: BLE001  (the worker cannot serve without it)
+            import traceback
+
+            traceback.print_exc()
+            print(f"the {self.task} model could not be loaded: stopping this worker", file=sys.stderr, flush=True)
+            os._exit(3)
+        self.batcher.model = model
+        self.model = model
+
+    def __is_ready__(self) -> bool:
+        return self.model is not None
+
+    @bentoml.on_shutdown
+    def remove_temp_dir(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def ready_model(self) -> LoadedModel:
+        if self.model is None:
+            raise BadRequest("the model is still loading: retry when GET /readyz answers 200", status=503)
+        return self.model
+
+
 # ------------------------------------------------------------------------------------------ detection
 
 
@@ -241,15 +331,10 @@ def _detections(model: LoadedModel, outputs: dict, width: int, height: int, scor
 
 
 @bentoml.service(name="detector", traffic={"timeout": TIMEOUT_S})
-class Detector:
+class Detector(ModelService):
     """Boxes of an exported detector: /detect (JSON), /detect/base64 (JSON list), /render (PNG)."""
 
-    def __init__(self) -> None:
-        self.model = LoadedModel("detection")
-        self.batcher = Batcher(self.model)
-
-    def __is_ready__(self) -> bool:
-        return getattr(self, "model", None) is not None
+    task = "detection"
 
     async def _find(self, array: np.ndarray, score_threshold, max_detections) -> list[dict]:
         threshold = score_threshold_of(score_threshold)
@@ -258,7 +343,7 @@ class Detector:
         # [0, 1] of the image: stretching it here the same way first gives the same boxes, while every
         # request then has the same shape (one forward pass per batch, not per distinct photo size) and
         # crosses the inner API as input-size pixels instead of the full photo.
-        small = await asyncio.to_thread(resize_to, array, self.model.input_size)
+        small = await asyncio.to_thread(resize_to, array, self.ready_model().input_size)
         outputs = await model_outputs(self, small)
         return _detections(self.model, outputs, array.shape[1], array.shape[0], threshold, count)
 
@@ -340,15 +425,10 @@ def _nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 @bentoml.service(name="segmenter", traffic={"timeout": TIMEOUT_S})
-class Segmenter:
+class Segmenter(ModelService):
     """Class masks of an exported segmenter: /segment (JSON), /segment/mask (palette PNG), /render (PNG)."""
 
-    def __init__(self) -> None:
-        self.model = LoadedModel("segmentation")
-        self.batcher = Batcher(self.model)
-
-    def __is_ready__(self) -> bool:
-        return getattr(self, "model", None) is not None
+    task = "segmentation"
 
     async def _mask(self, image: Path) -> tuple[np.ndarray, np.ndarray]:
         array = await read_upload(image)
