@@ -118,10 +118,10 @@ export: $(STAMP)
 	$(PY) -m pipelines export --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 serve: $(STAMP)
-	PIPELINES_MODEL=$(SERVE_MODEL) $(VENV)/bin/bentoml serve pipelines.serving.service:Service --host $(HOST) --port $(PORT)
+	PIPELINES_MODEL=$(SERVE_MODEL) $(PY) -m pipelines.serving.serve pipelines.serving.service:Service --host $(HOST) --port $(PORT)
 
 serve-spectrogram: $(STAMP)
-	$(VENV)/bin/bentoml serve pipelines.serving.audio:Spectrogram --host $(HOST) --port $(PORT)
+	$(PY) -m pipelines.serving.serve pipelines.serving.audio:Spectrogram --host $(HOST) --port $(PORT)
 
 bento: $(STAMP)
 	$(PY) -m pipelines.serving.bento $(BENTO_MODEL)

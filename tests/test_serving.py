@@ -84,8 +84,9 @@ class Server:
                "PIPELINES_MAX_PIXELS": str(MAX_PIXELS), "PIPELINES_MAX_BATCH_SIZE": "8",
                "PIPELINES_MAX_LATENCY_MS": "20000", "BENTOML_DO_NOT_TRACK": "True", **extra_env}
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "pipelines.serving.service:Service",
-                                      "--host", "127.0.0.1", "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.serving.serve",
+                                      "pipelines.serving.service:Service", "--host", "127.0.0.1", "--port",
+                                      str(self.port)],
                                      cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -535,6 +536,44 @@ def test_segmenter_bounds_its_full_resolution_work(seg):
     r = seg.post("/segment/mask", files=upload(encoded(Image.fromarray(small), "PNG"), "s.png", "image/png"))
     expected = cv2.resize(np.asarray(Image.open(io.BytesIO(r.content))), (400, 300), interpolation=cv2.INTER_NEAREST)
     assert (full == expected).all()
+
+
+def _endpoint_labels(metrics: str) -> set[str]:
+    return set(re.findall(r'endpoint="([^"]*)"', metrics))
+
+
+def test_unknown_paths_share_one_metrics_label(det):
+    """20,000 random paths grew /metrics to 99 MB: paths no route serves are counted under one label."""
+    for i in range(300):
+        assert det.get(f"/no-such-route-{i}").status_code == 404
+    assert det.post("/detect", files=upload(JPEG)).status_code == 200
+    labels = _endpoint_labels(det.get("/metrics").text)
+    assert "/<unknown>" in labels and "/detect" in labels
+    assert not any(label.startswith("/no-such-route") for label in labels), sorted(labels)[:10]
+    assert len(labels) < 20, sorted(labels)
+    assert det.get("/").status_code == 200 and det.get("/docs.json").status_code == 200  # still served
+
+
+def test_a_second_server_keeps_the_first_ones_metrics(servers, det, tmp_path):
+    """A server started with the same BENTOML_HOME used to empty the first one's Prometheus folder."""
+    from pipelines.serving.process import ServerProcess
+
+    def detect_count() -> float:
+        text = det.get("/metrics").text
+        return sum(float(m) for m in re.findall(r'request_total\{[^}]*endpoint="/detect"[^}]*\} ([0-9.e+]+)', text))
+
+    assert det.post("/detect", files=upload(JPEG)).status_code == 200
+    before = detect_count()
+    assert before > 0
+    bento_home = Path(servers["detector"].log).parent / "bentoml"
+    with ServerProcess("pipelines.serving.audio:Spectrogram", env={**os.environ, "BENTOML_HOME": str(bento_home)},
+                       log=tmp_path / "second.log") as second:
+        assert httpx.get(second.url + "/readyz", timeout=30).status_code == 200
+        assert detect_count() == before
+    assert det.post("/detect", files=upload(JPEG)).status_code == 200
+    assert detect_count() == before + 1
+    folders = sorted(p.name for p in bento_home.glob("prometheus_multiproc_dir-*"))
+    assert len(folders) >= 4, folders  # one per server: detector, segmenter, locked, second
 
 
 def test_a_killed_worker_is_logged_cleaned_and_not_ready_until_replaced(servers):

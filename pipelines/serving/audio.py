@@ -25,7 +25,7 @@ import bentoml
 import numpy as np
 from starlette.responses import Response
 
-from pipelines.serving.guard import RequestGuard
+from pipelines.serving.guard import RequestGuard, bound_metric_labels
 from pipelines.serving.images import BadRequest
 from pipelines.serving.service import error_response
 
@@ -170,4 +170,5 @@ class Spectrogram:
         return Response(png, media_type="image/png")
 
 
+bound_metric_labels()
 Spectrogram.add_asgi_middleware(RequestGuard, file_fields={"/spectrogram": "audio"})

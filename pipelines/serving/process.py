@@ -43,7 +43,7 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", self.service, "--host", "127.0.0.1", "--port",
+                [sys.executable, "-m", "pipelines.serving.serve", self.service, "--host", "127.0.0.1", "--port",
                  str(self.port)], cwd=REPO_ROOT, env={k: str(v) for k, v in self.env.items()}, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
         try:

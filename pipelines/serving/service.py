@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
-from pipelines.serving.guard import RequestGuard
+from pipelines.serving.guard import RequestGuard, bound_metric_labels
 from pipelines.serving.images import (BadRequest, base64_image, decode_image, max_detections_of,
                                       png_bytes, resize_to, score_threshold_of)
 
@@ -476,6 +476,7 @@ class Segmenter(ModelService):
         return png_response(Image.fromarray(await asyncio.to_thread(overlay, array, mask)))
 
 
+bound_metric_labels()
 Detector.add_asgi_middleware(RequestGuard, file_fields={"/detect": "image", "/render": "image"})
 Segmenter.add_asgi_middleware(RequestGuard, file_fields={"/segment": "image", "/segment/mask": "image",
                                                          "/render": "image"})
