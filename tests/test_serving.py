@@ -612,3 +612,59 @@ def test_a_killed_worker_is_logged_cleaned_and_not_ready_until_replaced(servers)
     with httpx.Client(base_url=locked.url, timeout=60) as client:
         r = client.post("/detect", files=upload(JPEG), headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 200
+
+
+def test_a_burst_is_refused_only_after_a_real_wait():
+    """The 503 storm: BentoML's dispatcher estimates the first queued request's latency as if the whole
+    queue ran in one batch, and refused requests that had barely waited. Our Batcher bounds that queue;
+    a refusal then comes only after a request really waited PIPELINES_MAX_LATENCY_MS, and says so.
+    The model is a stand-in that takes 50 ms per image (named here: the dispatcher is what is tested)."""
+    import asyncio
+
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    from pipelines.serving import service
+
+    class SleepingModel:  # stand-in for the network: 50 ms per image, in the batcher's worker thread
+        def run(self, arrays):
+            time.sleep(0.05 * len(arrays))
+            return [{"i": a} for a in arrays]
+
+    async def burst(call, n=48):
+        async def one(i):
+            start = time.monotonic()
+            try:
+                await call(np.full(1, i))
+                return ("ok", time.monotonic() - start, "")
+            except service.Overloaded as e:
+                return ("refused", time.monotonic() - start, str(e))
+            except asyncio.CancelledError:
+                return ("refused", time.monotonic() - start, "cancelled")
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    async def traffic_then_burst(call):
+        for k in range(40):  # ordinary traffic first: the dispatcher fits its latency model on it
+            await burst(call, k % 8 + 1)
+        return await burst(call)
+
+    async def raw_dispatcher():
+        def refuse():
+            raise service.Overloaded("refused by estimate")
+        model = SleepingModel()
+        dispatcher = CorkDispatcher(max_latency_in_ms=1000, max_batch_size=8, fallback=refuse,
+                                    get_batch_size=lambda _: 1)(lambda arrays: model.run(list(arrays)))
+        return await traffic_then_burst(dispatcher)
+
+    async def ours():
+        return await traffic_then_burst(service.Batcher(SleepingModel(), max_batch_size=8, max_latency_ms=1000))
+
+    before = asyncio.run(raw_dispatcher())
+    early = [t for status, t, _ in before if status == "refused" and t < 0.3]
+    assert len(early) >= 8, ("the dispatcher alone no longer refuses requests that barely waited", before)
+
+    after = asyncio.run(ours())
+    served = [t for status, t, _ in after if status == "ok"]
+    refused = [(t, msg) for status, t, msg in after if status == "refused"]
+    assert len(served) >= 16, (len(served), refused[:3])
+    assert all(t >= 0.95 for t, _ in refused), refused
+    assert all("waited" in msg and "PIPELINES_MAX_LATENCY_MS is 1000" in msg for _, msg in refused), refused[:2]
