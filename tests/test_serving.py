@@ -259,7 +259,11 @@ def big_png() -> bytes:
     return encoded(Image.new("RGB", (1100, 1000)), "PNG")  # 1.1 MP, over the server's 1 MP limit
 
 
-@pytest.mark.parametrize("case", ["not_an_image", "truncated", "empty", "too_large", "threshold_high",
+def pixel_bomb() -> bytes:
+    return encoded(Image.new("1", (20_000, 20_000)), "PNG")  # ~50 KB, 400 million pixels: over Pillow's own guard
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "truncated", "empty", "too_large", "pixel_bomb", "threshold_high",
                                   "threshold_negative", "threshold_text", "no_file", "json_body", "text_body"])
 def test_bad_requests_on_detect(det, case):
     files, data, kwargs = upload(JPEG), {}, {}
@@ -271,6 +275,8 @@ def test_bad_requests_on_detect(det, case):
         files = upload(b"")
     elif case == "too_large":
         files = upload(big_png(), "big.png", "image/png")
+    elif case == "pixel_bomb":
+        files = upload(pixel_bomb(), "bomb.png", "image/png")
     elif case == "threshold_high":
         data = {"score_threshold": "1.5"}
     elif case == "threshold_negative":
@@ -292,7 +298,7 @@ def test_bad_requests_on_detect(det, case):
                 "threshold_negative": "between 0 and 1"}.get(case)
     if expected:
         assert expected in error, error
-    if case == "too_large":
+    if case in ("too_large", "pixel_bomb"):
         assert r.status_code == 413
     if case == "not_an_image":
         assert r.status_code == 415

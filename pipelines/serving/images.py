@@ -49,6 +49,8 @@ def decode_image(data: bytes, what: str = "the uploaded image") -> np.ndarray:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise BadRequest(f"{what} is not an image (supported: JPEG, PNG, WebP, BMP, GIF)", 415) from None
+    except Image.DecompressionBombError as e:  # Pillow's own guard, at twice its pixel limit
+        raise BadRequest(f"{what}: {e}", 413) from None
     except Exception as e:  # noqa: BLE001  (Pillow raises many kinds for broken headers)
         raise BadRequest(f"{what} is truncated or not a readable image ({e})") from None
     with img:
