@@ -18,6 +18,15 @@ def workspace_dir() -> Path:
     return Path(os.environ.get("PIPELINES_WORKSPACE", REPO_ROOT / "workspace"))
 
 
+def env_number(name: str, default: float) -> float:
+    """A limit or setting from the environment, read at each call; the default when unset or not a number."""
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        return default
+
+
 class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit code 2, no traceback."""
 

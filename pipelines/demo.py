@@ -35,14 +35,17 @@ class ModelPlan:
     steps: int
     learning_rate: float
     route: str  # the route the demo calls
+    optimizer: str | None = None  # OPTIMIZER= of make config (None: the template's)
 
 
 def default_plans() -> dict[str, ModelPlan]:
-    # From scratch on 2 CPU cores: a smaller input than the templates' and peak learning rates well
-    # above the templates' scaled to batch 8 (0.005 for the detector, 0.0005 for the segmenter), which
-    # barely move in a few hundred steps (bench/RESULTS.md, "make demo").
+    # From scratch on 2 CPU cores: a smaller input than the templates'. The detector trains with Adam
+    # (the template's momentum optimizer, made for fine-tuning, learned far less in 800 steps at any
+    # peak); the segmenter's peak is well above its template's scaled to batch 8 (0.0005), which barely
+    # moves in a few hundred steps (bench/RESULTS.md, "make demo" and "Detection from scratch").
     return {
-        "detection": ModelPlan("detection", "demo-detector", DETECTOR_TEMPLATE, 256, 8, 800, 0.04, "/detect"),
+        "detection": ModelPlan("detection", "demo-detector", DETECTOR_TEMPLATE, 256, 8, 800, 0.003, "/detect",
+                               optimizer="adam"),
         "segmentation": ModelPlan("segmentation", "demo-segmenter", SEGMENTER_TEMPLATE, 128, 8, 400, 0.002,
                                   "/segment"),
     }
@@ -87,9 +90,10 @@ class Demo:
         size = str(plan.image_size)
         self.stage(f"config: {plan.template} for this dataset -> workspace/{plan.run}/pipeline.config",
                    _make("config", DATASET=self.dataset, MODEL=plan.template, RUN=plan.run, BATCH=plan.batch,
-                         STEPS=plan.steps, LR=plan.learning_rate, SIZE=size),
+                         STEPS=plan.steps, OPTIMIZER=plan.optimizer, LR=plan.learning_rate, SIZE=size),
                    ["config", "--dataset", self.dataset, "--model", plan.template, "--run", plan.run,
                     "--batch-size", str(plan.batch), "--num-steps", str(plan.steps),
+                    *(["--optimizer", plan.optimizer] if plan.optimizer else []),
                     "--learning-rate", str(plan.learning_rate), "--image-size", size])
         self.stage(f"train the {plan.task} model ({plan.steps} steps of {plan.batch} at {size}x{size}, on the CPU)",
                    _make("train", RUN=plan.run), ["train", "--run", plan.run])
@@ -106,7 +110,7 @@ class Demo:
 
         port = self.port or free_port()
         export = workspace_dir() / plan.run / "export"
-        filename, encoded, truth = val_example(data_dir)
+        filename, encoded, truth, objects = val_example(data_dir)
         self.log(f"\n== serve: the {plan.task} model over HTTP, one val image sent\n"
                  f"$ {_make('serve', RUN=plan.run, PORT=port)}\n"
                  f"$ curl -F image=@{filename} http://localhost:{port}{plan.route}", flush=True)
@@ -127,6 +131,8 @@ class Demo:
                                     indent=2) + "\n")
         self.log(f"truth for {filename}: {truth}")
         self.log(answer_line(answer))
+        if isinstance(answer, dict) and "detections" in answer:
+            self.log(compare_line(objects, answer["detections"]))
         self.log(f"answer of POST {plan.route} (all of it in {display_path(saved)}):")
         self.log(_short_json(answer))
         self.log("server stopped")
@@ -188,9 +194,10 @@ def _short_json(answer, items: int = 8) -> str:
     return json.dumps(cut(answer), indent=2)
 
 
-def val_example(data_dir: Path) -> tuple[str, bytes, str]:
-    """(file name, encoded image, its truth in words) of the val image with the most objects (the first
-    of those in the shards' order): one that shows what the model does."""
+def val_example(data_dir: Path) -> tuple[str, bytes, str, list[tuple[str, tuple[float, ...]]]]:
+    """(file name, encoded image, its truth in words, its objects as (label, (xmin, ymin, xmax, ymax) in
+    pixels)) of the val image with the most objects (the first of those in the shards' order): one that
+    shows what the model does."""
     from pipelines.data.tfrecords import parse_example, read_records
 
     best = None
@@ -199,11 +206,42 @@ def val_example(data_dir: Path) -> tuple[str, bytes, str]:
             example = parse_example(record)
             names = [t.decode() for t in example.get("image/object/class/text", [])]
             if best is None or len(names) > len(best[2]):
-                best = (example["image/filename"][0].decode(), example["image/encoded"][0], names)
+                best = (example, names)
     if best is None:
         raise UserError(display_path(data_dir), "no val images to send to the service")
-    filename, encoded, names = best
-    return filename, encoded, _counted(names) or "no objects"
+    example, names = best
+    width, height = float(example["image/width"][0]), float(example["image/height"][0])
+    coords = [example.get(f"image/object/bbox/{k}", []) for k in ("xmin", "ymin", "xmax", "ymax")]
+    objects = [(name, (x0 * width, y0 * height, x1 * width, y1 * height))
+               for name, x0, y0, x1, y1 in zip(names, *coords)]
+    return example["image/filename"][0].decode(), example["image/encoded"][0], _counted(names) or "no objects", objects
+
+
+def _iou(a, b) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def compare_line(objects: list[tuple[str, tuple]], detections: list[dict]) -> str:
+    """The served boxes against the image's labels: each detection, best score first, takes the unmatched
+    object of its class it overlaps most (IoU >= 0.5, as COCO's AP50 counts a hit)."""
+    left = list(range(len(objects)))
+    extra = []
+    for d in sorted(detections, key=lambda d: -d["score"]):
+        box = tuple(d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax"))
+        scored = [(_iou(box, objects[i][1]), i) for i in left if objects[i][0] == d["label"]]
+        best = max(scored, default=(0.0, None))
+        if best[0] >= 0.5:
+            left.remove(best[1])
+        else:
+            extra.append(f"{d['label']} ({d['score']:.2f})")
+    found = len(objects) - len(left)
+    missed = _counted([objects[i][0] for i in left]) or "none"
+    return (f"matched {found} of {len(objects)} labelled objects (IoU >= 0.5); missed: {missed}; "
+            f"extra: {', '.join(extra) or 'none'}")
 
 
 def _counted(names: list[str]) -> str:

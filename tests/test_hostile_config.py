@@ -106,13 +106,19 @@ def test_every_template_passes_the_schema():
         schema.check(TextProto(path.read_text(), str(path)))
 
 
-def test_make_config_refuses_a_mistaken_template_and_writes_nothing(tmp_path):
+def _workspace_with_data(tmp_path):
+    """A workspace whose dataset 'shapes' has a label map and (empty) shards: enough for make config."""
     ws = tmp_path / "ws"
     data = ws / "shapes" / "data"
     data.mkdir(parents=True)
     (data / "label_map.pbtxt").write_text('item {\n  id: 1\n  name: "a"\n}\n')
     for split in ("train", "val"):
         (data / f"{split}-00000-of-00001.tfrecord").write_bytes(b"")
+    return ws
+
+
+def test_make_config_refuses_a_mistaken_template_and_writes_nothing(tmp_path):
+    ws = _workspace_with_data(tmp_path)
     bad = tmp_path / "bad.config"
     bad.write_text(_edit("num_steps: 50000", "num_stepz: 50000"))
     proc = run_cli("config", "--dataset", "shapes", "--model", bad, "--run", "typo", workspace=ws)
@@ -175,12 +181,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(tmp_path):
     from pipelines.runs import available_memory, training_memory
     from pipelines.detection.params import DetectorParams
 
-    ws = tmp_path / "ws"
-    data = ws / "shapes" / "data"
-    data.mkdir(parents=True)
-    (data / "label_map.pbtxt").write_text('item {\n  id: 1\n  name: "a"\n}\n')
-    for split in ("train", "val"):
-        (data / f"{split}-00000-of-00001.tfrecord").write_bytes(b"")
+    ws = _workspace_with_data(tmp_path)
     available = available_memory()
     assert available and available > 1e8
     batch = int(2 * available / (1600 * 320 * 320)) + 1  # twice the memory this machine has

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import struct
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ import bentoml
 import numpy as np
 from starlette.responses import Response
 
+from pipelines.common import env_number
 from pipelines.serving.guard import RequestGuard, bound_metric_labels
 from pipelines.serving.images import BadRequest
 from pipelines.serving.service import error_response
@@ -37,19 +37,11 @@ MAX_COLUMNS = 2000  # time columns drawn: the PNG is 800 pixels wide
 
 
 def max_seconds() -> float:
-    raw = os.environ.get("PIPELINES_MAX_AUDIO_SECONDS", "")
-    try:
-        return float(raw) if raw else DEFAULT_MAX_SECONDS
-    except ValueError:
-        return DEFAULT_MAX_SECONDS
+    return env_number("PIPELINES_MAX_AUDIO_SECONDS", DEFAULT_MAX_SECONDS)
 
 
 def max_samples() -> int:
-    raw = os.environ.get("PIPELINES_MAX_AUDIO_SAMPLES", "")
-    try:
-        return int(float(raw)) if raw else DEFAULT_MAX_SAMPLES
-    except ValueError:
-        return DEFAULT_MAX_SAMPLES
+    return int(env_number("PIPELINES_MAX_AUDIO_SAMPLES", DEFAULT_MAX_SAMPLES))
 
 
 def _declared_samples(data: bytes) -> int | None:

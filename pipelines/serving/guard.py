@@ -19,6 +19,8 @@ import hmac
 import json
 import os
 
+from pipelines.common import env_number
+
 TOKEN_ENV = "PIPELINES_API_TOKEN"
 MAX_BODY_ENV = "PIPELINES_MAX_BODY_MB"
 DEFAULT_MAX_BODY_MB = 32.0
@@ -27,12 +29,7 @@ MAX_FILENAME_BYTES = 200
 
 
 def max_body_bytes() -> int:
-    raw = os.environ.get(MAX_BODY_ENV, "")
-    try:
-        megabytes = float(raw) if raw else DEFAULT_MAX_BODY_MB
-    except ValueError:
-        megabytes = DEFAULT_MAX_BODY_MB
-    return int(max(megabytes, 0.001) * 1024 * 1024)
+    return int(max(env_number(MAX_BODY_ENV, DEFAULT_MAX_BODY_MB), 0.001) * 1024 * 1024)
 
 
 class Refused(Exception):

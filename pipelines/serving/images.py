@@ -10,11 +10,12 @@ import base64
 import binascii
 import io
 import json
-import os
 import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipelines.common import env_number
 
 # Pillow's own format names; MPO is the multi-picture JPEG many cameras write.
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF")
@@ -33,11 +34,7 @@ class BadRequest(Exception):
 
 def max_pixels() -> int:
     """PIPELINES_MAX_PIXELS (width x height) read at each call; default 40 million."""
-    raw = os.environ.get("PIPELINES_MAX_PIXELS", "")
-    try:
-        return int(float(raw)) if raw else DEFAULT_MAX_PIXELS
-    except ValueError:
-        return DEFAULT_MAX_PIXELS
+    return int(env_number("PIPELINES_MAX_PIXELS", DEFAULT_MAX_PIXELS))
 
 
 def decode_image(data: bytes, what: str = "the uploaded image") -> np.ndarray:
