@@ -205,7 +205,7 @@ def val_example(data_dir: Path) -> tuple[str, bytes, str, list[tuple[str, tuple[
         for record in read_records(shard):
             example = parse_example(record)
             names = [t.decode() for t in example.get("image/object/class/text", [])]
-            if best is None or len(names) > len(best[2]):
+            if best is None or len(names) > len(best[1]):
                 best = (example, names)
     if best is None:
         raise UserError(display_path(data_dir), "no val images to send to the service")

@@ -44,6 +44,25 @@ def test_demo_prints_every_stage_command(demo):
     assert re.search(r"COCO AP \d\.\d{3}, AP50 \d\.\d{3}", out)
     assert re.search(r"mean IoU \d+\.\d%, foreground mean IoU \d+\.\d%", out)
     assert "server stopped" in out and "== done in" in out
+    assert "OPTIMIZER=adam LR=0.003" in out
+    assert re.search(r"matched \d+ of [1-9]\d* labelled objects \(IoU >= 0\.5\); missed: .+; extra: ", out)
+
+
+def test_compare_line_matches_boxes_by_class_and_overlap():
+    from pipelines.demo import compare_line
+
+    objects = [("star", (10, 10, 50, 50)), ("star", (100, 100, 140, 140)), ("circle", (0, 60, 30, 90))]
+
+    def det(label, score, box):
+        return {"label": label, "score": score, "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), box))}
+
+    found = [det("star", 0.9, (12, 10, 50, 52)),  # the first star
+             det("circle", 0.8, (100, 100, 140, 140)),  # right place, wrong class: extra
+             det("star", 0.7, (11, 11, 49, 49)),  # the first star again: extra
+             det("circle", 0.6, (2, 62, 30, 88))]  # the circle
+    assert compare_line(objects, found) == ("matched 2 of 3 labelled objects (IoU >= 0.5); missed: 1 star; "
+                                            "extra: circle (0.80), star (0.70)")
+    assert compare_line(objects, []).startswith("matched 0 of 3 labelled objects (IoU >= 0.5); missed: 1 circle, 2 star;")
 
 
 def test_demo_detector_answer_is_well_formed(demo):
