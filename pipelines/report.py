@@ -301,7 +301,7 @@ window.addEventListener("load", function () {
 
 def data_dir_of(run_dir: Path) -> Path | None:
     """The data stage's folder the run's config reads (its label map's folder)."""
-    from pipelines.config import translate as tr
+    from pipelines.config import base
     from pipelines.config.textproto import TextProto
 
     config = run_dir / "pipeline.config"
@@ -309,7 +309,7 @@ def data_dir_of(run_dir: Path) -> Path | None:
         return None
     doc = TextProto(config.read_text(encoding="utf-8"), display_path(config))
     label_map = doc.get("train_input_reader.label_map_path")
-    return tr.resolve_path(label_map).parent if label_map else None
+    return base.resolve_path(label_map).parent if label_map else None
 
 
 def render(run_dir: Path) -> str:

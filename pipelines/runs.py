@@ -7,10 +7,12 @@ The config's model block says which family the run trains: `ssd` (pipelines/dete
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from pipelines.common import UserError, display_path, workspace_dir
-from pipelines.config import translate as tr
+from pipelines.config import base, read
+from pipelines.config.base import SKIP_MEMORY_CHECK, memory_advice
 from pipelines.detection.params import DetectorParams
 from pipelines.segmentation.params import SegmenterParams
 
@@ -24,7 +26,7 @@ def run_dir(run: str) -> Path:
 
 
 def _absolute(value: str | None) -> str | None:
-    return str(tr.resolve_path(value).resolve()) if value else value
+    return str(base.resolve_path(value).resolve()) if value else value
 
 
 def load_run(run: str, need_data: bool = True) -> tuple[DetectorParams | SegmenterParams, Path, list[str]]:
@@ -36,13 +38,13 @@ def load_run(run: str, need_data: bool = True) -> tuple[DetectorParams | Segment
     config = folder / "pipeline.config"
     if not config.is_file():
         raise UserError(display_path(config), f"no pipeline.config: run `make config DATASET=... RUN={run}` first")
-    translation = tr.load(config, check_paths=need_data)
+    translation = read.load(config, check_paths=need_data)
     p = translation.params
     if not need_data:
-        if not p.label_map_path or not tr.resolve_path(p.label_map_path).is_file():
+        if not p.label_map_path or not base.resolve_path(p.label_map_path).is_file():
             raise UserError(display_path(config), f"train_input_reader.label_map_path: no such file: {p.label_map_path}")
-        p = dataclasses.replace(p, train_files=[f for f in p.train_files if tr.PLACEHOLDER not in f],
-                                eval_files=[f for f in p.eval_files if tr.PLACEHOLDER not in f])
+        p = dataclasses.replace(p, train_files=[f for f in p.train_files if base.PLACEHOLDER not in f],
+                                eval_files=[f for f in p.eval_files if base.PLACEHOLDER not in f])
         if isinstance(p, DetectorParams):
             p = dataclasses.replace(p, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None)
     common = dict(train_files=[_absolute(f) for f in p.train_files], eval_files=[_absolute(f) for f in p.eval_files],
@@ -60,63 +62,10 @@ def load_run(run: str, need_data: bool = True) -> tuple[DetectorParams | Segment
     return params, folder, translation.ignored
 
 
-# Host memory `make train` takes on a CPU, measured with the templates' networks (bench/RESULTS.md,
-# "Training memory"): a fixed part (TensorFlow, the model, the input pipeline) and a part per pixel of
-# each training image (the activations the backward pass keeps). A rough guide for other backbones.
-TRAIN_MEMORY = {"detection": (1.2e9, 1600.0), "segmentation": (1.2e9, 3700.0)}
-SKIP_MEMORY_CHECK = "PIPELINES_SKIP_MEMORY_CHECK"
-
-
-def training_memory(params: DetectorParams | SegmenterParams, batch_size: int | None = None) -> float:
-    """Estimated peak bytes of training on a CPU."""
-    base, per_pixel = TRAIN_MEMORY["segmentation" if isinstance(params, SegmenterParams) else "detection"]
-    batch = params.batch_size if batch_size is None else batch_size
-    return base + per_pixel * batch * params.image_height * params.image_width
-
-
-def available_memory() -> float | None:
-    """Bytes this process can still take: MemAvailable, or less under a cgroup (container) limit."""
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = float(line.split()[1]) * 1024
-    except OSError:
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = float(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        if limit != "max":
-            room = float(limit) - used
-            available = room if available is None else min(available, room)
-    except (OSError, ValueError):
-        pass
-    return available
-
-
-def memory_advice(params: DetectorParams | SegmenterParams) -> tuple[bool, str] | None:
-    """(too much?, one line) when training on a CPU would take most of the memory left, else None."""
-    available = available_memory()
-    if available is None:
-        return None
-    need = training_memory(params)
-    if need < 0.7 * available:
-        return None
-    base, per_pixel = TRAIN_MEMORY["segmentation" if isinstance(params, SegmenterParams) else "detection"]
-    fits = int((0.7 * available - base) // (per_pixel * params.image_height * params.image_width))
-    advice = (f"BATCH={fits} fits" if fits >= 1 else
-              "not even BATCH=1 fits at this input size: lower SIZE=")
-    return need > 0.9 * available, (
-        f"training batch {params.batch_size} at {params.image_height}x{params.image_width} on a CPU takes about "
-        f"{need / 1e9:.1f} GB; {available / 1e9:.1f} GB of memory is available here ({advice})")
-
-
 def check_memory(params: DetectorParams | SegmenterParams, source: str, log=print) -> None:
     """Refuse a CPU training run that would not fit in memory (the kernel would kill it, perhaps with
     other processes); warn when it takes most of it. No check with a GPU or with
     PIPELINES_SKIP_MEMORY_CHECK=1."""
-    import os
-
     if os.environ.get(SKIP_MEMORY_CHECK) == "1":
         return
     advice = memory_advice(params)

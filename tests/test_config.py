@@ -314,7 +314,7 @@ def test_optimizer_switch(workspace):
 def test_fine_tune_checkpoint_set_and_checked(workspace, tmp_path):
     import tensorflow as tf
 
-    from pipelines.config import translate as tr
+    from pipelines.config import read as tr
     from pipelines.detection.train import build_model
 
     # A checkpoint of this model, as training writes it (model plus backbone/decoder/head at the root).
@@ -358,7 +358,7 @@ def test_freeze_shortcut_writes_freeze_variables(workspace):
 
 
 def tr_load(path):
-    from pipelines.config import translate as tr
+    from pipelines.config import read as tr
 
     return tr.load(path).params
 

@@ -11,7 +11,7 @@ from conftest import REPO, run_cli
 from pipelines.common import UserError
 from pipelines.config import segmentation as seg
 from pipelines.config.textproto import TextProto
-from pipelines.config.translate import translate_any
+from pipelines.config.read import translate_any
 
 UNET = REPO / "configs" / "unet_efficientnetb0_320x320.config"
 COSINE = "train_config.optimizer.adam_optimizer.learning_rate.cosine_decay_learning_rate"

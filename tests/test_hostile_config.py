@@ -18,7 +18,8 @@ from pipelines.common import UserError
 from pipelines.config import schema
 from pipelines.config.rewrite import _LineDiff, unified_diff
 from pipelines.config.textproto import MAX_BYTES, TextProto
-from pipelines.config.translate import translate, translate_any
+from pipelines.config.read import translate_any
+from pipelines.config.translate import translate
 
 TEMPLATE = (REPO / "configs" / "ssd_mobilenet_v2_fpnlite_320x320.config").read_text()
 TEMPLATES = sorted((REPO / "configs").glob("*.config"))
@@ -178,7 +179,7 @@ def test_line_diff_is_a_minimal_edit_script():
 def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(tmp_path):
     """The template's batch on a CPU grew to 23 GB; a batch no machine holds is refused at once, with the
     BATCH= that fits, and `make config` says so first."""
-    from pipelines.runs import available_memory, training_memory
+    from pipelines.config.base import available_memory, training_memory
     from pipelines.detection.params import DetectorParams
 
     ws = _workspace_with_data(tmp_path)

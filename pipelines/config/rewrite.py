@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.common import REPO_ROOT, UserError, display_path, resolve_dataset, workspace_dir
-from pipelines.config import schema
-from pipelines.config import translate as tr
+from pipelines.config import base, read, schema
+from pipelines.config.base import memory_advice
 from pipelines.config.textproto import TextProto
 from pipelines.data.label_map import read_label_map
-from pipelines.runs import memory_advice
 from pipelines.segmentation.params import SegmenterParams
 
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -81,7 +80,7 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
     rule; only the checkpoint differs: a detector's fine_tune_checkpoint, a segmenter's
     encoder_weights file."""
     notes = []
-    kind = tr.model_kind(doc)
+    kind = base.model_kind(doc)
     labels = read_label_map(data / "label_map.pbtxt")
     if not doc.set(f"model.{kind}.num_classes", len(labels)):
         doc.add(f"model.{kind}", "num_classes", len(labels))
@@ -98,7 +97,7 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
             raise UserError(doc.source, f"{reader}.tf_record_input_reader: missing")
 
     switched = _optimizer(doc, opts.optimizer, notes) if opts.optimizer else None
-    schedule, schedule_name = tr.learning_rate_path(doc)
+    schedule, schedule_name = base.learning_rate_path(doc)
     rates = {"cosine_decay_learning_rate": ("learning_rate_base", "warmup_learning_rate"),
              "constant_learning_rate": ("learning_rate",)}.get(schedule_name, ())
     if opts.batch_size:
@@ -354,7 +353,7 @@ def write_run_config(opts: ConfigOptions) -> Path:
     schema.check(doc)  # the template's own mistakes, named by its lines
     notes = rewrite(doc, data, opts)
     # Validate what will be written (fields and every path) before writing anything.
-    translation = tr.translate_any(TextProto(doc.text, display_path(out)))
+    translation = read.translate_any(TextProto(doc.text, display_path(out)))
     params = translation.params
     if isinstance(params, SegmenterParams):
         if params.encoder_weights:  # can the backbone load them? (loads TensorFlow)
@@ -362,13 +361,13 @@ def write_run_config(opts: ConfigOptions) -> Path:
 
             weights = params.encoder_weights
             check_segmenter(dataclasses.replace(
-                params, encoder_weights=weights if weights == "imagenet" else str(tr.resolve_path(weights))),
+                params, encoder_weights=weights if weights == "imagenet" else str(base.resolve_path(weights))),
                 display_path(out))
     elif params.fine_tune_checkpoint:  # can the model builder restore it? (loads TensorFlow)
         from pipelines.detection.runs import check_engine
 
         restores = check_engine(dataclasses.replace(
-            params, fine_tune_checkpoint=str(tr.resolve_path(params.fine_tune_checkpoint))), display_path(out),
+            params, fine_tune_checkpoint=str(base.resolve_path(params.fine_tune_checkpoint))), display_path(out),
             restore=True)
         notes.append(restores)
     memory = memory_advice(params)

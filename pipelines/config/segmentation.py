@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
-from pipelines.common import UserError
 from pipelines.config.textproto import TextProto
-from pipelines.config.translate import IGNORED, PLACEHOLDER, Translation, check_files, learning_rate_path, resolve_path
+from pipelines.config.base import IGNORED, PLACEHOLDER, Translation, check_files, learning_rate_path, resolve_path
+from pipelines.config.base import fail as _fail
 from pipelines.segmentation.params import ARCHITECTURES, SegmenterParams
 
 SEG = "model.segmentation"
@@ -53,10 +53,6 @@ SUPPORTED = {
     "train_config.data_augmentation_options": ["random_horizontal_flip", "random_vertical_flip", "random_image_scale"],
 }
 PSP_DOWNSAMPLE = 8  # segmentation_models' PSPNet default: input sides must be multiples of 6 * 8
-
-
-def _fail(source: str, field_path: str, message: str) -> UserError:
-    return UserError(source, f"{field_path}: {message}")
 
 
 def _names(doc: TextProto, path: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""pipeline.config (Object Detection API text format) -> DetectorParams, and its validation.
+"""A detection pipeline.config (Object Detection API text format) -> DetectorParams, and its validation.
 
 FIELD_MAP lists the pipeline.config fields that are read and the DetectorParams field each one
 sets. The correspondence with Model Garden's RetinaNet fields is one table, FIELDS in
@@ -7,13 +7,11 @@ pipelines/detection/experiment.py, keyed by the same pipeline.config names.
 
 from __future__ import annotations
 
-import glob
 import math
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from pipelines.common import REPO_ROOT, UserError, display_path
+from pipelines.config.base import IGNORED, Translation, check_files
+from pipelines.config.base import fail as _fail
 from pipelines.config.textproto import TextProto
 from pipelines.detection.params import DetectorParams
 
@@ -27,7 +25,6 @@ MOMENTUM = "train_config.optimizer.momentum_optimizer"
 ADAM = "train_config.optimizer.adam_optimizer"
 COSINE = f"{MOMENTUM}.learning_rate.cosine_decay_learning_rate"
 ADAM_COSINE = f"{ADAM}.learning_rate.cosine_decay_learning_rate"
-PLACEHOLDER = "PATH_TO_BE_CONFIGURED"
 
 
 def _activation(value):
@@ -114,18 +111,6 @@ SUPPORTED = {
     "train_config.data_augmentation_options": ["random_horizontal_flip", "random_crop_image"],
     "train_config.fine_tune_checkpoint_type": ["detection", "classification", "full"],
 }
-# Settings for synchronous training across TPU replicas: they do not apply here.
-IGNORED = ["train_config.sync_replicas", "train_config.replicas_to_aggregate", "train_config.startup_delay_steps"]
-
-
-@dataclass
-class Translation:
-    params: DetectorParams  # or SegmenterParams, for a `model { segmentation { ... } }` config
-    ignored: list[str] = field(default_factory=list)  # "field: why", printed as notes
-
-
-def _fail(source: str, field_path: str, message: str) -> UserError:
-    return UserError(source, f"{field_path}: {message}")
 
 
 def _check_oneofs(doc: TextProto) -> None:
@@ -226,11 +211,6 @@ def _regex(value: str) -> str:
     return value
 
 
-def resolve_path(value: str, relative_to: Path = REPO_ROOT) -> Path:
-    path = Path(value)
-    return path if path.is_absolute() else relative_to / path
-
-
 def translate(doc: TextProto, check_paths: bool = True) -> Translation:
     """Read every field of FIELD_MAP into DetectorParams; errors name the field."""
     _check_oneofs(doc)
@@ -291,71 +271,3 @@ def translate(doc: TextProto, check_paths: bool = True) -> Translation:
     return Translation(params, ignored)
 
 
-def check_files(source: str, params: DetectorParams) -> None:
-    """Every path the run needs exists: an error before any training starts."""
-    if params.label_map_path is None:
-        raise _fail(source, "train_input_reader.label_map_path", "missing")
-    if PLACEHOLDER in params.label_map_path or not resolve_path(params.label_map_path).is_file():
-        raise _fail(source, "train_input_reader.label_map_path", f"no such file: {params.label_map_path}")
-    for name, files in (("train_input_reader", params.train_files), ("eval_input_reader", params.eval_files)):
-        if not files:
-            raise _fail(source, f"{name}.tf_record_input_reader.input_path", "missing")
-        for pattern in files:
-            if not glob.glob(str(resolve_path(pattern))):
-                raise _fail(source, f"{name}.tf_record_input_reader.input_path", f"no file matches {pattern}")
-    ckpt = getattr(params, "fine_tune_checkpoint", None)
-    if ckpt:
-        if PLACEHOLDER in ckpt:
-            raise _fail(source, "train_config.fine_tune_checkpoint",
-                        f"still '{ckpt}': give CHECKPOINT=path/to/ckpt-N (see README: pretrained "
-                        "checkpoints) or remove the field to train from scratch")
-        if not checkpoint_exists(resolve_path(ckpt)):
-            raise _fail(source, "train_config.fine_tune_checkpoint",
-                        f"no checkpoint at {ckpt} (expected {ckpt}.index, or a folder with a 'checkpoint' file)")
-
-
-def checkpoint_exists(path: Path) -> bool:
-    if path.suffix in (".h5", ".hdf5"):  # a Keras weights file (classification)
-        return path.is_file()
-    if path.is_dir():
-        return (path / "checkpoint").is_file()
-    return Path(str(path) + ".index").is_file()
-
-
-def learning_rate_path(doc: TextProto) -> tuple[str | None, str | None]:
-    """(path of the learning_rate message's schedule, schedule name) of whichever optimizer is set."""
-    optimizers = [n for n in doc.message_names("train_config.optimizer") if n != "use_moving_average"]
-    if not optimizers:
-        return None, None
-    schedules = doc.message_names(f"train_config.optimizer.{optimizers[0]}.learning_rate")
-    if not schedules:
-        return None, None
-    return f"train_config.optimizer.{optimizers[0]}.learning_rate.{schedules[0]}", schedules[0]
-
-
-def model_kind(doc: TextProto) -> str:
-    """'ssd' (detection) or 'segmentation': the message set in the config's `model` block."""
-    kinds = doc.message_names("model")
-    if len(kinds) != 1 or kinds[0] not in ("ssd", "segmentation"):
-        raise _fail(doc.source, "model", f"expected one of ssd, segmentation; found {', '.join(kinds) or 'nothing'}")
-    return kinds[0]
-
-
-def translate_any(doc: TextProto, check_paths: bool = True) -> Translation:
-    """A detection or a segmentation config, whichever the model block holds."""
-    from pipelines.config import schema
-
-    schema.check(doc)
-    if model_kind(doc) == "segmentation":
-        from pipelines.config import segmentation
-
-        return segmentation.translate(doc, check_paths=check_paths)
-    return translate(doc, check_paths=check_paths)
-
-
-def load(path: Path, check_paths: bool = True) -> Translation:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(display_path(path), f"cannot read: {e.strerror or e}") from None
-    return translate_any(TextProto(text, display_path(path)), check_paths=check_paths)
