@@ -166,13 +166,14 @@ class Batcher:
     PIPELINES_MAX_BATCH_SIZE images, one batch runs at a time, in a thread, while the event loop goes on
     taking requests, and the dispatcher waits for more requests to join a batch only while that pays.
 
-    At most two batches' worth of requests are in the dispatcher's queue; the others wait for a place.
-    The dispatcher refuses a request when it estimates the request's latency as its wait plus the time
-    of the *whole* queue in one batch (a*n + b, fitted on past batches): under a burst of 32 or more
-    requests that estimate charged the first request for every other one and refused requests that
-    had waited ~0.1 s, a storm of 503s whose message blamed the queue's wait. With the queue bounded,
-    a refusal comes from a real wait: a request that has not reached the model within
-    PIPELINES_MAX_LATENCY_MS is answered 503 saying how long it waited."""
+    At most one batch's worth of requests is in the dispatcher (waiting or running); the others wait
+    for a place. The dispatcher refuses a request when it estimates the request's latency as its wait
+    plus the time of the *whole* queue in one batch (a*n + b, fitted on past batches): under a burst of
+    32 or more requests that estimate charged the first request for every other one and refused
+    requests that had waited ~0.1 s, a storm of 503s whose message blamed the queue's wait (two
+    batches' worth still let it refuse requests that had waited 0.4 s of a 1 s limit). With one batch
+    in it, its estimate is one batch's time, and a refusal comes from a real wait: a request that has
+    not reached the model within PIPELINES_MAX_LATENCY_MS is answered 503 saying how long it waited."""
 
     def __init__(self, model: LoadedModel | None, max_batch_size: int = MAX_BATCH_SIZE,
                  max_latency_ms: int = MAX_LATENCY_MS) -> None:
@@ -184,7 +185,7 @@ class Batcher:
 
         self.model = model
         self.max_latency_ms = max_latency_ms
-        self.places = asyncio.Semaphore(2 * max_batch_size)
+        self.places = asyncio.Semaphore(max_batch_size)
         self.call = CorkDispatcher(max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size,
                                    fallback=overloaded, get_batch_size=lambda _: 1)(self._run)
 
