@@ -252,8 +252,8 @@ def answer_line(answer) -> str:
     """The service's answer in words: what was found."""
     if isinstance(answer, dict) and "detections" in answer:
         found = answer["detections"]
-        scores = ", ".join(f"{d['score']:.2f}" for d in found[:10])
-        return f"found: {_counted([d['label'] for d in found]) or 'nothing'}" + (f" (scores {scores})" if found else "")
+        scores = ", ".join(f"{d['label']} {d['score']:.2f}" for d in found[:10])
+        return f"found: {_counted([d['label'] for d in found]) or 'nothing'}" + (f" ({scores})" if found else "")
     if isinstance(answer, dict) and "classes" in answer:
         parts = [f"{c['label']} {100 * c['fraction']:.1f}% ({len(c['polygons'])} regions)"
                  for c in answer["classes"] if c["class_id"] != 0]

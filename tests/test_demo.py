@@ -48,6 +48,14 @@ def test_demo_prints_every_stage_command(demo):
     assert re.search(r"matched \d+ of [1-9]\d* labelled objects \(IoU >= 0\.5\); missed: .+; extra: ", out)
 
 
+def test_answer_line_names_each_score():
+    from pipelines.demo import answer_line
+
+    found = [{"label": "star", "score": 0.8}, {"label": "square", "score": 0.53}, {"label": "square", "score": 0.5}]
+    assert answer_line({"detections": found}) == "found: 2 square, 1 star (star 0.80, square 0.53, square 0.50)"
+    assert answer_line({"detections": []}) == "found: nothing"
+
+
 def test_compare_line_matches_boxes_by_class_and_overlap():
     from pipelines.demo import compare_line
 

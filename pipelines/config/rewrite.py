@@ -284,10 +284,6 @@ class _LineDiff(difflib.SequenceMatcher):
                     return _opcodes(_backtrack(trace, x, y), n, m)
         return [("equal", 0, 0, 0, 0)]
 
-    def get_matching_blocks(self):  # not used by get_grouped_opcodes; kept consistent
-        return [difflib.Match(i1, j1, i2 - i1) for tag, i1, i2, j1, _ in self.get_opcodes() if tag == "equal"] + \
-            [difflib.Match(len(self.a), len(self.b), 0)]
-
 
 def _backtrack(trace: list[dict], x: int, y: int) -> list[tuple[str, int, int]]:
     """The edit script's steps, first to last: ('=', i, j), ('-', i, j) or ('+', i, j)."""
