@@ -135,7 +135,7 @@ def write_experiment(run: str, folder: Path) -> Path:
     params, run_dir, _ = load_run(run)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    exp = previous_experiment(build_experiment(params, str(run_dir / "train")))
+    exp = previous_experiment(build_experiment(params))
     train_utils.serialize_config(exp, str(folder))
     return folder / "params.yaml"
 

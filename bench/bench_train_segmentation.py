@@ -99,15 +99,15 @@ def peer(run: str, steps: int) -> None:
     import tensorflow as tf
 
     from pipelines.runs import load_run
-    from pipelines.segmentation.data import parse_example
+    from pipelines.examples import parse
     from pipelines.segmentation.model import build_network, preprocess
 
     params, _, _ = load_run(run)
     size = (params.image_height, params.image_width)
     images, masks = [], []
-    for record in tf.data.TFRecordDataset(tf.io.gfile.glob(params.train_files[0])).map(parse_example):
+    for record in tf.data.TFRecordDataset(tf.io.gfile.glob(params.train_files[0])).map(parse):
         images.append(tf.image.resize(record["image"], size).numpy())
-        masks.append(tf.image.resize(record["mask"][..., None], size, method="nearest").numpy()[..., 0])
+        masks.append(tf.image.resize(record["class_mask"][..., None], size, method="nearest").numpy()[..., 0])
     x = np.stack(images).astype("float32")
     y = tf.one_hot(np.stack(masks).astype("int32"), params.output_classes).numpy()  # 255 -> all zeros
     network = build_network(params, None)

@@ -142,23 +142,27 @@ def add_run_parsers(sub) -> None:
                                    "segmenter is evaluated on the val shards as it trains and its best checkpoint "
                                    "by val mean IoU is kept in workspace/RUN/train/best/.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
-    p.add_argument("--with-eval", action="store_true", help="detection: also compute COCO metrics during training")
+    p.add_argument("--with-eval", action="store_true",
+                   help="detection: also compute COCO metrics during training, keeping the best checkpoint by AP "
+                        "(a segmenter is always evaluated when the config has eval files)")
     p = sub.add_parser("eval", help="metrics on the val shards (COCO AP or IoU) -> workspace/RUN/eval/",
-                       description="Evaluate a trained run on the validation TFRecords. Detection: the latest "
-                                   "checkpoint, COCO metrics with pycocotools; writes eval/metrics.json, "
-                                   "pr_curve.png, predictions.png. Segmentation: the best checkpoint, mean and "
+                       description="Evaluate a trained run on the validation TFRecords (its best checkpoint when "
+                                   "training kept one, else the latest). Detection: COCO metrics with "
+                                   "pycocotools; writes eval/metrics.json, pr_curve.png, predictions.png. "
+                                   "Segmentation: mean and "
                                    "per-class IoU, pixel accuracy and the confusion matrix at each image's own "
                                    "resolution; writes eval/metrics.json, confusion_matrix.png, predictions.png.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
-    p.add_argument("--checkpoint", help="a ckpt-N prefix instead of the latest (detection) or the best (segmentation)")
+    p.add_argument("--checkpoint", help="a checkpoint prefix (workspace/RUN/train/ckpt-N) instead of the best or latest")
     p = sub.add_parser("export", help="SavedModel with a stable serving signature -> workspace/RUN/export/, BentoML store",
                        description="Export a trained run as a SavedModel, check it against the checkpoint and "
-                                   "record it in the BentoML model store. Detection (latest checkpoint): "
+                                   "record it in the BentoML model store (its best checkpoint when training kept "
+                                   "one, else the latest). Detection: "
                                    "serving_default takes uint8 images and returns num_detections, detection_boxes, "
-                                   "detection_scores, detection_classes. Segmentation (best checkpoint): uint8 "
+                                   "detection_scores, detection_classes. Segmentation: uint8 "
                                    "images of any size in, segmentation_mask and probabilities at that size out.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
-    p.add_argument("--checkpoint", help="a ckpt-N prefix instead of the latest (detection) or the best (segmentation)")
+    p.add_argument("--checkpoint", help="a checkpoint prefix (workspace/RUN/train/ckpt-N) instead of the best or latest")
     p.add_argument("--name", help="BentoML model name (default: the run name)")
     p = sub.add_parser("predict", help="run an exported model on images: JSON + drawn images or masks",
                        description="Run workspace/RUN/export on image files. Detection: prints JSON (label, "
@@ -219,38 +223,28 @@ def cmd_import(args) -> int:
 
 @_engine_errors
 def cmd_train(args) -> int:
+    from pipelines import tasks
     from pipelines.runs import check_memory, load_run
-    from pipelines.segmentation.params import SegmenterParams
 
     params, folder, notes = load_run(args.run)
     for note in notes:
         print(f"note: {note}")
     check_memory(params, display_path(folder / "pipeline.config"))
-    if isinstance(params, SegmenterParams):
-        from pipelines.segmentation.train import train as train_segmenter
-
-        try:
-            train_segmenter(params, folder, log=_log)
-        except ValueError as e:  # the data the config points at cannot be used (no masks, no files)
-            raise UserError(display_path(folder / "pipeline.config"), str(e)) from None
-    else:
-        from pipelines.detection.train import train
-
-        train(params, folder, mode="train_and_eval" if args.with_eval else "train", log=_log)
+    train = tasks.of_params(params).load("train")
+    try:
+        train(params, folder, log=_log, mode="train_and_eval" if args.with_eval else None)
+    except ValueError as e:  # the data the config points at cannot be used (no files, no masks, bad settings)
+        raise UserError(display_path(folder / "pipeline.config"), str(e)) from None
     print(f"next: make eval RUN={args.run}")
     return 0
 
 
 @_engine_errors
 def cmd_eval(args) -> int:
+    from pipelines.engine.evaluate import evaluate
     from pipelines.runs import load_run
-    from pipelines.segmentation.params import SegmenterParams
 
     params, folder, _ = load_run(args.run)
-    if isinstance(params, SegmenterParams):
-        from pipelines.segmentation.evaluate import evaluate
-    else:
-        from pipelines.detection.evaluate import evaluate
     evaluate(params, folder, checkpoint=args.checkpoint, log=_log)
     _write_report(args.run)
     print(f"next: make export RUN={args.run}")
@@ -270,36 +264,22 @@ def cmd_report(args) -> int:
 
 @_engine_errors
 def cmd_export(args) -> int:
+    from pipelines.engine.export import export
     from pipelines.runs import load_run
-    from pipelines.segmentation.params import SegmenterParams
 
     params, folder, _ = load_run(args.run, need_data=False)
-    if isinstance(params, SegmenterParams):
-        from pipelines.segmentation.export import export
-    else:
-        from pipelines.detection.export import export
     export(params, folder, params.label_map_path, name=args.name or folder.name, checkpoint=args.checkpoint, log=_log)
     return 0
 
 
 @_engine_errors
 def cmd_predict(args) -> int:
-    from pipelines.detection.predict import print_json
-    from pipelines.segmentation.predict import export_task
+    from pipelines import tasks
+    from pipelines.engine.predict import predict, print_json
 
-    images = [Path(p) for p in args.images]
-    out = Path(args.out) if args.out else None
-    if export_task(Path(args.model)) == "segmentation":
-        from pipelines.segmentation.predict import predict as predict_segmentation
-
-        results = predict_segmentation(Path(args.model), images, out, log=eprint)
-    else:
-        from pipelines.detection.predict import predict
-
-        if not 0.0 <= args.score_threshold <= 1.0:
-            raise UserError(None, f"--score-threshold {args.score_threshold} must be between 0 and 1")
-        results = predict(Path(args.model), images, out, args.score_threshold, log=eprint)
-    print_json(results)
+    options = {name: getattr(args, name) for name in tasks.of_export(Path(args.model)).predict_options}
+    print_json(predict(Path(args.model), [Path(p) for p in args.images], Path(args.out) if args.out else None,
+                       log=eprint, **options))
     return 0
 
 

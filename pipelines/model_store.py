@@ -1,7 +1,7 @@
 """What every export shares: its metadata.json, its entry in the BentoML model store, the images it is checked on.
 
 An export folder (RUN_DIR/export) holds saved_model/, label_map.pbtxt and metadata.json, whose
-"task" ("detection" or "segmentation") tells any consumer (predict, the services) which kind of
+"task" (a name of pipelines/tasks.py's registry) tells any consumer (predict, the services) which kind of
 model it is. The same metadata is recorded with the export's copy in the BentoML store.
 """
 
@@ -16,7 +16,14 @@ from pathlib import Path
 from pipelines.common import UserError, display_path
 
 METADATA_FILE = "metadata.json"
-TASKS = ("detection", "segmentation")
+
+# The serving signature every export has: `serving_default` takes INPUT_NAME, uint8 [batch, height,
+# width, 3] of any size (the Object Detection API's input name); its outputs are the task's.
+INPUT_NAME = "input_tensor"
+DETECTION_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+MASK_OUTPUT = "segmentation_mask"  # int32 [batch, height, width]: 0 = background, 1..K = label-map ids
+PROBABILITIES_OUTPUT = "probabilities"  # float32 [batch, height, width, K + 1]
+SEGMENTATION_OUTPUTS = (MASK_OUTPUT, PROBABILITIES_OUTPUT)
 
 
 def tag_name(text: str, fallback: str) -> str:

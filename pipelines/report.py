@@ -29,6 +29,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from pipelines import checkpoints
 from pipelines.common import UserError, display_path
 
 REPORT_NAME = "report.html"
@@ -72,15 +73,10 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def training_series(train_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """{"train": tags, "validation": tags} for a run's train/ folder: a segmenter writes its training
-    scalars in train/ itself, Model Garden in train/train/; both write validation/ beside them."""
-    series = {"train": {}, "validation": {}}
-    for folder in (train_dir, train_dir / "train"):
-        if folder.is_dir():
-            series["train"].update(read_scalars(folder))
-    if (train_dir / "validation").is_dir():
-        series["validation"] = read_scalars(train_dir / "validation")
-    return series
+    """{"train": tags, "validation": tags} for a run's train/ folder (Model Garden's layout: train/train/
+    and train/validation/)."""
+    return {split: read_scalars(train_dir / split) if (train_dir / split).is_dir() else {}
+            for split in ("train", "validation")}
 
 
 # ---------------------------------------------------------------------------------------- plots
@@ -101,7 +97,8 @@ def curves_png(series: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes |
     losses = {tag: points for tag, points in train.items() if "loss" in tag}
     losses.update({f"validation {tag}": points for tag, points in validation.items() if "loss" in tag})
     rate = train.get("learning_rate")
-    metrics = {f"validation {tag}": points for tag, points in validation.items() if "loss" not in tag}
+    metrics = {f"validation {tag}": points for tag, points in validation.items()
+               if "loss" not in tag and not tag.startswith("best_")}
     metrics.update({f"train {tag}": points for tag, points in train.items()
                     if tag in ("mean_iou", "iou")})
     panels = [(title, lines) for title, lines in (("loss", losses), ("learning rate", {"learning_rate": rate} if rate
@@ -223,42 +220,56 @@ def training_section(run_dir: Path) -> str:
                          f"{best[1]:.4g} (step {best[0]})"])
     out = f'<figure><img src="{_png_data_url(png)}" alt="training curves"></figure>'
     out += _table(["series", "first", "last", "best"], rows)
-    best = train_dir / "best.json"
-    if best.is_file():
-        info = json.loads(best.read_text())
-        out += f"<p>Best checkpoint: step {_esc(info.get('step'))} (validation mean IoU " \
-               f"{_esc(_fmt(info.get('mean_iou')))}); evaluation and export use it.</p>"
+    info = checkpoints.best_info(run_dir)
+    if info:
+        metric = next((k for k in ("mean_iou", "AP") if k in info), None)
+        out += f"<p>Best checkpoint: step {_esc(info.get('step'))}" \
+               + (f" (validation {_esc(metric)} {_esc(_fmt(info.get(metric)))})" if metric else "") \
+               + "; evaluation and export use it.</p>"
     return out
 
 
+def segmentation_metrics_html(metrics: dict, eval_dir: Path) -> tuple[str, Path]:
+    """A segmenter's metrics.json as tables, and the plot beside it (the registry's `report` part)."""
+    m = metrics.get("metrics", {})
+    head = [["mean IoU (background included)", m.get("mean_iou")],
+            ["foreground mean IoU", m.get("mean_iou_foreground")], ["pixel accuracy", m.get("pixel_accuracy")],
+            ["images", metrics.get("images")],
+            ["checkpoint", f"{display_path(metrics.get('checkpoint') or '')} (step {metrics.get('step')})"]]
+    rows = [[name, v.get("iou"), v.get("true_pixels"), v.get("predicted_pixels")]
+            for name, v in metrics.get("per_class", {}).items()]
+    out = _table(None, head) + "<h3>IoU per class</h3>" + _table(["class", "IoU", "true pixels",
+                                                                      "predicted pixels"], rows)
+    return out, eval_dir / "confusion_matrix.png"
+
+
+def detection_metrics_html(metrics: dict, eval_dir: Path) -> tuple[str, Path]:
+    """A detector's metrics.json as tables, and the plot beside it (the registry's `report` part)."""
+    m = metrics.get("metrics", {})
+    head = [["images / objects / detections",
+             f"{metrics.get('images')} / {metrics.get('objects')} / {metrics.get('detections')}"],
+            ["checkpoint", f"{display_path(metrics.get('checkpoint', ''))} (step {metrics.get('step')})"]]
+    out = _table(None, head, numeric_from=9)
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
+    out += "<h3>COCO metrics</h3>" + _table(names, [[m.get(n, float("nan")) for n in names]], numeric_from=0)
+    rows = [[name, v.get("AP"), v.get("AP50")] for name, v in metrics.get("per_class", {}).items()]
+    out += "<h3>AP per class</h3>" + _table(["class", "AP", "AP50"], rows)
+    return out, eval_dir / "pr_curve.png"
+
+
 def evaluation_section(run_dir: Path) -> str:
+    from pipelines import tasks
+
     eval_dir = run_dir / "eval"
     metrics_path = eval_dir / "metrics.json"
     if not metrics_path.is_file():
         return _missing("evaluation", f"make eval RUN={run_dir.name}")
     metrics = json.loads(metrics_path.read_text())
-    if metrics.get("task") == "segmentation":
-        m = metrics.get("metrics", {})
-        head = [["mean IoU (background included)", m.get("mean_iou")],
-                ["foreground mean IoU", m.get("mean_iou_foreground")], ["pixel accuracy", m.get("pixel_accuracy")],
-                ["images", metrics.get("images")],
-                ["checkpoint", f"{display_path(metrics.get('checkpoint') or '')} (step {metrics.get('step')})"]]
-        rows = [[name, v.get("iou"), v.get("true_pixels"), v.get("predicted_pixels")]
-                for name, v in metrics.get("per_class", {}).items()]
-        out = _table(None, head) + "<h3>IoU per class</h3>" + _table(["class", "IoU", "true pixels",
-                                                                          "predicted pixels"], rows)
-        plot = eval_dir / "confusion_matrix.png"
-    else:
-        m = metrics.get("metrics", {})
-        head = [["images / objects / detections",
-                 f"{metrics.get('images')} / {metrics.get('objects')} / {metrics.get('detections')}"],
-                ["checkpoint", f"{display_path(metrics.get('checkpoint', ''))} (step {metrics.get('step')})"]]
-        out = _table(None, head, numeric_from=9)
-        names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
-        out += "<h3>COCO metrics</h3>" + _table(names, [[m.get(n, float("nan")) for n in names]], numeric_from=0)
-        rows = [[name, v.get("AP"), v.get("AP50")] for name, v in metrics.get("per_class", {}).items()]
-        out += "<h3>AP per class</h3>" + _table(["class", "AP", "AP50"], rows)
-        plot = eval_dir / "pr_curve.png"
+    try:
+        task = tasks.get(metrics.get("task", "detection"))  # detection's metrics.json had no "task" at first
+    except ValueError as e:
+        return f'<p class="missing">{_esc(display_path(metrics_path))}: {_esc(str(e))}</p>'
+    out, plot = task.load("report")(metrics, eval_dir)
     if plot.is_file():
         out += f"<figure>{_img(plot, plot.stem.replace('_', ' '))}</figure>"
     return out

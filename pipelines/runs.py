@@ -1,7 +1,7 @@
 """A run: workspace/RUN/ with its pipeline.config, train/, eval/ and export/ folders.
 
-The config's model block says which family the run trains: `ssd` (pipelines/detection/) or
-`segmentation` (pipelines/segmentation/).
+The config's model block says which task the run trains (pipelines/tasks.py: `ssd` is detection,
+`segmentation` segmentation); the run's settings are that task's params dataclass.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import dataclasses
 import os
 from pathlib import Path
 
+from pipelines import tasks
 from pipelines.common import UserError, display_path, workspace_dir
 from pipelines.config import base, read
 from pipelines.config.base import SKIP_MEMORY_CHECK, memory_advice
-from pipelines.detection.params import DetectorParams
-from pipelines.segmentation.params import SegmenterParams
 
 
 def run_dir(run: str) -> Path:
@@ -25,11 +24,7 @@ def run_dir(run: str) -> Path:
     return Path(run)
 
 
-def _absolute(value: str | None) -> str | None:
-    return str(base.resolve_path(value).resolve()) if value else value
-
-
-def load_run(run: str, need_data: bool = True) -> tuple[DetectorParams | SegmenterParams, Path, list[str]]:
+def load_run(run: str, need_data: bool = True) -> tuple[object, Path, list[str]]:
     """The run's pipeline.config, checked (fields and paths) and translated; paths made absolute.
 
     need_data=False (export): the TFRecords and the fine-tuning checkpoint need not exist (a run made
@@ -45,24 +40,15 @@ def load_run(run: str, need_data: bool = True) -> tuple[DetectorParams | Segment
             raise UserError(display_path(config), f"train_input_reader.label_map_path: no such file: {p.label_map_path}")
         p = dataclasses.replace(p, train_files=[f for f in p.train_files if base.PLACEHOLDER not in f],
                                 eval_files=[f for f in p.eval_files if base.PLACEHOLDER not in f])
-        if isinstance(p, DetectorParams):
-            p = dataclasses.replace(p, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None)
-    common = dict(train_files=[_absolute(f) for f in p.train_files], eval_files=[_absolute(f) for f in p.eval_files],
-                  label_map_path=_absolute(p.label_map_path))
-    if isinstance(p, SegmenterParams):
-        from pipelines.segmentation.runs import check_engine
-
-        weights = p.encoder_weights if p.encoder_weights in (None, "imagenet") else _absolute(p.encoder_weights)
-        params = dataclasses.replace(p, encoder_weights=weights, **common)
-    else:
-        from pipelines.detection.runs import check_engine
-
-        params = dataclasses.replace(p, fine_tune_checkpoint=_absolute(p.fine_tune_checkpoint), **common)
-    check_engine(params, display_path(config))
+    task = tasks.of_params(p)
+    if not need_data:
+        p = dataclasses.replace(p, **{name: None for name in task.init_fields})
+    params = base.absolute_paths(p)
+    task.load("check_engine")(params, display_path(config))
     return params, folder, translation.ignored
 
 
-def check_memory(params: DetectorParams | SegmenterParams, source: str, log=print) -> None:
+def check_memory(params, source: str, log=print) -> None:
     """Refuse a CPU training run that would not fit in memory (the kernel would kill it, perhaps with
     other processes); warn when it takes most of it. No check with a GPU or with
     PIPELINES_SKIP_MEMORY_CHECK=1."""

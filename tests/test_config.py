@@ -293,7 +293,7 @@ def test_optimizer_switch(workspace):
     assert "learning rate 0.005 -> 0.001 (warmup_learning_rate in proportion) (adam's default peak" in proc.stdout
     params = translate(TextProto(text)).params
     assert params.optimizer == "adam" and params.learning_rate == pytest.approx(0.001)
-    opt = build_experiment(params, "unused", gpus=0).trainer.optimizer_config
+    opt = build_experiment(params, gpus=0).trainer.optimizer_config
     assert opt.optimizer.type == "adam" and opt.optimizer.adam.epsilon == pytest.approx(1e-8)
     assert opt.learning_rate.cosine.initial_learning_rate == pytest.approx(0.001)
 

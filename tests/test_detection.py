@@ -74,7 +74,7 @@ def checkpoint_values(prefix: str, root: str) -> dict[str, np.ndarray]:
 
 def test_experiment_maps_params(data_dir, tmp_path):
     params = DetectorParams(num_classes=4, train_files=["a-*.tfrecord"], eval_files=["b-*.tfrecord"])
-    exp = build_experiment(params, str(tmp_path), gpus=0)
+    exp = build_experiment(params, gpus=0)
     m = exp.task.model
     assert m.num_classes == 5 and m.input_size == [320, 320, 3]
     assert m.backbone.type == "mobilenet" and m.backbone.mobilenet.model_id == "MobileNetV2"
@@ -100,7 +100,7 @@ def test_experiment_maps_params(data_dir, tmp_path):
     assert exp.trainer.train_steps == 50000 and exp.trainer.validation_steps == -1
     assert exp.task.annotation_file is None and exp.task.per_category_metrics
     assert exp.runtime.mixed_precision_dtype == "float32" and exp.runtime.distribution_strategy == "one_device"
-    gpu = build_experiment(params, str(tmp_path), gpus=2)
+    gpu = build_experiment(params, gpus=2)
     assert gpu.runtime.mixed_precision_dtype == "float16" and gpu.runtime.distribution_strategy == "mirrored"
     # The OD API's cosine schedule: linear warmup to the base rate, then cosine to 0 at num_steps.
     from official.modeling.optimization import OptimizerFactory
@@ -119,7 +119,7 @@ def test_tiny_detector_loss_goes_down(trained):
     losses = [h["total_loss"] for h in result["history"]]
     assert [h["step"] for h in result["history"]] == [5, 10, 15, 20, 25, 30]
     assert losses[-1] < 0.93 * losses[0], losses
-    assert result["global_step"] == 30 and result["start_step"] == 0
+    assert result["final_step"] == 30 and result["start_step"] == 0
     assert latest_step(run_dir / "train") == 30
     assert list((run_dir / "train" / "train").glob("events.out.tfevents.*")), "no TensorBoard summaries"
     assert (run_dir / "train" / "params.yaml").is_file()
@@ -148,7 +148,7 @@ def test_killed_run_resumes_from_its_checkpoint(data_dir, tmp_path):
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     result = json.loads(second.stdout.strip().splitlines()[-1])
-    assert result["start_step"] == killed_at and result["global_step"] == params.num_steps
+    assert result["start_step"] == killed_at and result["final_step"] == params.num_steps
     assert f"resuming from step {killed_at}" in second.stdout
     steps = [int(line.split()[1].split("/")[0]) for line in second.stdout.splitlines() if line.startswith("step ")]
     assert steps[0] == killed_at + 2 and steps[-1] == params.num_steps, steps
@@ -167,7 +167,7 @@ def test_full_fine_tune_restores_backbone_decoder_and_head(trained, tmp_path):
                              num_steps=1, learning_rate=0.0, warmup_learning_rate=0.0)
     lines = []
     result = train(ft, tmp_path, log=lines.append)
-    assert result["global_step"] == 1
+    assert result["final_step"] == 1
     for root in ("backbone", "decoder", "head"):
         want, got = checkpoint_values(source, root), checkpoint_values(result["checkpoint"], root)
         assert want.keys() == got.keys() and len(want) > 10
@@ -188,7 +188,7 @@ def test_detection_fine_tune_restores_the_feature_extractor_only(trained):
     for num_classes in (params.num_classes, 2):
         ft = dataclasses.replace(params, num_classes=num_classes, fine_tune_checkpoint=source,
                                  fine_tune_checkpoint_type="detection")
-        exp = build_experiment(ft, "", gpus=0)
+        exp = build_experiment(ft, gpus=0)
         assert exp.task.init_checkpoint_modules == "detection"
         task = task_factory.get_task(exp.task)
         model = task.build_model()
@@ -223,7 +223,7 @@ def test_classification_fine_tune_restores_the_backbone(data_dir, tmp_path):
     prefix = tf.train.Checkpoint(model=classifier, **classifier.checkpoint_items).save(str(tmp_path / "cls" / "ckpt"))
 
     params = tiny_params(data_dir, fine_tune_checkpoint=prefix, fine_tune_checkpoint_type="classification")
-    exp = build_experiment(params, "", gpus=0)
+    exp = build_experiment(params, gpus=0)
     assert exp.task.init_checkpoint_modules == "classification"
     task = task_factory.get_task(exp.task)
     detector = task.build_model()
@@ -252,7 +252,7 @@ def test_fine_tune_refuses_a_foreign_checkpoint(data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     """The tiny trained detector exported once (with its own BentoML store)."""
-    from pipelines.detection import export as export_mod
+    from pipelines.engine.export import export
 
     bento_home = tmp_path_factory.mktemp("bentoml")
     previous = os.environ.get("BENTOML_HOME")
@@ -260,8 +260,7 @@ def exported(trained, tmp_path_factory):
     try:
         params, run_dir, _ = trained
         (run_dir / "pipeline.config").write_text("# placeholder pipeline.config\n")
-        saved_model = export_mod.export(params, run_dir, params.label_map_path, name="shapes-detector",
-                                        log=lambda line: None)
+        saved_model = export(params, run_dir, params.label_map_path, name="shapes-detector", log=lambda line: None)
         yield saved_model, bento_home
     finally:
         if previous is None:
@@ -274,6 +273,7 @@ def test_export_serves_od_api_outputs_and_is_in_bentoml(trained, exported, monke
     import bentoml
 
     from pipelines.detection import export as export_mod
+    from pipelines.model_store import model_store
 
     saved_model, bento_home = exported
     monkeypatch.setenv("BENTOML_HOME", str(bento_home))
@@ -316,7 +316,7 @@ def test_export_serves_od_api_outputs_and_is_in_bentoml(trained, exported, monke
     assert export_mod.compare(ref, broken)[0] is not None
 
     assert (bento_home / "models" / "shapes-detector" / "latest").is_file()
-    stored = bentoml.models.get("shapes-detector:latest", _model_store=export_mod.model_store())
+    stored = bentoml.models.get("shapes-detector:latest", _model_store=model_store())
     assert stored.info.metadata["task"] == "detection"
     assert stored.info.metadata["label_map"] == {1: "circle", 2: "square", 3: "triangle", 4: "star"}
     assert (Path(stored.path) / "saved_model" / "saved_model.pb").is_file()
@@ -390,7 +390,7 @@ def test_two_workers_train_together_with_tf_config(data_dir, tmp_path):
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-3000:]
         # tf.distribute.MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy.
-        assert "training on 2 replica(s) (CollectiveAllReduceStrategy" in output, output[-3000:]
+        assert "on 2 replica(s) (CollectiveAllReduceStrategy" in output, output[-3000:]
     assert latest_step(tmp_path / "w0" / "train") == 6  # the chief writes the checkpoints
     # Synchronous training: each loop's loss is reduced across both workers, so both report the
     # same numbers; two independent runs over different data shards would not.
@@ -398,3 +398,54 @@ def test_two_workers_train_together_with_tf_config(data_dir, tmp_path):
 
     losses = [re.findall(r"step (\d+)/6\s+loss ([\d.]+)", output) for output in outputs]
     assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
+def test_evaluate_scores_what_the_export_serves(trained, exported, data_dir):
+    """`make eval` (the engine's loop, detection's evaluator) against the exported SavedModel run on the
+    same val records and scored with pycocotools here, independently: the same AP."""
+    import json
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from pipelines import examples
+    from pipelines.engine.evaluate import evaluate
+
+    params, run_dir, _ = trained
+    saved_model, _ = exported
+    lines = []
+    metrics = evaluate(params, run_dir, log=lines.append)
+    assert json.loads((run_dir / "eval" / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["task"] == "detection" and metrics["step"] == params.num_steps
+    assert metrics["checkpoint"].endswith(f"ckpt-{params.num_steps}")  # no best kept without --with-eval
+    for png in ("pr_curve.png", "predictions.png"):
+        assert (run_dir / "eval" / png).stat().st_size > 1000
+    assert any(line.startswith("COCO box metrics on") for line in lines)
+
+    serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    images, truth, found = [], [], []
+    for record in examples.read(params.eval_files):
+        h, w = record.height, record.width
+        image_id = len(images) + 1
+        images.append({"id": image_id, "width": w, "height": h})
+        for (x0, y0, x1, y1), cls in zip(record.boxes, record.classes):
+            truth.append({"id": len(truth) + 1, "image_id": image_id, "category_id": int(cls), "iscrowd": 0,
+                          "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+        out = serve(input_tensor=tf.constant(record.image[None]))
+        n = int(out["num_detections"][0])
+        for (y0, x0, y1, x1), score, cls in zip(out["detection_boxes"][0, :n].numpy() * [h, w, h, w],
+                                                out["detection_scores"][0, :n].numpy(),
+                                                out["detection_classes"][0, :n].numpy()):
+            found.append({"image_id": image_id, "category_id": int(cls), "score": float(score),
+                          "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]})
+    assert metrics["images"] == len(images) and metrics["objects"] == len(truth)
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": truth,
+                  "categories": [{"id": i} for i in range(1, params.num_classes + 1)]}
+    gt.createIndex()
+    coco = COCOeval(gt, gt.loadRes(found), "bbox")
+    coco.evaluate()
+    coco.accumulate()
+    coco.summarize()
+    assert metrics["metrics"]["AP"] == pytest.approx(coco.stats[0], abs=1e-3)
+    assert metrics["metrics"]["AP50"] == pytest.approx(coco.stats[1], abs=1e-3)

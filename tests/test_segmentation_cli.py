@@ -32,7 +32,7 @@ def test_config_train_eval_export_predict(workspace, sample_dir, tmp_path):
     run_dir = workspace / "seg"
     assert "step 6/6" in train.stdout and "from scratch" in train.stdout
     assert "next: make eval RUN=seg" in train.stdout
-    assert (run_dir / "train" / "ckpt-6.index").is_file() and (run_dir / "train" / "best" / "best.json").is_file()
+    assert (run_dir / "train" / "ckpt-6.index").is_file() and (run_dir / "train" / "best" / "info.json").is_file()
     again = run_cli("train", "--run", "seg", workspace=workspace, check=True, env=env)
     assert "already trained to step 6" in again.stdout
 

@@ -51,8 +51,9 @@ def tiny_params(data_dir: Path) -> SegmenterParams:
 @pytest.fixture(scope="module")
 def run(data_dir, tmp_path_factory):
     """(params, run_dir, best checkpoint): a few Adam steps on the training images, then checkpoints as
-    training writes them: RUN_DIR/train/ckpt-N by a CheckpointManager, and the best one in train/best/."""
-    from pipelines.segmentation.data import parse_example
+    training writes them (Model Garden's trainer): RUN_DIR/train/ckpt-N by a CheckpointManager, and the best
+    one in train/best/ as its best-checkpoint exporter names it (best_ckpt-N, N a save count, not the step)."""
+    from pipelines.examples import parse
     from pipelines.segmentation.model import build_model, loss_fn
 
     tf.keras.utils.set_random_seed(2)
@@ -63,9 +64,9 @@ def run(data_dir, tmp_path_factory):
     step = tf.Variable(0, dtype=tf.int64)
 
     def resized(serialized):
-        ex = parse_example(serialized)
+        ex = parse(serialized)
         image = tf.image.resize(tf.cast(ex["image"], tf.float32), params.input_size)
-        mask = tf.image.resize(ex["mask"][..., None], params.input_size, method="nearest")[..., 0]
+        mask = tf.image.resize(ex["class_mask"][..., None], params.input_size, method="nearest")[..., 0]
         return image, mask
 
     files = sorted(tf.io.gfile.glob(params.train_files[0]))
@@ -77,9 +78,10 @@ def run(data_dir, tmp_path_factory):
         optimizer.apply_gradients(zip(tape.gradient(value, model.trainable_variables), model.trainable_variables))
         step.assign_add(1)
     run_dir = tmp_path_factory.mktemp("run")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=step)
     tf.train.CheckpointManager(checkpoint, str(run_dir / "train"), max_to_keep=2).save(checkpoint_number=STEPS)
-    best = checkpoint.write(str(run_dir / "train" / "best" / f"ckpt-{STEPS}"))  # no state file: found by name
+    best = tf.train.CheckpointManager(checkpoint, str(run_dir / "train" / "best"), max_to_keep=1,
+                                      checkpoint_name="best_ckpt").save()
     (run_dir / "pipeline.config").write_text("# placeholder pipeline.config\n")
     return params, run_dir, best
 
@@ -87,7 +89,7 @@ def run(data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
     """The tiny segmenter exported once, into its own BentoML store."""
-    from pipelines.segmentation.export import export
+    from pipelines.engine.export import export
 
     params, run_dir, _ = run
     bento_home = tmp_path_factory.mktemp("bentoml")
@@ -118,11 +120,12 @@ def restored(run):
 
 
 def test_default_checkpoint_prefers_best(run, tmp_path):
-    from pipelines.segmentation.export import checkpoint_step, default_checkpoint
+    from pipelines.checkpoints import default as default_checkpoint
+    from pipelines.checkpoints import step as checkpoint_step
 
     _, run_dir, best = run
     assert default_checkpoint(run_dir) == best
-    assert checkpoint_step(best) == STEPS  # read from the checkpoint's `step` variable
+    assert checkpoint_step(best) == STEPS  # read from the checkpoint's `global_step` variable
     # Without best/, the latest of train/ (by its state file).
     (tmp_path / "train").mkdir()
     for f in (run_dir / "train").iterdir():
@@ -200,6 +203,7 @@ def test_export_agrees_with_the_checkpoint_model(run, serve, restored):
 def test_failed_check_keeps_the_previous_export(run, exported, monkeypatch):
     import bentoml
 
+    from pipelines.engine.export import export
     from pipelines.model_store import model_store
     from pipelines.segmentation import export as export_mod
 
@@ -214,7 +218,7 @@ def test_failed_check_keeps_the_previous_export(run, exported, monkeypatch):
 
     monkeypatch.setattr(export_mod, "check_export", refuse)
     with pytest.raises(export_mod.ExportCheckError):
-        export_mod.export(params, run_dir, params.label_map_path, name="shapes-segmenter", log=lambda line: None)
+        export(params, run_dir, params.label_map_path, name="shapes-segmenter", log=lambda line: None)
     after = {p.relative_to(run_dir): p.read_bytes() for p in (run_dir / "export").rglob("*") if p.is_file()}
     assert after == before
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".export")]
@@ -225,7 +229,7 @@ def test_metadata_and_bentoml_store(run, exported, monkeypatch, tmp_path):
     import bentoml
 
     from pipelines.model_store import model_store
-    from pipelines.segmentation.predict import export_task
+    from pipelines import tasks
 
     params, run_dir, best = run
     saved_model, bento_home, _ = exported
@@ -246,20 +250,21 @@ def test_metadata_and_bentoml_store(run, exported, monkeypatch, tmp_path):
     for name in ("saved_model/saved_model.pb", "label_map.pbtxt", "metadata.json"):
         assert (Path(stored.path) / name).is_file(), name
 
-    assert export_task(run_dir / "export") == "segmentation"
-    assert export_task(saved_model) == "segmentation"
+    assert tasks.of_export(run_dir / "export").name == "segmentation"
+    assert tasks.of_export(saved_model).name == "segmentation"
     (tmp_path / "saved_model").mkdir()
     (tmp_path / "saved_model" / "saved_model.pb").write_bytes(b"")
-    assert export_task(tmp_path) == "detection"  # exports from before metadata.json
+    assert tasks.of_export(tmp_path).name == "detection"  # exports from before metadata.json
     (tmp_path / "metadata.json").write_text('{"task": "pose"}')
     with pytest.raises(UserError, match="unknown task 'pose'"):
-        export_task(tmp_path)
+        tasks.of_export(tmp_path)
 
 
 def test_evaluate_matches_the_savedmodel(run, exported, serve, data_dir):
     from PIL import Image
 
-    from pipelines.segmentation.evaluate import confusion_matrix, evaluate, iou_metrics
+    from pipelines.engine.evaluate import evaluate
+    from pipelines.segmentation.evaluate import confusion_matrix, iou_metrics
 
     params, run_dir, best = run
     lines = []
@@ -296,8 +301,8 @@ def test_evaluate_matches_the_savedmodel(run, exported, serve, data_dir):
 def test_predict_writes_palette_masks_of_the_served_classes(exported, serve, tmp_path):
     from PIL import Image
 
-    from pipelines.data.report import class_color
-    from pipelines.segmentation.predict import predict
+    from pipelines.viz import class_color
+    from pipelines.engine.predict import predict
 
     saved_model, _, _ = exported
     # A photo stored rotated with an EXIF tag: masks are in the upright picture's pixels.

@@ -24,8 +24,9 @@ import tf_keras
 from pipelines.segmentation.data import augment, resize, train_dataset, val_dataset
 from pipelines.segmentation.model import build_model
 from pipelines.segmentation.params import SegmenterParams
-from pipelines.segmentation.train import (LearningRate, best_checkpoint, confusion_matrix, evaluator,
-                                          latest_checkpoint, mean_iou, restore, train)
+from pipelines import checkpoints
+from pipelines.segmentation.model import loss_fn
+from pipelines.segmentation.train import MeanIoU, build_experiment, confusion_matrix, mean_iou, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,17 +192,32 @@ def test_mean_iou_ignores_255_and_absent_classes():
     # IoU: class 0: 1/3 (one hit; one missed, one false), 1: 2/4, 3: 2/2
     assert mean_iou(confusion) == pytest.approx((1 / 3 + 2 / 4 + 1) / 3)
     assert mean_iou(np.zeros((3, 3))) == 0.0
+    # The metric object training and validation use: the same, summed over batches until reset.
+    metric = MeanIoU(4)
+    metric.update_state(labels[:1], tf.one_hot(predicted[:1], 4))
+    metric.update_state(labels[1:], tf.one_hot(predicted[1:], 4))
+    assert float(metric.result()) == pytest.approx((1 / 3 + 2 / 4 + 1) / 3, abs=1e-6)
+    metric.reset_state()
+    assert float(metric.result()) == 0.0
 
 
 def test_learning_rate_schedules():
-    cosine = LearningRate(SegmenterParams(num_classes=1, num_steps=110, learning_rate=0.1, warmup_learning_rate=0.01,
-                                          warmup_steps=10))
-    rates = [float(cosine(s)) for s in (0, 5, 10, 60, 110, 200)]
-    assert rates == pytest.approx([0.01, 0.055, 0.1, 0.05, 0.0, 0.0], abs=1e-6)
-    constant = LearningRate(SegmenterParams(num_classes=1, learning_rate=0.1, schedule="constant"))
-    assert float(constant(0)) == pytest.approx(0.1) and float(constant(10**6)) == pytest.approx(0.1)
+    """The OD API's schedules as Model Garden builds them from the segmenter's settings."""
+    from official.modeling.optimization import OptimizerFactory
+
+    def rates(params, steps):
+        schedule = OptimizerFactory(build_experiment(params, gpus=0).trainer.optimizer_config).build_learning_rate()
+        return [float(schedule(s) if callable(schedule) else schedule) for s in steps]  # constant: a float
+
+    cosine = SegmenterParams(num_classes=1, num_steps=110, learning_rate=0.1, warmup_learning_rate=0.01,
+                             warmup_steps=10)
+    assert rates(cosine, (0, 5, 10, 60, 110, 200)) == pytest.approx([0.01, 0.055, 0.1, 0.05, 0.0, 0.0], abs=1e-6)
+    constant = SegmenterParams(num_classes=1, learning_rate=0.1, schedule="constant")
+    assert rates(constant, (0, 10**6)) == pytest.approx([0.1, 0.1])
     with pytest.raises(ValueError, match="schedule 'step'"):
-        LearningRate(SegmenterParams(num_classes=1, schedule="step"))
+        build_experiment(SegmenterParams(num_classes=1, schedule="step"), gpus=0)
+    with pytest.raises(ValueError, match="optimizer 'rmsprop'"):
+        build_experiment(SegmenterParams(num_classes=1, optimizer="rmsprop"), gpus=0)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -211,10 +227,10 @@ def test_tiny_unet_loss_goes_down(trained):
     params, run_dir, result = trained
     history = result["history"]
     assert [h["step"] for h in history] == list(range(2, 37, 2))
-    losses = [h["loss"] for h in history]
+    losses = [h["training_loss"] for h in history]
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses  # 0.75 measured, seeded
-    assert history[-1]["iou"] > history[0]["iou"]
+    assert history[-1]["mean_iou"] > history[0]["mean_iou"]
     rates = [h["learning_rate"] for h in history]
     assert rates[0] == pytest.approx(0.01, rel=0.01) and rates[-1] < 1e-4 and rates == sorted(rates, reverse=True)
     assert result["final_step"] == 36 and result["start_step"] == 0
@@ -223,39 +239,48 @@ def test_tiny_unet_loss_goes_down(trained):
     line = next(line for line in result["lines"] if line.startswith("step 4/36"))
     assert re.fullmatch(r"step 4/36  loss \d+\.\d{4}  iou \d\.\d{4}  lr \d\.\d{6}  \d+\.\d\d steps/s "
                         r"\(\d+\.\d img/s\)  ETA \d+m\d\ds", line), line
-    assert (run_dir / "train" / "ckpt-36.index").is_file() and latest_checkpoint(run_dir).endswith("ckpt-36")
-    # TensorBoard event files: training in train/, validation in train/validation/.
-    assert list((run_dir / "train").glob("events.out.tfevents.*"))
+    assert (run_dir / "train" / "ckpt-36.index").is_file() and checkpoints.latest(run_dir).endswith("ckpt-36")
+    # TensorBoard event files (Model Garden's layout): training in train/train/, validation in train/validation/.
+    assert list((run_dir / "train" / "train").glob("events.out.tfevents.*"))
     assert list((run_dir / "train" / "validation").glob("events.out.tfevents.*"))
 
 
+def score(model, params: SegmenterParams) -> dict:
+    """Mean IoU and loss (mean over batches, as Model Garden's validation) of `model` on the val set."""
+    metric, compute_loss, losses = MeanIoU(params.output_classes), loss_fn(params), []
+    for images, masks in val_dataset(params):
+        logits = model(images, training=False)
+        metric.update_state(masks, logits)
+        losses.append(float(compute_loss(masks, logits)))
+    return {"mean_iou": float(metric.result()), "loss": float(np.mean(losses))}
+
+
 def test_best_checkpoint_restores_the_trained_model(trained):
-    """A fresh model restored from a checkpoint scores exactly what the trained model scored there."""
+    """Model Garden's best-checkpoint exporter kept the best evaluation's weights: a fresh model
+    restored from it scores exactly what the trained model scored there."""
     params, run_dir, result = trained
-    best = json.loads((run_dir / "train" / "best" / "best.json").read_text())
-    assert best == result["best"]
-    assert best["mean_iou"] == max(e["mean_iou"] for e in result["evals"])
-    prefix = best_checkpoint(run_dir)
-    assert prefix == result["best_checkpoint"] and prefix.endswith(f"best/ckpt-{best['step']}")
+    best = checkpoints.best_info(run_dir)
+    assert best == result["best"] and best["mean_iou"] == max(e["mean_iou"] for e in result["evals"])
+    prefix = checkpoints.best(run_dir)
+    assert prefix == result["best_checkpoint"] and checkpoints.step(prefix) == best["step"]
+    assert checkpoints.default(run_dir) == prefix  # what eval and export use
 
     model = build_model(params, load_encoder_weights=False)
     images, _ = next(iter(val_dataset(params)))
     before = model(images).numpy()
-    restore(model, prefix)
+    checkpoints.restore(model, prefix)
     after = model(images).numpy()
     assert not np.allclose(before, after)
-    score = evaluator(model, params)
-    scored = score(val_dataset(params))
+    scored = score(model, params)
     assert scored["mean_iou"] == pytest.approx(best["mean_iou"], abs=1e-6)
     at_best = next(e for e in result["evals"] if e["step"] == best["step"])
-    assert scored["loss"] == pytest.approx(at_best["loss"], rel=1e-4)
+    assert scored["loss"] == pytest.approx(at_best["validation_loss"], rel=1e-4)
 
     # The training checkpoint restores the same way (model weights only; optimizer state left out).
-    restore(model, latest_checkpoint(run_dir))
-    scored = score(val_dataset(params))
-    assert scored["mean_iou"] == pytest.approx(result["evals"][-1]["mean_iou"], abs=1e-6)
+    checkpoints.restore(model, checkpoints.latest(run_dir))
+    assert score(model, params)["mean_iou"] == pytest.approx(result["evals"][-1]["mean_iou"], abs=1e-6)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        restore(model, str(run_dir / "train" / "ckpt-999"))
+        checkpoints.restore(model, str(run_dir / "train" / "ckpt-999"))
 
 
 def test_finished_run_says_so(trained):
@@ -276,11 +301,11 @@ def test_killed_run_resumes_from_its_checkpoint(data_dirs, tmp_path):
     with open(tmp_path / "first.log", "w") as out:  # a file, not a pipe nobody reads while it runs
         first = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
-        while latest_checkpoint(run_dir) is None and first.poll() is None and time.time() < deadline:
+        while checkpoints.latest(run_dir) is None and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         first.send_signal(signal.SIGKILL)
         first.wait()
-    killed_at = int(latest_checkpoint(run_dir).rsplit("-", 1)[1])
+    killed_at = int(checkpoints.latest(run_dir).rsplit("-", 1)[1])
     assert first.returncode == -signal.SIGKILL, "training finished before it could be killed"
     assert 0 < killed_at < params.num_steps
 
@@ -292,6 +317,6 @@ def test_killed_run_resumes_from_its_checkpoint(data_dirs, tmp_path):
     steps = [int(line.split()[1].split("/")[0]) for line in second.stdout.splitlines() if line.startswith("step ")]
     assert steps[0] == killed_at + 1 and steps[-1] == params.num_steps, steps
     # The optimizer's state came back too: its step count went on from the killed run's.
-    reader = tf.train.load_checkpoint(latest_checkpoint(run_dir))
-    assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == params.num_steps
-    assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == params.num_steps
+    reader = tf.train.load_checkpoint(checkpoints.latest(run_dir))
+    assert reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE") == params.num_steps
+    assert reader.get_tensor("optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE") == params.num_steps

@@ -20,7 +20,7 @@ def make_detector(run_dir: Path) -> Path:
     import tensorflow as tf
     import tf_keras
 
-    from pipelines.detection.export import export
+    from pipelines.engine.export import export
     from pipelines.detection.params import DetectorParams
     from pipelines.detection.train import build_model
 
@@ -39,7 +39,7 @@ def make_detector(run_dir: Path) -> Path:
 def make_segmenter(run_dir: Path) -> Path:
     import tensorflow as tf
 
-    from pipelines.segmentation.export import export
+    from pipelines.engine.export import export
     from pipelines.segmentation.model import build_model
     from pipelines.segmentation.params import SegmenterParams
 

@@ -12,9 +12,9 @@ import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines import tasks
 from pipelines.common import REPO_ROOT, UserError
 from pipelines.config.textproto import TextProto
-from pipelines.segmentation.params import SegmenterParams
 
 PLACEHOLDER = "PATH_TO_BE_CONFIGURED"
 # Settings for synchronous training across TPU replicas: they do not apply here.
@@ -23,7 +23,7 @@ IGNORED = ["train_config.sync_replicas", "train_config.replicas_to_aggregate", "
 
 @dataclass
 class Translation:
-    params: object  # DetectorParams or SegmenterParams, for a `model { segmentation { ... } }` config
+    params: object  # the settings dataclass of the config's task (pipelines/tasks.py)
     ignored: list[str] = field(default_factory=list)  # "field: why", printed as notes
 
 
@@ -81,21 +81,21 @@ def learning_rate_path(doc: TextProto) -> tuple[str | None, str | None]:
 def model_kind(doc: TextProto) -> str:
     """'ssd' (detection) or 'segmentation': the message set in the config's `model` block."""
     kinds = doc.message_names("model")
-    if len(kinds) != 1 or kinds[0] not in ("ssd", "segmentation"):
-        raise fail(doc.source, "model", f"expected one of ssd, segmentation; found {', '.join(kinds) or 'nothing'}")
+    if len(kinds) != 1 or tasks.of_config_block(kinds[0]) is None:
+        raise fail(doc.source, "model", f"expected one of {', '.join(tasks.config_blocks())}; "
+                                        f"found {', '.join(kinds) or 'nothing'}")
     return kinds[0]
 
 
-# Host memory `make train` takes on a CPU, measured with the templates' networks (bench/RESULTS.md,
-# "Training memory"): a fixed part (TensorFlow, the model, the input pipeline) and a part per pixel of
-# each training image (the activations the backward pass keeps). A rough guide for other backbones.
-TRAIN_MEMORY = {"detection": (1.2e9, 1600.0), "segmentation": (1.2e9, 3700.0)}
+# Host memory `make train` takes on a CPU: each task's `train_memory` in pipelines/tasks.py, a fixed part
+# (TensorFlow, the model, the input pipeline) and a part per pixel of each training image (the
+# activations the backward pass keeps), measured with the templates' networks. A rough guide for others.
 SKIP_MEMORY_CHECK = "PIPELINES_SKIP_MEMORY_CHECK"  # make train tries anyway
 
 
 def training_memory(params, batch_size: int | None = None) -> float:
     """Estimated peak bytes of training on a CPU."""
-    base, per_pixel = TRAIN_MEMORY["segmentation" if isinstance(params, SegmenterParams) else "detection"]
+    base, per_pixel = tasks.of_params(params).train_memory
     batch = params.batch_size if batch_size is None else batch_size
     return base + per_pixel * batch * params.image_height * params.image_width
 
@@ -128,10 +128,26 @@ def memory_advice(params) -> tuple[bool, str] | None:
     need = training_memory(params)
     if need < 0.7 * available:
         return None
-    base, per_pixel = TRAIN_MEMORY["segmentation" if isinstance(params, SegmenterParams) else "detection"]
+    base, per_pixel = tasks.of_params(params).train_memory
     fits = int((0.7 * available - base) // (per_pixel * params.image_height * params.image_width))
     advice = (f"BATCH={fits} fits" if fits >= 1 else
               "not even BATCH=1 fits at this input size: lower SIZE=")
     return need > 0.9 * available, (
         f"training batch {params.batch_size} at {params.image_height}x{params.image_width} on a CPU takes about "
         f"{need / 1e9:.1f} GB; {available / 1e9:.1f} GB of memory is available here ({advice})")
+
+
+def absolute_paths(params):
+    """`params` with every path field (TFRecord globs, label map, the task's weight files) absolute,
+    relative ones read from the repository root as the config means them."""
+    import dataclasses
+
+    def absolute(value):
+        return str(resolve_path(value).resolve()) if value else value
+
+    task = tasks.of_params(params)
+    paths = {name: absolute(getattr(params, name)) for name in task.path_fields
+             if getattr(params, name) not in task.not_paths}
+    return dataclasses.replace(params, train_files=[absolute(f) for f in params.train_files],
+                               eval_files=[absolute(f) for f in params.eval_files],
+                               label_map_path=absolute(params.label_map_path), **paths)

@@ -1,23 +1,21 @@
-"""Read a pipeline.config of either kind: checked against the schema, then translated by the reader of
-the kind its `model` block holds."""
+"""Read a pipeline.config of any task: checked against the schema, then translated by the reader of
+the task its `model` block names (pipelines/tasks.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines import tasks
 from pipelines.common import UserError, display_path
-from pipelines.config import schema, segmentation
-from pipelines.config import translate as detection
+from pipelines.config import schema
 from pipelines.config.base import Translation, model_kind
 from pipelines.config.textproto import TextProto
 
 
 def translate_any(doc: TextProto, check_paths: bool = True) -> Translation:
-    """A detection or a segmentation config, whichever the model block holds."""
+    """A config of any registered task, translated by the reader of the task its model block names."""
     schema.check(doc)
-    if model_kind(doc) == "segmentation":
-        return segmentation.translate(doc, check_paths=check_paths)
-    return detection.translate(doc, check_paths=check_paths)
+    return tasks.of_config_block(model_kind(doc)).load("translate")(doc, check_paths=check_paths)
 
 
 def load(path: Path, check_paths: bool = True) -> Translation:

@@ -9,19 +9,18 @@ schedule's total_steps with it and scales warmup_steps in proportion (never past
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines import tasks
 from pipelines.common import REPO_ROOT, UserError, display_path, resolve_dataset, workspace_dir
 from pipelines.config import base, read, schema
 from pipelines.config.base import memory_advice
 from pipelines.config.textproto import TextProto
 from pipelines.data.label_map import read_label_map
-from pipelines.segmentation.params import SegmenterParams
 
 CONFIGS_DIR = REPO_ROOT / "configs"
 
@@ -73,12 +72,47 @@ def portable(path: Path) -> str:
         return str(Path(path).resolve())
 
 
+def detection_rules(doc: TextProto, opts: ConfigOptions) -> list[str]:
+    """The rewrite rules only a detector's config has: batch-norm decay for small runs, the
+    fine-tuning checkpoint (CHECKPOINT=, CHECKPOINT_TYPE=), frozen variables (FREEZE=)."""
+    notes = _batch_norm_decay(doc)
+    if opts.checkpoint:
+        ckpt = portable(Path(opts.checkpoint)) if Path(opts.checkpoint).exists() or Path(
+            str(opts.checkpoint) + ".index").exists() else opts.checkpoint
+        ckpt_type = opts.checkpoint_type or _checkpoint_kind(opts.checkpoint) or \
+            doc.get("train_config.fine_tune_checkpoint_type") or "detection"
+        if not doc.set("train_config.fine_tune_checkpoint", ckpt):
+            doc.add("train_config", "fine_tune_checkpoint", ckpt, after="num_steps")
+        if not doc.set("train_config.fine_tune_checkpoint_type", ckpt_type):
+            doc.add("train_config", "fine_tune_checkpoint_type", ckpt_type, after="fine_tune_checkpoint")
+    else:
+        for name in ("fine_tune_checkpoint", "fine_tune_checkpoint_type", "fine_tune_checkpoint_version"):
+            doc.remove(f"train_config.{name}")
+    if opts.freeze:
+        doc.remove("train_config.freeze_variables")
+        doc.add("train_config", "freeze_variables", FREEZE_PATTERNS[opts.freeze], after="num_steps")
+    return notes
+
+
+def segmentation_rules(doc: TextProto, opts: ConfigOptions) -> list[str]:
+    """The rewrite rules only a segmenter's config has: its encoder weights (CHECKPOINT=)."""
+    notes = []
+    if opts.checkpoint:  # a backbone weights file (or 'imagenet', or 'none')
+        value = opts.checkpoint if opts.checkpoint.lower() in ("imagenet", "none") else portable(Path(opts.checkpoint))
+        if not doc.set("model.segmentation.encoder_weights", value):
+            doc.add("model.segmentation", "encoder_weights", value, after="backbone")
+    if opts.checkpoint_type:
+        notes.append("CHECKPOINT_TYPE does not apply to segmentation models: ignored")
+    if opts.freeze:
+        notes.append("FREEZE does not apply to segmentation models (use encoder_freeze): ignored")
+    return notes
+
+
 def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
     """Apply the rewrite rules to `doc`; returns what was changed, one line each.
 
-    Detection (`model { ssd }`) and segmentation (`model { segmentation }`) configs share every
-    rule; only the checkpoint differs: a detector's fine_tune_checkpoint, a segmenter's
-    encoder_weights file."""
+    Every task's config shares the rules below; then come the task's own (its `config_rules` in
+    pipelines/tasks.py: a detector's fine_tune_checkpoint, a segmenter's encoder_weights file)."""
     notes = []
     kind = base.model_kind(doc)
     labels = read_label_map(data / "label_map.pbtxt")
@@ -150,33 +184,7 @@ def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
             doc.set(f"{cosine}.warmup_steps", total)
             notes.append(f"warmup_steps {warmup} > total_steps {total}: set to {total}")
 
-    if kind == "ssd":
-        notes += _batch_norm_decay(doc)
-    if kind == "segmentation":
-        if opts.checkpoint:  # a backbone weights file (or 'imagenet', or 'none')
-            value = opts.checkpoint if opts.checkpoint.lower() in ("imagenet", "none") else portable(Path(opts.checkpoint))
-            if not doc.set("model.segmentation.encoder_weights", value):
-                doc.add("model.segmentation", "encoder_weights", value, after="backbone")
-        if opts.checkpoint_type:
-            notes.append("CHECKPOINT_TYPE does not apply to segmentation models: ignored")
-    elif opts.checkpoint:
-        ckpt = portable(Path(opts.checkpoint)) if Path(opts.checkpoint).exists() or Path(
-            str(opts.checkpoint) + ".index").exists() else opts.checkpoint
-        ckpt_type = opts.checkpoint_type or _checkpoint_kind(opts.checkpoint) or \
-            doc.get("train_config.fine_tune_checkpoint_type") or "detection"
-        if not doc.set("train_config.fine_tune_checkpoint", ckpt):
-            doc.add("train_config", "fine_tune_checkpoint", ckpt, after="num_steps")
-        if not doc.set("train_config.fine_tune_checkpoint_type", ckpt_type):
-            doc.add("train_config", "fine_tune_checkpoint_type", ckpt_type, after="fine_tune_checkpoint")
-    else:
-        for name in ("fine_tune_checkpoint", "fine_tune_checkpoint_type", "fine_tune_checkpoint_version"):
-            doc.remove(f"train_config.{name}")
-    if opts.freeze:
-        if kind == "segmentation":
-            notes.append("FREEZE does not apply to segmentation models (use encoder_freeze): ignored")
-        else:
-            doc.remove("train_config.freeze_variables")
-            doc.add("train_config", "freeze_variables", FREEZE_PATTERNS[opts.freeze], after="num_steps")
+    notes += tasks.of_config_block(kind).load("config_rules")(doc, opts)
     return notes
 
 
@@ -351,20 +359,10 @@ def write_run_config(opts: ConfigOptions) -> Path:
     # Validate what will be written (fields and every path) before writing anything.
     translation = read.translate_any(TextProto(doc.text, display_path(out)))
     params = translation.params
-    if isinstance(params, SegmenterParams):
-        if params.encoder_weights:  # can the backbone load them? (loads TensorFlow)
-            from pipelines.segmentation.runs import check_engine as check_segmenter
-
-            weights = params.encoder_weights
-            check_segmenter(dataclasses.replace(
-                params, encoder_weights=weights if weights == "imagenet" else str(base.resolve_path(weights))),
-                display_path(out))
-    elif params.fine_tune_checkpoint:  # can the model builder restore it? (loads TensorFlow)
-        from pipelines.detection.runs import check_engine
-
-        restores = check_engine(dataclasses.replace(
-            params, fine_tune_checkpoint=str(base.resolve_path(params.fine_tune_checkpoint))), display_path(out),
-            restore=True)
+    # What only the model builder can tell (loads TensorFlow): can it load the weights the config names?
+    restores = tasks.of_params(params).load("check_engine")(base.absolute_paths(params), display_path(out),
+                                                            restore=True)
+    if restores:
         notes.append(restores)
     memory = memory_advice(params)
     if memory:

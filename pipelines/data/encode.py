@@ -23,13 +23,13 @@ from pycocotools import mask as mask_utils
 from pipelines.data import checks, geometry
 from pipelines.data.tfrecords import example_features, serialize_example
 from pipelines.data.items import Report, SourceImage, SourceObject
+from pipelines.examples import IGNORE_LABEL
 
 # Formats TensorFlow decodes and whose bytes are kept as they are (MPO is a camera JPEG).
 COPYABLE = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png"}
 # Sources whose pixels already went through lossy compression are re-encoded as JPEG, others as PNG.
 LOSSY = {"JPEG", "MPO", "WEBP"}
 JPEG_QUALITY = 95
-IGNORE_LABEL = 255  # class-mask value for crowd regions: losses and metrics skip it
 EXIF_ORIENTATION = 0x0112
 TRANSPOSING = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 

@@ -6,20 +6,15 @@ import io
 from collections import Counter
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from pipelines.data.encode import EncodedImage
 from pipelines.data.items import Category, Report
+from pipelines import viz
+from pipelines.viz import IGNORE_COLOR, class_color, edges
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-           (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180)]
 PREVIEW_IMAGES = 12
 TILE = 280
-
-
-def class_color(label_id: int) -> tuple[int, int, int]:
-    return PALETTE[(label_id - 1) % len(PALETTE)]
 
 
 class Tally:
@@ -90,23 +85,6 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _font():
-    try:
-        return ImageFont.load_default(size=13)
-    except TypeError:  # Pillow without FreeType
-        return ImageFont.load_default()
-
-
-def _edges(labels: np.ndarray) -> np.ndarray:
-    """Pixels whose right or lower neighbour has another value: the outlines of the regions."""
-    edge = np.zeros(labels.shape, dtype=bool)
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
-    edge[:, 1:] |= edge[:, :-1].copy()
-    edge[1:, :] |= edge[:-1, :].copy()
-    return edge
-
-
 def _small(png: bytes, size: tuple[int, int]) -> np.ndarray:
     """A mask PNG (ids or 0/1) at the tile's size: nearest neighbour keeps the values."""
     return np.asarray(Image.open(io.BytesIO(png)).resize(size, Image.NEAREST))
@@ -132,8 +110,8 @@ def draw_labels(rgb: Image.Image, image: EncodedImage, names: dict[int, str]) ->
     outlines = []
     if image.class_mask_png is not None:
         cmask = _small(image.class_mask_png, size)
-        regions = [(cmask == v, (128, 128, 128) if v == 255 else class_color(int(v))) for v in np.unique(cmask) if v]
-        outlines.append((_edges(cmask), cmask))
+        regions = [(cmask == v, IGNORE_COLOR if v == 255 else class_color(int(v))) for v in np.unique(cmask) if v]
+        outlines.append((edges(cmask), cmask))
     else:
         regions = [(_small(o.mask_png, size) > 0, class_color(o.label_id))
                    for o in image.objects if o.mask_png is not None]
@@ -142,14 +120,14 @@ def draw_labels(rgb: Image.Image, image: EncodedImage, names: dict[int, str]) ->
     out = np.float32(base * 0.5 + overlay * 0.5)
     if image.class_mask_png is None:
         for region, color in regions:
-            out[_edges(region.astype(np.uint8)) & region] = color
+            out[edges(region.astype(np.uint8)) & region] = color
     for edge, cmask in outlines:
         for v in np.unique(cmask[edge]):
             if v:
-                out[edge & (cmask == v)] = (128, 128, 128) if v == 255 else class_color(int(v))
+                out[edge & (cmask == v)] = IGNORE_COLOR if v == 255 else class_color(int(v))
     out = Image.fromarray(np.uint8(out))
     draw = ImageDraw.Draw(out)
-    font = _font()
+    font = viz.font()
     thickness = max(1, round(max(out.size) / 150))
     for obj in image.objects:
         color = class_color(obj.label_id)
@@ -166,7 +144,7 @@ def contact_sheet(images: list[tuple[str, EncodedImage]], names: dict[int, str],
     rows = max(1, -(-len(images) // columns))
     sheet = Image.new("RGB", (columns * TILE, rows * (TILE + 18)), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
-    font = _font()
+    font = viz.font()
     for n, (split, image) in enumerate(images):
         tile = draw_labels(preview_tile(image), image, names)
         x, y = (n % columns) * TILE, (n // columns) * (TILE + 18)

@@ -1,11 +1,5 @@
-"""tf.Example schema shared by the Object Detection API and Model Garden, and sharded writing.
-
-Keys written for every image: image/encoded, image/format, image/height, image/width,
-image/filename, image/source_id, image/key/sha256, image/object/bbox/{xmin,xmax,ymin,ymax}
-(normalised to [0, 1]), image/object/class/text, image/object/class/label (label-map ids),
-image/object/is_crowd, image/object/area (pixels). With instance masks: image/object/mask (one
-PNG of 0/1 per object). For segmentation: image/segmentation/class/encoded (one PNG of class
-ids, 255 = ignore) and image/segmentation/class/format.
+"""Writing tf.Examples (the keys of pipelines/examples.py, which the Object Detection API and Model
+Garden read too) into sharded TFRecord files.
 
 The data stage does not import TensorFlow: its worker processes serialise each tf.Example with
 the small protobuf encoder below, and the writer frames records as TFRecord files are framed
@@ -21,6 +15,8 @@ import struct
 from pathlib import Path
 
 import google_crc32c
+
+from pipelines import examples as ex
 
 IMAGES_PER_SHARD = 500  # default shard size when no shard count is given
 FLOAT32_MAX = 3.4028234663852886e38
@@ -143,27 +139,27 @@ def example_features(image, names: dict[int, str]) -> dict[str, bytes]:
         return [min(max(v / size, 0.0), 1.0) for v in values]
 
     feature = {
-        "image/encoded": bytes_feature([image.encoded]),
-        "image/format": bytes_feature([image.format.encode()]),
-        "image/height": int64_feature([image.height]),
-        "image/width": int64_feature([image.width]),
-        "image/filename": bytes_feature([image.key.encode("utf-8")]),
-        "image/source_id": bytes_feature([image.source_id.encode()]),
-        "image/key/sha256": bytes_feature([image.sha256.encode()]),
-        "image/object/bbox/xmin": float_feature(norm([o.box[0] for o in objs], w)),
-        "image/object/bbox/xmax": float_feature(norm([o.box[2] for o in objs], w)),
-        "image/object/bbox/ymin": float_feature(norm([o.box[1] for o in objs], h)),
-        "image/object/bbox/ymax": float_feature(norm([o.box[3] for o in objs], h)),
-        "image/object/class/text": bytes_feature([names[o.label_id].encode("utf-8") for o in objs]),
-        "image/object/class/label": int64_feature([o.label_id for o in objs]),
-        "image/object/is_crowd": int64_feature([int(o.is_crowd) for o in objs]),
-        "image/object/area": float_feature([o.area for o in objs]),
+        ex.IMAGE: bytes_feature([image.encoded]),
+        ex.FORMAT: bytes_feature([image.format.encode()]),
+        ex.HEIGHT: int64_feature([image.height]),
+        ex.WIDTH: int64_feature([image.width]),
+        ex.FILENAME: bytes_feature([image.key.encode("utf-8")]),
+        ex.SOURCE_ID: bytes_feature([image.source_id.encode()]),
+        ex.SHA256: bytes_feature([image.sha256.encode()]),
+        ex.XMIN: float_feature(norm([o.box[0] for o in objs], w)),
+        ex.XMAX: float_feature(norm([o.box[2] for o in objs], w)),
+        ex.YMIN: float_feature(norm([o.box[1] for o in objs], h)),
+        ex.YMAX: float_feature(norm([o.box[3] for o in objs], h)),
+        ex.CLASS_TEXT: bytes_feature([names[o.label_id].encode("utf-8") for o in objs]),
+        ex.CLASS_LABEL: int64_feature([o.label_id for o in objs]),
+        ex.IS_CROWD: int64_feature([int(o.is_crowd) for o in objs]),
+        ex.AREA: float_feature([o.area for o in objs]),
     }
     if objs and objs[0].mask_png is not None:
-        feature["image/object/mask"] = bytes_feature([o.mask_png for o in objs])
+        feature[ex.INSTANCE_MASKS] = bytes_feature([o.mask_png for o in objs])
     if image.class_mask_png is not None:
-        feature["image/segmentation/class/encoded"] = bytes_feature([image.class_mask_png])
-        feature["image/segmentation/class/format"] = bytes_feature([b"png"])
+        feature[ex.CLASS_MASK] = bytes_feature([image.class_mask_png])
+        feature[ex.CLASS_MASK_FORMAT] = bytes_feature([b"png"])
     return feature
 
 

@@ -1,56 +1,27 @@
-"""`make eval`: COCO metrics of a trained detector on the validation shards, with pycocotools.
+"""Detection's part of `make eval` (pipelines/engine/evaluate.py): COCO metrics with pycocotools.
 
 The detections come from the same serving module the export writes (uint8 image in, boxes
-normalized to that image out), built from the checkpoint, so what is measured is what will be
-served. Ground truth is read from the validation TFRecords themselves (boxes, classes, crowd
-flags, areas), so no annotation file is needed. Writes RUN/eval/: metrics.json (AP@[.5:.95], AP50,
-AP75, AP small/medium/large, AR, per-class AP), pr_curve.png and predictions.png (val images with
-true boxes dashed and predicted boxes solid).
+normalized to that image out), built from the checkpoint. Ground truth is read from the validation
+TFRecords themselves (boxes, classes, crowd flags, areas), so no annotation file is needed.
+metrics.json gets AP@[.5:.95], AP50, AP75, AP small/medium/large, AR, per-class AP; the pictures are
+pr_curve.png and predictions.png (val images with true boxes dashed and predicted boxes solid).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from pipelines.common import atomic_output_dir, display_path
-from pipelines.data.label_map import read_label_map
+from pipelines import checkpoints, examples
 from pipelines.detection.params import DetectorParams
 
 COCO_STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 DRAW_SCORE = 0.3  # predictions drawn in predictions.png
 DRAW_IMAGES = 8
-
-
-def read_val_examples(files: list[str]):
-    """Yield (image uint8 HxWx3, ground truth dict) for every example of the given shards/globs."""
-    paths = sorted({p for pattern in files for p in tf.io.gfile.glob(pattern)})
-    for raw in tf.data.TFRecordDataset(paths).as_numpy_iterator():
-        feats = tf.train.Example.FromString(raw).features.feature
-
-        def floats(key):
-            return np.array(feats[key].float_list.value, dtype=np.float64) if key in feats else np.zeros(0)
-
-        def ints(key):
-            return np.array(feats[key].int64_list.value, dtype=np.int64) if key in feats else np.zeros(0, np.int64)
-
-        image = tf.io.decode_image(feats["image/encoded"].bytes_list.value[0], channels=3).numpy()
-        h, w = image.shape[:2]
-        yield image, {
-            "source_id": int(feats["image/source_id"].bytes_list.value[0]),
-            "filename": feats["image/filename"].bytes_list.value[0].decode("utf-8"),
-            "width": w, "height": h,
-            "boxes": np.stack([floats("image/object/bbox/xmin") * w, floats("image/object/bbox/ymin") * h,
-                               floats("image/object/bbox/xmax") * w, floats("image/object/bbox/ymax") * h], axis=-1),
-            "classes": ints("image/object/class/label"),
-            "crowd": ints("image/object/is_crowd") if "image/object/is_crowd" in feats else None,
-            "area": floats("image/object/area"),
-        }
 
 
 def coco_eval(gt_images: list[dict], gt_annotations: list[dict], detections: list[dict], labels: dict[int, str]):
@@ -111,7 +82,7 @@ def plot_pr(evaluator, labels: dict[int, str], path: Path) -> None:
 def draw_predictions(samples: list[tuple[np.ndarray, dict, dict]], labels: dict[int, str], path: Path) -> None:
     from PIL import Image, ImageDraw
 
-    from pipelines.data.report import class_color
+    from pipelines.viz import class_color
 
     tile = 320
     cols = 4
@@ -143,57 +114,76 @@ def draw_predictions(samples: list[tuple[np.ndarray, dict, dict]], labels: dict[
     sheet.save(path)
 
 
-def evaluate(params: DetectorParams, run_dir: str | Path, checkpoint: str | None = None, log=print) -> dict:
-    from pipelines.detection.export import ODAPIDetectionModule, _experiment
+class Evaluator:
+    """COCO box metrics with pycocotools (pipelines/engine/evaluate.py runs it): the val records' own
+    ground truth (boxes, classes, crowd flags, areas) against the served detections."""
 
-    run_dir = Path(run_dir)
-    checkpoint = checkpoint or tf.train.latest_checkpoint(str(run_dir / "train"))
-    if not checkpoint:
-        raise FileNotFoundError(f"{display_path(run_dir / 'train')}: no checkpoint to evaluate; train first")
-    labels = read_label_map(Path(params.label_map_path))
-    module = ODAPIDetectionModule(_experiment(params), batch_size=None,
-                                  input_image_size=[params.image_height, params.image_width], input_type="image_tensor")
-    tf.train.Checkpoint(model=module.model).read(checkpoint).expect_partial()
-    detect = tf.function(module.serve, input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8)])
+    needs_class_masks = False
+    batch_size = 1  # the detection module's signature takes one image at a time
+    draw_images = DRAW_IMAGES
 
-    gt_images, gt_annotations, detections, samples = [], [], [], []
-    log(f"evaluating {checkpoint} on {', '.join(display_path(f) for f in params.eval_files)}")
-    for image, gt in read_val_examples(params.eval_files):
-        out = detect(tf.convert_to_tensor(image[None]))
-        h, w = gt["height"], gt["width"]
-        n = int(out["num_detections"][0])
-        boxes = out["detection_boxes"][0, :n].numpy() * np.array([h, w, h, w])  # ymin, xmin, ymax, xmax
-        scores = out["detection_scores"][0, :n].numpy()
-        classes = out["detection_classes"][0, :n].numpy().astype(int)
-        image_id = gt["source_id"]
-        gt_images.append({"id": image_id, "width": w, "height": h, "file_name": gt["filename"]})
-        for i, (box, cls) in enumerate(zip(gt["boxes"], gt["classes"])):
-            gt_annotations.append({
-                "id": len(gt_annotations) + 1, "image_id": image_id, "category_id": int(cls),
+    def __init__(self, params: DetectorParams, labels: dict[int, str]):
+        self.params = params
+        self.labels = labels
+        self.reset()
+
+    def serving_function(self, checkpoint: str):
+        """uint8 [1, H, W, 3] -> the serving outputs (NumPy): the export's module on the checkpoint's weights."""
+        from pipelines.detection.export import ODAPIDetectionModule, _experiment
+
+        params = self.params
+        module = ODAPIDetectionModule(_experiment(params), batch_size=None,
+                                      input_image_size=[params.image_height, params.image_width],
+                                      input_type="image_tensor")
+        checkpoints.restore(module.model, checkpoint)
+        detect = tf.function(module.serve, input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8)])
+        return lambda images: {key: value.numpy() for key, value in detect(tf.constant(images)).items()}
+
+    def reset(self) -> None:
+        self.gt_images: list[dict] = []
+        self.gt_annotations: list[dict] = []
+        self.detections: list[dict] = []
+        self.coco = None
+
+    def process(self, record: examples.Example, outputs: dict) -> None:
+        h, w = record.height, record.width
+        n = int(outputs["num_detections"])
+        boxes = outputs["detection_boxes"][:n] * np.array([h, w, h, w])  # ymin, xmin, ymax, xmax
+        image_id = int(record.source_id)
+        self.gt_images.append({"id": image_id, "width": w, "height": h, "file_name": record.filename})
+        for i, (box, cls) in enumerate(zip(record.boxes, record.classes)):
+            self.gt_annotations.append({
+                "id": len(self.gt_annotations) + 1, "image_id": image_id, "category_id": int(cls),
                 "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
-                "area": float(gt["area"][i]) if len(gt["area"]) else float((box[2] - box[0]) * (box[3] - box[1])),
-                "iscrowd": int(gt["crowd"][i]) if gt["crowd"] is not None and len(gt["crowd"]) else 0})
-        for box, score, cls in zip(boxes, scores, classes):
-            if cls in labels:
-                detections.append({"image_id": image_id, "category_id": int(cls), "score": float(score),
-                                   "bbox": [float(box[1]), float(box[0]), float(box[3] - box[1]), float(box[2] - box[0])]})
-        if len(samples) < DRAW_IMAGES:
-            samples.append((image, gt, {"boxes": boxes[:, [1, 0, 3, 2]], "classes": classes, "scores": scores}))
-    if not gt_images:
-        raise FileNotFoundError(f"no validation examples in {params.eval_files}")
-    stats, per_class, evaluator = coco_eval(gt_images, gt_annotations, detections, labels)
+                "area": float(record.area[i]) if len(record.area) else float((box[2] - box[0]) * (box[3] - box[1])),
+                "iscrowd": int(record.crowd[i]) if record.crowd is not None and len(record.crowd) else 0})
+        for box, score, cls in zip(boxes, outputs["detection_scores"][:n], outputs["detection_classes"][:n]):
+            if int(cls) in self.labels:
+                self.detections.append({"image_id": image_id, "category_id": int(cls), "score": float(score),
+                                        "bbox": [float(box[1]), float(box[0]), float(box[3] - box[1]),
+                                                 float(box[2] - box[0])]})
 
-    step = int(Path(checkpoint).name.split("-")[-1]) if "-" in Path(checkpoint).name else None
-    metrics = {"checkpoint": str(checkpoint), "step": step, "images": len(gt_images),
-               "objects": len(gt_annotations), "detections": len(detections), "metrics": stats,
-               "per_class": per_class}
-    with atomic_output_dir(run_dir / "eval") as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        plot_pr(evaluator, labels, tmp / "pr_curve.png")
-        draw_predictions(samples, labels, tmp / "predictions.png")
-    log(format_metrics(metrics))
-    log(f"wrote {display_path(run_dir / 'eval')}/: metrics.json, pr_curve.png, predictions.png")
-    return metrics
+    def evaluate(self) -> dict:
+        stats, per_class, self.coco = coco_eval(self.gt_images, self.gt_annotations, self.detections, self.labels)
+        return {"objects": len(self.gt_annotations), "detections": len(self.detections), "metrics": stats,
+                "per_class": per_class}
+
+    def draw(self, folder: Path, samples: list[tuple[examples.Example, dict]]) -> list[str]:
+        plot_pr(self.coco, self.labels, folder / "pr_curve.png")
+        drawn = []
+        for record, out in samples:
+            h, w = record.height, record.width
+            n = int(out["num_detections"])
+            boxes = out["detection_boxes"][:n] * np.array([h, w, h, w])
+            drawn.append((record.image, {"boxes": record.boxes, "classes": record.classes},
+                          {"boxes": boxes[:, [1, 0, 3, 2]], "classes": out["detection_classes"][:n].astype(int),
+                           "scores": out["detection_scores"][:n]}))
+        draw_predictions(drawn, self.labels, folder / "predictions.png")
+        return ["pr_curve.png", "predictions.png"]
+
+    @staticmethod
+    def format(metrics: dict) -> str:
+        return format_metrics(metrics)
 
 
 def format_metrics(metrics: dict) -> str:

@@ -13,13 +13,11 @@ it, in the open. `NOT_HONOURED` lists where Model Garden cannot do what the OD A
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
-
-import tensorflow as tf
 
 from pipelines.detection.params import DetectorParams
 from pipelines.detection.ssd import SSDTask
+from pipelines.engine import train as engine
 
 # Registers Model Garden's vision tasks and configs ('retinanet', 'image_classification', ...).
 from official.vision import registry_imports  # noqa: F401  isort: skip
@@ -194,16 +192,6 @@ def _set(config, dotted: str, value) -> None:
     setattr(node, name, value)
 
 
-def num_gpus() -> int:
-    return len(tf.config.list_physical_devices("GPU"))
-
-
-def _strategy_name(gpus: int) -> str:
-    if os.environ.get("TF_CONFIG"):
-        return "multi_worker_mirrored"
-    return "mirrored" if gpus > 1 else "one_device"
-
-
 def validate(params: DetectorParams) -> None:
     # The FPN adds upsampled level l+1 to level l: sizes must halve exactly down to the backbone's
     # deepest level (5 for MobileNetV2); levels above it may round up, as the anchors do.
@@ -217,15 +205,14 @@ def validate(params: DetectorParams) -> None:
         raise ValueError("classification_weight must be positive (it scales Model Garden's whole loss)")
 
 
-def build_experiment(params: DetectorParams, model_dir: str, steps_per_loop: int | None = None,
+def build_experiment(params: DetectorParams, steps_per_loop: int | None = None,
                      gpus: int | None = None) -> cfg.ExperimentConfig:
-    """The Model Garden RetinaNet experiment for `params`; `model_dir` is where training writes.
+    """The Model Garden RetinaNet experiment for `params`.
 
     `gpus` defaults to the GPUs TensorFlow sees: mixed precision (float16 compute, dynamic loss
     scale) and the distribution strategy depend on it.
     """
     validate(params)
-    gpus = num_gpus() if gpus is None else gpus
     exp = retinanet_cfg.retinanet()
     exp.task = SSDTask(**exp.task.as_dict())
     exp.task.model.backbone = backbones.Backbone(type="mobilenet", mobilenet=backbones.MobileNet())
@@ -245,10 +232,7 @@ def build_experiment(params: DetectorParams, model_dir: str, steps_per_loop: int
     exp.task.train_data.shuffle_buffer_size = 2048  # the OD API input reader's default
     exp.task.validation_data.is_training = False
     exp.task.validation_data.drop_remainder = False  # every val image is evaluated once
-    mixed = gpus > 0
-    exp.runtime.num_gpus = gpus
-    exp.runtime.distribution_strategy = _strategy_name(gpus)
-    exp.runtime.mixed_precision_dtype = "float16" if mixed else "float32"  # 'float16' = mixed_float16 policy
+    mixed = engine.set_runtime(exp, gpus) > 0
     exp.task.train_data.dtype = exp.task.validation_data.dtype = "float16" if mixed else "float32"
 
     loop = steps_per_loop or _steps_per_loop(params)
@@ -258,10 +242,10 @@ def build_experiment(params: DetectorParams, model_dir: str, steps_per_loop: int
     exp.trainer.validation_interval = max(1, min(params.num_steps, 10 * loop))
     exp.trainer.validation_steps = -1  # the whole val set, as the reader does not repeat it
     exp.trainer.max_to_keep = 5
-    exp.trainer.best_checkpoint_export_subdir = ""
+    # With evaluations during training (`python -m pipelines train --with-eval`), the best by COCO AP is kept.
+    engine.keep_best(exp, "detection")
     exp.validate()
     exp.lock()
-    del model_dir  # ExperimentConfig has no folder field: train_lib.run_experiment gets model_dir
     return exp
 
 

@@ -1,7 +1,5 @@
-"""Export a trained detector as a SavedModel with the Object Detection API's serving signature.
-
-RUN_DIR/export/ gets saved_model/, params.yaml (the Model Garden experiment), label_map.pbtxt,
-metadata.json and, when RUN_DIR has one, pipeline.config. `serving_default` takes `input_tensor`, uint8
+"""Detection's part of `make export` (pipelines/engine/export.py): a SavedModel with the Object
+Detection API's serving signature, and params.yaml (the Model Garden experiment). `serving_default` takes `input_tensor`, uint8
 [batch, height, width, 3] of any size, and returns, like the OD API:
 
     num_detections     float32 [batch]
@@ -12,39 +10,29 @@ metadata.json and, when RUN_DIR has one, pipeline.config. `serving_default` take
 Model Garden's DetectionModule does the resizing (the training's stretch to height x width) and,
 with the export_config set in build_experiment, the normalization to the input image and the
 float casts. Before the export replaces the previous one, its detections on a few images are
-compared with the checkpoint model's own; a mismatch raises ExportCheckError. The export is then
-recorded in the BentoML model store ($BENTOML_HOME, default ~/bentoml), with the same metadata
-that export/metadata.json holds (its "task": "detection" tells exports of the two tasks apart).
+compared with the checkpoint model's own; a mismatch raises ExportCheckError.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from pipelines.common import atomic_output_dir
-from pipelines.data.label_map import read_label_map
+from pipelines import checkpoints
 from pipelines.detection.experiment import build_experiment
 from pipelines.detection import ssd
 from pipelines.detection.params import DetectorParams
 from pipelines.detection.train import build_model
-# model_store is re-exported: callers (and tests) open the store through this module too.
-from pipelines.model_store import check_images, model_store, save_to_bentoml, tag_name, write_metadata  # noqa: F401
+from pipelines.engine.export import ExportCheckError
+from pipelines.model_store import DETECTION_OUTPUTS, INPUT_NAME, check_images
 
 from official.core import train_utils  # isort: skip
 from official.vision.serving import detection  # isort: skip
 
-OUTPUT_KEYS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
-INPUT_NAME = "input_tensor"  # the OD API's serving input name
-
-
-class ExportCheckError(RuntimeError):
-    """The SavedModel does not reproduce the checkpoint model's detections."""
 
 
 class ODAPIDetectionModule(detection.DetectionModule):
@@ -70,12 +58,12 @@ class ODAPIDetectionModule(detection.DetectionModule):
 
     def serve(self, images):
         outputs = super().serve(images)
-        return {key: outputs[key] for key in OUTPUT_KEYS}
+        return {key: outputs[key] for key in DETECTION_OUTPUTS}
 
 
 def _experiment(params: DetectorParams):
     params = dataclasses.replace(params, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None)
-    return build_experiment(params, "", gpus=0)
+    return build_experiment(params, gpus=0)
 
 
 def save_signature(module: ODAPIDetectionModule, folder: Path) -> None:
@@ -137,13 +125,13 @@ def check_export(saved_model_dir: str | Path, params: DetectorParams, checkpoint
     images = images if images is not None else check_images(params)
     if model is None:
         model = build_model(params)
-        tf.train.Checkpoint(model=model).read(checkpoint).expect_partial().assert_existing_objects_matched()
+        checkpoints.restore(model, checkpoint)
     serve = tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"]
     max_box = 0.0
     for n, image in enumerate(images):
         ref = reference_detections(model, params, image)
         out = serve(**{INPUT_NAME: tf.convert_to_tensor(image[None])})
-        got = {key: out[key].numpy()[0] for key in OUTPUT_KEYS}
+        got = {key: out[key].numpy()[0] for key in DETECTION_OUTPUTS}
         problem, box_difference = compare(ref, got)
         if problem:
             raise ExportCheckError(f"{saved_model_dir}: image {n} ({image.shape[1]}x{image.shape[0]}): the SavedModel "
@@ -152,48 +140,35 @@ def check_export(saved_model_dir: str | Path, params: DetectorParams, checkpoint
     return {"images": len(images), "max_box_difference": max_box}
 
 
-def export(params: DetectorParams, run_dir: str | Path, label_map_path: str | Path, name: str | None = None,
-           checkpoint: str | None = None, log=print) -> Path:
-    """Export RUN_DIR/train's latest (or the given) checkpoint to RUN_DIR/export/saved_model; returns it.
+class Exporter:
+    """Detection's part of `make export` (pipelines/engine/export.py): the module above saved with its
+    Model Garden experiment (params.yaml), checked detection by detection."""
 
-    The BentoML model is named `name` (default: RUN_DIR's folder name, as a valid tag).
-    """
-    run_dir = Path(run_dir)
-    checkpoint = checkpoint or tf.train.latest_checkpoint(str(run_dir / "train"))
-    if not checkpoint:
-        raise FileNotFoundError(f"{run_dir / 'train'}: no checkpoint to export; train first")
-    label_map = read_label_map(Path(label_map_path))
-    if max(label_map) > params.num_classes:
-        raise ValueError(f"{label_map_path}: ids up to {max(label_map)} but the model has {params.num_classes} classes")
-    exp = _experiment(params)
-    policy = tf_keras.mixed_precision.global_policy()
-    tf_keras.mixed_precision.set_global_policy("float32")  # a mixed_float16 training still exports float32
-    try:
-        final = run_dir / "export"
-        with atomic_output_dir(final) as tmp:
-            module = ODAPIDetectionModule(exp, batch_size=None, input_type="image_tensor", input_name=INPUT_NAME,
-                                          input_image_size=[params.image_height, params.image_width])
-            tf.train.Checkpoint(model=module.model).read(checkpoint).expect_partial().assert_existing_objects_matched()
-            save_signature(module, tmp / "saved_model")
-            train_utils.serialize_config(exp, str(tmp))
-            shutil.copyfile(label_map_path, tmp / "label_map.pbtxt")
-            if (run_dir / "pipeline.config").is_file():
-                shutil.copyfile(run_dir / "pipeline.config", tmp / "pipeline.config")
-            check = check_export(tmp / "saved_model", params, checkpoint, model=module.model)
-            log(f"export check: the SavedModel matches {checkpoint} on {check['images']} images "
-                f"(largest box difference {check['max_box_difference']:.1e})")
-            metadata = {
-                "task": "detection",
-                "label_map": {int(k): v for k, v in sorted(label_map.items())},
-                "num_classes": params.num_classes,
-                "input_size": [params.image_height, params.image_width],
-                "signature": {"input": f"{INPUT_NAME}: uint8 [batch, height, width, 3]", "outputs": list(OUTPUT_KEYS)},
-                "checkpoint": str(checkpoint),
-                "export_check": check,
-            }
-            write_metadata(tmp, metadata)  # inside the temporary folder: it lands with the rest, or not at all
-    finally:
-        tf_keras.mixed_precision.set_global_policy(policy)
-    tag = save_to_bentoml(final, tag_name(name or run_dir.resolve().name, "detector"), metadata)
-    log(f"exported {final / 'saved_model'}; BentoML model {tag}")
-    return final / "saved_model"
+    outputs = DETECTION_OUTPUTS
+    default_name = "detector"  # the BentoML model name when the run's name is not a valid one
+
+    def __init__(self, params: DetectorParams):
+        self.params = params
+        self.exp = _experiment(params)
+
+    def save(self, checkpoint: str, saved_model_dir: Path, folder: Path) -> tf_keras.Model:
+        params = self.params
+        module = ODAPIDetectionModule(self.exp, batch_size=None, input_type="image_tensor", input_name=INPUT_NAME,
+                                      input_image_size=[params.image_height, params.image_width])
+        checkpoints.restore(module.model, checkpoint)
+        save_signature(module, saved_model_dir)
+        train_utils.serialize_config(self.exp, str(folder))
+        return module.model
+
+    def check(self, saved_model_dir: Path, checkpoint: str, model: tf_keras.Model) -> dict:
+        return check_export(saved_model_dir, self.params, checkpoint, model=model)
+
+    @staticmethod
+    def describe_check(check: dict) -> str:
+        return f"largest box difference {check['max_box_difference']:.1e}"
+
+    def metadata(self) -> dict:
+        return {}
+
+    def signature_notes(self) -> dict:
+        return {}

@@ -13,24 +13,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from pipelines.common import duration
+from pipelines import checkpoints
 from pipelines.detection.experiment import build_experiment
+from pipelines.engine import train as engine
 from pipelines.detection import ssd
 from pipelines.detection.params import DetectorParams
 
-from official.common import dataset_fn, distribute_utils  # isort: skip
-from official.core import task_factory, train_lib, train_utils  # isort: skip
-from official.modeling import performance  # isort: skip
+from official.common import dataset_fn  # isort: skip
+from official.core import task_factory  # isort: skip
 from official.vision.dataloaders import input_reader, input_reader_factory, tf_example_decoder  # isort: skip
 from official.vision.tasks import retinanet as retinanet_task  # isort: skip
 
@@ -93,125 +90,49 @@ def build_model(params: DetectorParams) -> tf_keras.Model:
     Restore a training checkpoint with `tf.train.Checkpoint(model=model).read(prefix)`.
     """
     params = dataclasses.replace(params, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None)
-    exp = build_experiment(params, "", gpus=0)
+    exp = build_experiment(params, gpus=0)
     return DetectionTask(exp.task).build_model()
 
 
 def latest_step(model_dir: str | Path) -> int:
     """The global step of the latest checkpoint in `model_dir` (0 when there is none)."""
-    latest = tf.train.latest_checkpoint(str(model_dir))
-    return int(re.search(r"ckpt-(\d+)$", latest).group(1)) if latest else 0
+    latest = checkpoints.latest_in(model_dir) if Path(model_dir).is_dir() else None
+    return (checkpoints.step(latest) or 0) if latest else 0
 
 
-
-class Progress:
-    """An Orbit train action: after each loop, one line with the loss, steps/s and ETA."""
-
-    def __init__(self, global_step: tf.Variable, total_steps: int, batch_size: int, log: Callable[[str], None]):
-        self.global_step = global_step
-        self.total_steps = total_steps
-        self.batch_size = batch_size
-        self.log = log
-        self.history: list[dict] = []
-        self.first_loop_end: tuple[int, float] | None = None  # the first loop includes tracing
-        self.last = (int(global_step.numpy()), time.time())
-
-    def __call__(self, output: dict) -> None:
-        step, now = int(self.global_step.numpy()), time.time()
-        rate = (step - self.last[0]) / max(now - self.last[1], 1e-9)
-        if self.first_loop_end is None:
-            self.first_loop_end = (step, now)
-            steady = rate
-        else:
-            steady = (step - self.first_loop_end[0]) / max(now - self.first_loop_end[1], 1e-9)
-        self.last = (step, now)
-        values = {k: float(np.asarray(v)) for k, v in output.items() if np.ndim(np.asarray(v)) == 0}
-        record = {"step": step, "steps_per_sec": rate, **values}
-        self.history.append(record)
-        eta = (self.total_steps - step) / steady if steady > 0 else float("inf")
-        self.log(f"step {step}/{self.total_steps}  loss {values.get('total_loss', float('nan')):.4f} "
-                 f"(cls {values.get('cls_loss', float('nan')):.4f}, box {values.get('box_loss', float('nan')):.4f})  "
-                 f"lr {values.get('learning_rate', float('nan')):.5f}  {rate:.2f} steps/s "
-                 f"({rate * self.batch_size:.1f} img/s)  ETA {duration(eta) if eta != float('inf') else '?'}")
+def describe(values: dict) -> str:
+    return (f"loss {values.get('total_loss', float('nan')):.4f} (cls {values.get('cls_loss', float('nan')):.4f}, "
+            f"box {values.get('box_loss', float('nan')):.4f})")
 
 
-def _strategy(exp) -> tf.distribute.Strategy:
-    """MultiWorkerMirrored with TF_CONFIG, Mirrored on >1 GPU, else OneDevice (GPU:0 or CPU:0)."""
-    return distribute_utils.get_distribution_strategy(
-        distribution_strategy=exp.runtime.distribution_strategy, num_gpus=exp.runtime.num_gpus,
-        all_reduce_alg=exp.runtime.all_reduce_alg)
+def describe_eval(values: dict) -> str:
+    return (f"COCO AP {values.get('AP', float('nan')):.4f}, AP50 {values.get('AP50', float('nan')):.4f}, "
+            f"loss {values.get('total_loss', values.get('validation_loss', float('nan'))):.4f}")
 
 
-def train(params: DetectorParams, run_dir: str | Path, log: Callable[[str], None] = print, mode: str = "train",
-          steps_per_loop: int | None = None) -> dict:
+def train(params: DetectorParams, run_dir: str | Path, log: Callable[[str], None] = print,
+          mode: str | None = "train", steps_per_loop: int | None = None) -> dict:
     """Train until `params.num_steps`, resuming from RUN_DIR/train's latest checkpoint if any.
 
-    mode: 'train', or 'train_and_eval' (COCO metrics on eval_files every 10 loops and at the end).
-    Returns {'global_step', 'start_step', 'checkpoint', 'model_dir', 'history' (one dict per loop:
-    step, steps_per_sec, total_loss, cls_loss, box_loss, model_loss, learning_rate, ...),
-    'steps_per_sec' (after the first loop, which includes tracing), 'eval' (last eval metrics or {})}.
+    mode: 'train', or 'train_and_eval' (COCO metrics on eval_files every 10 loops and at the end; the
+    best checkpoint by AP kept in RUN_DIR/train/best/). Returns what `engine.run` returns; its history
+    has one dict per loop (step, steps_per_sec, total_loss, cls_loss, box_loss, model_loss,
+    learning_rate, ...).
     """
+    mode = mode or "train"
     if mode not in ("train", "train_and_eval"):
         raise ValueError(f"mode {mode!r}: expected 'train' or 'train_and_eval'")
     if not params.train_files:
         raise ValueError("no training files (train_input_reader.input_path)")
     if mode == "train_and_eval" and not params.eval_files:
         raise ValueError("train_and_eval needs eval_files")
-    model_dir = Path(run_dir) / "train"
-    exp = build_experiment(params, str(model_dir), steps_per_loop=steps_per_loop)
-    start_step = latest_step(model_dir)
-    if start_step >= params.num_steps:
-        log(f"{model_dir}: already trained to step {start_step} (num_steps {params.num_steps}); nothing to do")
-    policy = tf_keras.mixed_precision.global_policy()
-    performance.set_mixed_precision_policy(exp.runtime.mixed_precision_dtype)
-    try:
-        strategy = _strategy(exp)
-        if strategy.extended.should_checkpoint:
-            train_utils.serialize_config(exp, str(model_dir))
-        log(f"training on {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__}, "
-            f"{exp.runtime.num_gpus} GPU(s), {'mixed_float16' if exp.runtime.num_gpus else 'float32'}); "
-            + (f"resuming from step {start_step}" if start_step else
-               f"initialising from {params.fine_tune_checkpoint} ({exp.task.init_checkpoint_modules})"
-               if params.fine_tune_checkpoint else "from scratch")
-            + f"; checkpoints and summaries in {model_dir}")
-        with strategy.scope():
-            task = DetectionTask(exp.task, logging_dir=str(model_dir))
-            trainer = train_utils.create_trainer(exp, task, train=True, evaluate=mode == "train_and_eval")
-        frozen = trainer.model.frozen_variables() if hasattr(trainer.model, "frozen_variables") else []
-        if frozen:
-            total = len(frozen) + len(trainer.model.trainable_weights)
-            log(f"froze {len(frozen)} of {total} trainable variables (train_config.freeze_variables / "
-                "update_trainable_variables): they get no gradient")
-        progress = Progress(trainer.global_step, params.num_steps, params.batch_size, log)
-        evals: list[dict] = []
-
-        def keep_eval(output):
-            evals.append({k: float(np.asarray(v)) for k, v in output.items() if np.ndim(np.asarray(v)) == 0})
-            log(f"eval at step {int(trainer.global_step.numpy())}: COCO AP {evals[-1].get('AP', float('nan')):.4f}, "
-                f"AP50 {evals[-1].get('AP50', float('nan')):.4f}, loss {evals[-1].get('total_loss', float('nan')):.4f}")
-
-        started = time.time()
-        train_lib.run_experiment(distribution_strategy=strategy, task=task, mode=mode, params=exp,
-                                 model_dir=str(model_dir), trainer=trainer, train_actions=[progress],
-                                 eval_actions=[keep_eval])
-        global_step = int(trainer.global_step.numpy())
-    finally:
-        tf_keras.mixed_precision.set_global_policy(policy)
-    steady = [h["steps_per_sec"] for h in progress.history[1:]]
-    result = {
-        "global_step": global_step,
-        "start_step": start_step,
-        "checkpoint": tf.train.latest_checkpoint(str(model_dir)),
-        "model_dir": str(model_dir),
-        "history": progress.history,
-        "steps_per_sec": float(np.mean(steady)) if steady else
-        (progress.history[0]["steps_per_sec"] if progress.history else 0.0),
-        "elapsed_s": time.time() - started,
-        "eval": evals[-1] if evals else {},
-    }
-    log(f"trained to step {global_step} in {duration(result['elapsed_s'])} "
-        f"({result['steps_per_sec']:.2f} steps/s after the first loop); latest checkpoint {result['checkpoint']}")
-    return result
+    exp = build_experiment(params, steps_per_loop=steps_per_loop)
+    job = engine.Job(
+        make_task=lambda config, logging_dir: DetectionTask(config, logging_dir=logging_dir),
+        describe=describe, describe_eval=describe_eval, batch_size=params.batch_size,
+        start_note=(f"initialising from {params.fine_tune_checkpoint} ({exp.task.init_checkpoint_modules})"
+                    if params.fine_tune_checkpoint else "from scratch"))
+    return engine.run(exp, job, checkpoints.train_dir(run_dir), mode, log)
 
 
 def load_params(path: str | Path) -> DetectorParams:

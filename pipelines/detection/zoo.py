@@ -24,9 +24,10 @@ import dataclasses
 import re
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
+
+from pipelines import checkpoints
 
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 BACKBONE = "model/_feature_extractor/classification_backbone/"
@@ -122,7 +123,7 @@ def checkpoint_prefix(path: str | Path) -> str:
     """A checkpoint prefix from a prefix or a folder (its latest checkpoint)."""
     path = str(path)
     if tf.io.gfile.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
+        latest = checkpoints.latest_in(path)
         if latest is None:
             raise CheckpointError(f"{path}: no checkpoint in this folder")
         return latest
@@ -312,7 +313,7 @@ def _zoo_checkpoint(zoo_dir: Path) -> str:
     if not folder.is_dir():
         raise CheckpointError(f"{zoo_dir}: no checkpoint/ folder (an extracted zoo model has pipeline.config and "
                               "checkpoint/ckpt-0.*)")
-    prefix = tf.train.latest_checkpoint(str(folder)) or str(folder / "ckpt-0")
+    prefix = checkpoints.latest_in(folder) or str(folder / "ckpt-0")
     if not Path(prefix + ".index").is_file():
         raise CheckpointError(f"{folder}: no checkpoint (expected ckpt-0.index and ckpt-0.data-*)")
     data = sorted(Path(prefix).parent.glob(Path(prefix).name + ".data-*"))

@@ -9,30 +9,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from pipelines.segmentation.params import IGNORE_LABEL, SegmenterParams
-
-MASK_KEY = "image/segmentation/class/encoded"
-
-FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=""),
-    MASK_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-}
+from pipelines.examples import IGNORE_LABEL, check_class_masks, find_files, parse
+from pipelines.segmentation.params import SegmenterParams
 
 # Serialized records kept for shuffling: a few thousand encoded images is tens of MB.
 SHUFFLE_BUFFER = 2048
-
-
-def parse_example(serialized: tf.Tensor) -> dict:
-    """One serialized tf.Example -> {"image": uint8 [H, W, 3], "mask": uint8 [H, W], "filename": string}.
-
-    The mask holds 0 (background), the label map's ids 1..K and 255 (ignored)."""
-    parsed = tf.io.parse_single_example(serialized, FEATURES)
-    image = tf.io.decode_image(parsed["image/encoded"], channels=3, expand_animations=False)
-    mask = tf.io.decode_png(parsed[MASK_KEY], channels=1)[..., 0]
-    image.set_shape([None, None, 3])
-    mask.set_shape([None, None])
-    return {"image": image, "mask": mask, "filename": parsed["image/filename"]}
 
 
 def resize(params: SegmenterParams, image: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -106,27 +87,6 @@ def augment(params: SegmenterParams, image: tf.Tensor, mask: tf.Tensor,
     return tf.cast(image, tf.float32), tf.cast(mask, tf.uint8)
 
 
-def find_files(patterns: list[str], what: str) -> list[str]:
-    """The TFRecord files the globs match, sorted; ValueError naming the globs when none does."""
-    files = sorted({f for pattern in patterns for f in tf.io.gfile.glob(pattern)})
-    if not files:
-        raise ValueError(f"{what}: no TFRecord file matches {', '.join(patterns) if patterns else '(none given)'}")
-    return files
-
-
-def check_masks(files: list[str], what: str) -> None:
-    """Read the first record: segmentation needs the class-mask PNG that only TASK=segmentation writes."""
-    for path in files:
-        for raw in tf.data.TFRecordDataset(path).take(1):
-            example = tf.train.Example.FromString(raw.numpy())
-            feature = example.features.feature.get(MASK_KEY)
-            if feature is None or not feature.bytes_list.value or not feature.bytes_list.value[0]:
-                raise ValueError(f"{what}: {path} has no segmentation masks ({MASK_KEY}); run the data stage "
-                                 "with TASK=segmentation (python -m pipelines data --task segmentation)")
-            return
-    raise ValueError(f"{what}: no records in {', '.join(files)}")
-
-
 def _read(files: list[str], shuffle: bool) -> tf.data.Dataset:
     if not shuffle:
         return tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4))
@@ -135,31 +95,52 @@ def _read(files: list[str], shuffle: bool) -> tf.data.Dataset:
                               num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def train_dataset(params: SegmenterParams) -> tf.data.Dataset:
+def check_inputs(params: SegmenterParams) -> None:
+    """ValueError naming the globs or file when the train (or eval) files match nothing or hold no masks."""
+    check_class_masks(find_files(params.train_files, "train_files"), "train_files")
+    if params.eval_files:
+        check_class_masks(find_files(params.eval_files, "eval_files"), "eval_files")
+
+
+def _shard(files: list[str], batch_size: int, input_context: tf.distribute.InputContext | None):
+    """This input pipeline's files and per-replica batch size (all files and the whole batch without a
+    distribution strategy's input context)."""
+    if input_context is None:
+        return files, batch_size
+    if input_context.num_input_pipelines > 1 and len(files) >= input_context.num_input_pipelines:
+        files = files[input_context.input_pipeline_id::input_context.num_input_pipelines]
+    return files, input_context.get_per_replica_batch_size(batch_size)
+
+
+def train_dataset(params: SegmenterParams,
+                  input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Endless, shuffled, augmented batches (drop remainder) of (images float32 [B, H, W, 3] in 0..255,
-    masks uint8 [B, H, W]) from `params.train_files`, B = batch_size."""
+    masks uint8 [B, H, W]) from `params.train_files`, B = batch_size (per replica with an input context)."""
     files = find_files(params.train_files, "train_files")
-    check_masks(files, "train_files")
+    check_class_masks(files, "train_files")
+    files, batch_size = _shard(files, params.batch_size, input_context)
 
     def load(serialized):
-        example = parse_example(serialized)
-        return augment(params, example["image"], example["mask"])
+        example = parse(serialized)
+        return augment(params, example["image"], example["class_mask"])
 
     # Shuffle the serialized records (small), then decode and augment in parallel.
     dataset = _read(files, shuffle=True).shuffle(SHUFFLE_BUFFER).repeat()
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.batch(params.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def val_dataset(params: SegmenterParams) -> tf.data.Dataset:
+def val_dataset(params: SegmenterParams,
+                input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """One pass over `params.eval_files` in order, resized to the input size, not augmented:
     batches (last one possibly smaller) of eval_batch_size (images float32, masks uint8)."""
     files = find_files(params.eval_files, "eval_files")
-    check_masks(files, "eval_files")
+    check_class_masks(files, "eval_files")
+    files, batch_size = _shard(files, params.eval_batch_size, input_context)
 
     def load(serialized):
-        example = parse_example(serialized)
-        return resize(params, example["image"], example["mask"])
+        example = parse(serialized)
+        return resize(params, example["image"], example["class_mask"])
 
     dataset = _read(files, shuffle=False).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.batch(params.eval_batch_size).prefetch(tf.data.AUTOTUNE)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

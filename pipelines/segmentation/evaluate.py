@@ -1,4 +1,4 @@
-"""`make eval` for segmentation: IoU of a trained segmenter on the validation shards.
+"""Segmentation's part of `make eval` (pipelines/engine/evaluate.py): IoU on the validation shards.
 
 Every val image is segmented at its own resolution by `segment`, the computation the export
 serves (stretch to the model's input size, softmax, probabilities resized back, argmax), with the
@@ -6,7 +6,7 @@ checkpoint's weights, so what is measured is what will be served. The predicted 
 pixel is counted against the class mask of the TFRecords in a (K + 1) x (K + 1) confusion matrix
 (rows = truth, columns = prediction; class 0 is the background); pixels labelled 255 are ignored.
 
-Writes RUN_DIR/eval/: metrics.json (mean IoU over the classes present in the truth or the
+RUN_DIR/eval/ gets metrics.json (mean IoU over the classes present in the truth or the
 predictions, background included, and over the foreground classes 1..K only; per-class IoU; pixel
 accuracy; the confusion matrix), confusion_matrix.png and predictions.png (val images with the
 true and the predicted masks).
@@ -14,15 +14,16 @@ true and the predicted masks).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from pipelines.common import UserError, atomic_output_dir, display_path
-from pipelines.data.label_map import read_label_map
-from pipelines.segmentation.params import IGNORE_LABEL, SegmenterParams
+from pipelines import examples
+from pipelines.common import UserError
+from pipelines.examples import IGNORE_LABEL
+from pipelines.model_store import MASK_OUTPUT
+from pipelines.segmentation.params import SegmenterParams
 
 DRAW_IMAGES = 6  # val images shown in predictions.png
 ANNOTATE_UP_TO = 25  # classes (with background) up to which the confusion matrix's cells are written in
@@ -89,41 +90,6 @@ def class_names(labels: dict[int, str], num_classes: int) -> list[str]:
 # ------------------------------------------------------------------------------------------ data
 
 
-def read_val_examples(files: list[str]):
-    """Yield (image uint8 [H, W, 3], mask uint8 [H, W], filename) for every example of the shards/globs."""
-    from pipelines.segmentation.data import check_masks, find_files, parse_example
-
-    try:
-        paths = find_files(files, "eval_files")
-        check_masks(paths, "eval_files")
-    except ValueError as e:
-        raise UserError(None, str(e)) from None
-    for path in paths:
-        for n, raw in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
-            example = parse_example(raw)
-            image, mask = example["image"].numpy(), example["mask"].numpy()
-            filename = example["filename"].numpy().decode("utf-8") or f"record {n}"
-            if image.shape[:2] != mask.shape:
-                raise UserError(display_path(path), f"{filename}: mask of {mask.shape[1]}x{mask.shape[0]} for an "
-                                f"image of {image.shape[1]}x{image.shape[0]}")
-            yield image, mask, filename
-
-
-def _same_size_batches(examples, size: int):
-    """Consecutive examples of one image size, up to `size` at a time (images keep their resolution)."""
-    batch = []
-    for example in examples:
-        if batch and (len(batch) == size or batch[0][0].shape != example[0].shape):
-            yield batch
-            batch = []
-        batch.append(example)
-    if batch:
-        yield batch
-
-
-# ------------------------------------------------------------------------------------------ plots
-
-
 def _compact(count: int) -> str:
     for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if count >= limit:
@@ -165,8 +131,7 @@ def draw_predictions(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str
     captioned, with a legend of the class colours below."""
     from PIL import Image, ImageDraw
 
-    from pipelines.data.report import _font, class_color
-    from pipelines.segmentation.predict import IGNORE_COLOR, overlay
+    from pipelines.viz import IGNORE_COLOR, class_color, font, overlay
 
     tile, caption, pairs_per_row = 300, 18, 2
     rows = max(1, -(-len(samples) // pairs_per_row))
@@ -174,7 +139,7 @@ def draw_predictions(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str
     legend_rows = -(-len(legend) // 6)
     sheet = Image.new("RGB", (2 * pairs_per_row * tile, rows * (tile + caption) + legend_rows * 20 + 8), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
-    font = _font()
+    pen_font = font()
     for n, (image, truth, pred, filename) in enumerate(samples):
         valid = truth != IGNORE_LABEL
         accuracy = float(np.mean(truth[valid] == pred[valid])) if valid.any() else float("nan")
@@ -187,12 +152,12 @@ def draw_predictions(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str
             sheet.paste(img, (x + (tile - img.width) // 2, y + caption + (tile - 6 - img.height) // 2))
             if len(text) > 44:
                 text = text[:20] + "..." + text[-21:]
-            draw.text((x + 4, y + 2), text, fill=(230, 230, 230), font=font)
+            draw.text((x + 4, y + 2), text, fill=(230, 230, 230), font=pen_font)
     top = rows * (tile + caption) + 4
     for k, (name, color) in enumerate(legend):
         x, y = 8 + (k % 6) * (2 * pairs_per_row * tile // 6), top + (k // 6) * 20
         draw.rectangle([x, y + 2, x + 14, y + 14], fill=color)
-        draw.text((x + 20, y + 1), name, fill=(230, 230, 230), font=font)
+        draw.text((x + 20, y + 1), name, fill=(230, 230, 230), font=pen_font)
     sheet.save(path)
 
 
@@ -212,62 +177,61 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ evaluate
+# ------------------------------------------------------------------------------------------ evaluator
 
 
-def evaluate(params: SegmenterParams, run_dir: str | Path, checkpoint: str | None = None, log=print) -> dict:
-    """Evaluate RUN_DIR/train's best (else latest) or the given checkpoint on params.eval_files; writes
-    RUN_DIR/eval/ and returns what metrics.json holds."""
-    from pipelines.segmentation.export import MASK_KEY as OUTPUT_MASK
-    from pipelines.segmentation.export import checkpoint_step, default_checkpoint, restore_model, segment
+class Evaluator:
+    """Per-pixel IoU over a confusion matrix (pipelines/engine/evaluate.py runs it): every val image
+    segmented at its own resolution by `segment`, the export's computation, against its class mask."""
 
-    run_dir = Path(run_dir)
-    checkpoint = str(checkpoint or default_checkpoint(run_dir))
-    if not params.label_map_path:
-        raise UserError(None, "the run has no label map (eval_input_reader.label_map_path)")
-    names = class_names(read_label_map(Path(params.label_map_path)), params.num_classes)
-    model = restore_model(params, checkpoint)
-    # One trace for every image size and batch size: the export's own computation, in a graph.
-    predict = tf.function(lambda images: segment(model, params.input_size, images)[OUTPUT_MASK],
-                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    needs_class_masks = True
+    draw_images = DRAW_IMAGES
 
-    log(f"evaluating {checkpoint} on {', '.join(display_path(f) for f in params.eval_files)}")
-    num = params.output_classes
-    cm = np.zeros((num, num), dtype=np.int64)
-    images, ignored, samples = 0, 0, []
-    for batch in _same_size_batches(read_val_examples(params.eval_files), max(1, params.eval_batch_size)):
-        preds = predict(tf.constant(np.stack([image for image, _, _ in batch]))).numpy()
-        for (image, truth, filename), pred in zip(batch, preds):
-            try:
-                cm += confusion_matrix(truth, pred, num)
-            except ValueError as e:  # a mask with ids the model does not have: another label map's data
-                raise UserError(filename, f"{e}; the model has {params.num_classes} classes") from None
-            ignored += int(np.sum(truth == IGNORE_LABEL))
-            if len(samples) < DRAW_IMAGES:
-                samples.append((image, truth, pred, filename))
-        images += len(batch)
-        if images // 100 > (images - len(batch)) // 100:
-            log(f"  {images} images")
-    if not images:
-        raise FileNotFoundError(f"no validation examples in {', '.join(params.eval_files)}")
+    def __init__(self, params: SegmenterParams, labels: dict[int, str]):
+        self.params = params
+        self.names = class_names(labels, params.num_classes)
+        self.batch_size = max(1, params.eval_batch_size)  # images of one size at a time
+        self.reset()
 
-    scores = iou_metrics(cm, names)
-    metrics = {
-        "task": "segmentation",
-        "checkpoint": checkpoint,
-        "step": checkpoint_step(checkpoint),
-        "images": images,
-        "pixels": int(cm.sum()),
-        "ignored_pixels": ignored,
-        "metrics": {key: scores[key] for key in ("mean_iou", "mean_iou_foreground", "pixel_accuracy")},
-        "per_class": scores["per_class"],
-        "confusion_matrix": {"classes": names, "rows": "true class", "columns": "predicted class",
-                             "counts": cm.tolist()},
-    }
-    with atomic_output_dir(run_dir / "eval") as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        plot_confusion_matrix(cm, names, tmp / "confusion_matrix.png")
-        draw_predictions(samples, names, tmp / "predictions.png")
-    log(format_metrics(metrics))
-    log(f"wrote {display_path(run_dir / 'eval')}/: metrics.json, confusion_matrix.png, predictions.png")
-    return metrics
+    def serving_function(self, checkpoint: str):
+        """uint8 [B, H, W, 3] -> {segmentation_mask: [B, H, W]} (NumPy): the export's computation on the
+        checkpoint's weights, one trace for every image and batch size."""
+        from pipelines.segmentation.export import restore_model, segment
+
+        model = restore_model(self.params, checkpoint)
+        predict = tf.function(lambda images: segment(model, self.params.input_size, images)[MASK_OUTPUT],
+                              input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        return lambda images: {MASK_OUTPUT: predict(tf.constant(images)).numpy()}
+
+    def reset(self) -> None:
+        num = self.params.output_classes
+        self.cm = np.zeros((num, num), dtype=np.int64)
+        self.ignored = 0
+
+    def process(self, record: examples.Example, outputs: dict) -> None:
+        try:
+            self.cm += confusion_matrix(record.class_mask, outputs[MASK_OUTPUT], self.params.output_classes)
+        except ValueError as e:  # a mask with ids the model does not have: another label map's data
+            raise UserError(record.filename, f"{e}; the model has {self.params.num_classes} classes") from None
+        self.ignored += int(np.sum(record.class_mask == IGNORE_LABEL))
+
+    def evaluate(self) -> dict:
+        scores = iou_metrics(self.cm, self.names)
+        return {
+            "pixels": int(self.cm.sum()),
+            "ignored_pixels": self.ignored,
+            "metrics": {key: scores[key] for key in ("mean_iou", "mean_iou_foreground", "pixel_accuracy")},
+            "per_class": scores["per_class"],
+            "confusion_matrix": {"classes": self.names, "rows": "true class", "columns": "predicted class",
+                                 "counts": self.cm.tolist()},
+        }
+
+    def draw(self, folder: Path, samples: list[tuple[examples.Example, dict]]) -> list[str]:
+        plot_confusion_matrix(self.cm, self.names, folder / "confusion_matrix.png")
+        draw_predictions([(r.image, r.class_mask, out[MASK_OUTPUT], r.filename) for r, out in samples], self.names,
+                         folder / "predictions.png")
+        return ["confusion_matrix.png", "predictions.png"]
+
+    @staticmethod
+    def format(metrics: dict) -> str:
+        return format_metrics(metrics)

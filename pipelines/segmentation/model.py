@@ -13,7 +13,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from pipelines.segmentation.params import IGNORE_LABEL, SegmenterParams
+from pipelines.examples import IGNORE_LABEL
+from pipelines.segmentation.params import SegmenterParams
 
 
 class EncoderWeightsError(ValueError):

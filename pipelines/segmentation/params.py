@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ARCHITECTURES = ("unet", "fpn", "linknet", "pspnet")
-IGNORE_LABEL = 255
 
 
 @dataclass

@@ -26,8 +26,7 @@ from starlette.responses import Response
 
 from pipelines.common import env_number
 from pipelines.serving.guard import RequestGuard, bound_metric_labels
-from pipelines.serving.images import BadRequest
-from pipelines.serving.service import error_response
+from pipelines.serving.images import BadRequest, error_response
 
 N_FFT = 2048
 FLOOR_DB = -80.0

@@ -32,6 +32,13 @@ class BadRequest(Exception):
         self.status = status
 
 
+def error_response(e: BadRequest):
+    """The 4xx answer to a bad request: {"error": what was wrong}."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": e.message}, status_code=e.status)
+
+
 def max_pixels() -> int:
     """PIPELINES_MAX_PIXELS (width x height) read at each call; default 40 million."""
     return int(env_number("PIPELINES_MAX_PIXELS", DEFAULT_MAX_PIXELS))

@@ -29,14 +29,12 @@ import numpy as np
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
+from pipelines.model_store import DETECTION_OUTPUTS, INPUT_NAME, MASK_OUTPUT
 from pipelines.serving.guard import RequestGuard, bound_metric_labels
-from pipelines.serving.images import (BadRequest, base64_image, decode_image, max_detections_of,
+from pipelines.serving.images import (BadRequest, base64_image, decode_image, error_response, max_detections_of,
                                       png_bytes, resize_to, score_threshold_of)
 
 MODEL_ENV = "PIPELINES_MODEL"
-INPUT_NAME = "input_tensor"
-DETECTION_KEYS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
-MASK_KEY = "segmentation_mask"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -95,6 +93,18 @@ def model_task(spec: str | None = None) -> str:
         return "detection"
 
 
+def _service_of_task(name: str):
+    """The registry's service class of task `name` (the detector for a task this version does not know:
+    it then refuses the model at start with one clear line)."""
+    from pipelines import tasks
+
+    try:
+        task = tasks.get(name)
+    except ValueError:
+        return Detector
+    return task.load("service")  # this module, already in sys.modules
+
+
 def check_model(task: str) -> tuple[Path, str, str, dict]:
     """(folder, name, version, metadata) of PIPELINES_MODEL, which must be a `task` export; fast (no
     TensorFlow), so that a wrong model stops the worker at once with one clear line."""
@@ -111,7 +121,7 @@ def check_model(task: str) -> tuple[Path, str, str, dict]:
 class LoadedModel:
     """The export's serving signature, label map and identity, loaded once per worker."""
 
-    def __init__(self, task: str):
+    def __init__(self, task: str, keys: tuple[str, ...]):
         import tensorflow as tf
 
         folder, self.name, self.version, metadata = check_model(task)
@@ -123,7 +133,7 @@ class LoadedModel:
 
             self.labels = read_label_map(folder / "label_map.pbtxt")
         self.serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
-        self.keys = DETECTION_KEYS if task == "detection" else (MASK_KEY,)
+        self.keys = keys  # the signature's outputs the service uses
         size = metadata.get("input_size") or [320, 320]
         self.input_size = (int(size[0]), int(size[1]))  # (height, width) the network runs at
         # Warm-up: the first call of a signature builds its graph; no request should pay for it.
@@ -149,10 +159,10 @@ class LoadedModel:
             outputs = {key: outputs[key].numpy() for key in self.keys}
             for j, i in enumerate(indices):
                 results[i] = {key: value[j] for key, value in outputs.items()}
-        if self.task == "segmentation":  # fewer bytes across the inner API
+        if MASK_OUTPUT in self.keys:  # fewer bytes across the inner API
             for r in results:
-                if r[MASK_KEY].max(initial=0) < 256:
-                    r[MASK_KEY] = r[MASK_KEY].astype(np.uint8)
+                if r[MASK_OUTPUT].max(initial=0) < 256:
+                    r[MASK_OUTPUT] = r[MASK_OUTPUT].astype(np.uint8)
         return results
 
 
@@ -216,10 +226,6 @@ BATCH_SIZES = _batch_histogram()
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def error_response(e: BadRequest) -> JSONResponse:
-    return JSONResponse({"error": e.message}, status_code=e.status)
 
 
 def json_response(body) -> JSONResponse:
@@ -302,6 +308,7 @@ class ModelService:
     answers: /readyz 503 and the routes 503 until it is ready, not a connection that hangs."""
 
     task = ""
+    outputs: tuple[str, ...] = ()  # the signature's outputs it uses
 
     def __init__(self) -> None:
         import threading
@@ -314,7 +321,7 @@ class ModelService:
 
     def _load(self) -> None:
         try:
-            model = LoadedModel(self.task)
+            model = LoadedModel(self.task, self.outputs)
         except BaseException:  # noqa: BLE001  (the worker cannot serve without it)
             import traceback
 
@@ -356,6 +363,7 @@ class Detector(ModelService):
     """Boxes of an exported detector: /detect (JSON), /detect/base64 (JSON list), /render (PNG)."""
 
     task = "detection"
+    outputs = DETECTION_OUTPUTS
 
     async def _find(self, array: np.ndarray, score_threshold, max_detections) -> list[dict]:
         threshold = score_threshold_of(score_threshold)
@@ -401,7 +409,7 @@ class Detector(ModelService):
     async def render(self, image: Path, score_threshold: float = 0.5,
                      max_detections: int | None = None) -> Image.Image:
         """Multipart `image` file -> PNG of the image with its boxes drawn."""
-        from pipelines.detection.predict import draw
+        from pipelines.viz import draw_detections as draw
 
         try:
             array = await read_upload(image)
@@ -450,16 +458,17 @@ class Segmenter(ModelService):
     """Class masks of an exported segmenter: /segment (JSON), /segment/mask (palette PNG), /render (PNG)."""
 
     task = "segmentation"
+    outputs = (MASK_OUTPUT,)
 
     async def _mask(self, image: Path) -> tuple[np.ndarray, np.ndarray]:
         array = await read_upload(image)
         height, width = array.shape[:2]
         scale = MAX_MASK_SIDE / max(height, width)
         if scale >= 1:
-            return array, (await model_outputs(self, array))[MASK_KEY]
+            return array, (await model_outputs(self, array))[MASK_OUTPUT]
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         small = await asyncio.to_thread(resize_to, array, size)
-        mask = (await model_outputs(self, small))[MASK_KEY]
+        mask = (await model_outputs(self, small))[MASK_OUTPUT]
         return array, await asyncio.to_thread(_nearest, mask, (height, width))
 
     @bentoml.api(route="/segment")
@@ -477,7 +486,7 @@ class Segmenter(ModelService):
     @bentoml.api(route="/segment/mask")
     async def segment_mask(self, image: Path) -> Image.Image:
         """Multipart `image` file -> palette PNG at the image's size whose pixel values are class ids."""
-        from pipelines.segmentation.predict import mask_image
+        from pipelines.viz import mask_image
 
         try:
             _, mask = await self._mask(image)
@@ -488,7 +497,7 @@ class Segmenter(ModelService):
     @bentoml.api(route="/render")
     async def render(self, image: Path) -> Image.Image:
         """Multipart `image` file -> PNG of the image with its classes tinted and outlined."""
-        from pipelines.segmentation.predict import overlay
+        from pipelines.viz import overlay
 
         try:
             array, mask = await self._mask(image)
@@ -502,5 +511,6 @@ Detector.add_asgi_middleware(RequestGuard, file_fields={"/detect": "image", "/re
 Segmenter.add_asgi_middleware(RequestGuard, file_fields={"/segment": "image", "/segment/mask": "image",
                                                          "/render": "image"})
 
-# The service for PIPELINES_MODEL's task: `bentoml serve pipelines.serving.service:Service`.
-Service = Segmenter if model_task() == "segmentation" else Detector
+# The service for PIPELINES_MODEL's task (its `service` in pipelines/tasks.py):
+# `bentoml serve pipelines.serving.service:Service`.
+Service = _service_of_task(model_task())

@@ -1,0 +1,1 @@
+"""What every task shares: training with Model Garden (train.py)."""

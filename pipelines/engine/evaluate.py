@@ -1,0 +1,74 @@
+"""`make eval` for every task: one loop over the validation records, through the export's own
+computation built from the checkpoint (so what is measured is what will be served), into the task's
+evaluator.
+
+A task's evaluator (its `evaluator` in pipelines/tasks.py) follows Detectron2's evaluators: `reset`,
+`process` (one record and the model's outputs on its image), `evaluate` (the metrics); and it knows
+its serving function, how to print its metrics and which pictures to draw. Writes RUN_DIR/eval/
+(metrics.json with the task, checkpoint, step and image count, then the task's metrics; the task's
+pictures) all at once or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipelines import checkpoints, examples
+from pipelines.common import UserError, atomic_output_dir, display_path
+from pipelines.data.label_map import read_label_map
+
+
+def same_size_batches(records: Iterator[examples.Example], size: int) -> Iterator[list[examples.Example]]:
+    """Consecutive records of one image size, up to `size` at a time (images keep their resolution)."""
+    batch: list[examples.Example] = []
+    for record in records:
+        if batch and (len(batch) == size or batch[0].image.shape != record.image.shape):
+            yield batch
+            batch = []
+        batch.append(record)
+    if batch:
+        yield batch
+
+
+def evaluate(params, run_dir: str | Path, checkpoint: str | None = None, log=print) -> dict:
+    """Evaluate the run's best (else latest) or the given checkpoint on params.eval_files; writes
+    RUN_DIR/eval/ and returns what metrics.json holds."""
+    from pipelines import tasks
+
+    task = tasks.of_params(params)
+    run_dir = Path(run_dir)
+    checkpoint = str(checkpoint or checkpoints.default(run_dir))
+    if not params.label_map_path:
+        raise UserError(None, "the run has no label map (eval_input_reader.label_map_path)")
+    evaluator = task.load("evaluator")(params, read_label_map(Path(params.label_map_path)))
+    serve = evaluator.serving_function(checkpoint)
+
+    log(f"evaluating {checkpoint} on {', '.join(display_path(f) for f in params.eval_files)}")
+    evaluator.reset()
+    images, samples = 0, []
+    records = examples.read(params.eval_files, class_masks=evaluator.needs_class_masks)
+    for batch in same_size_batches(records, evaluator.batch_size):
+        outputs = serve(np.stack([record.image for record in batch]))
+        for j, record in enumerate(batch):
+            output = {key: value[j] for key, value in outputs.items()}
+            evaluator.process(record, output)
+            if len(samples) < evaluator.draw_images:
+                samples.append((record, output))
+        images += len(batch)
+        if images // 100 > (images - len(batch)) // 100:
+            log(f"  {images} images")
+    if not images:
+        raise FileNotFoundError(f"no validation examples in {', '.join(params.eval_files)}")
+
+    metrics = {"task": task.name, "checkpoint": checkpoint, "step": checkpoints.step(checkpoint), "images": images,
+               **evaluator.evaluate()}
+    with atomic_output_dir(run_dir / "eval") as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        pictures = evaluator.draw(tmp, samples)
+    log(evaluator.format(metrics))
+    log(f"wrote {display_path(run_dir / 'eval')}/: metrics.json, {', '.join(pictures)}")
+    return metrics

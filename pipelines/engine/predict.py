@@ -1,0 +1,71 @@
+"""`python -m pipelines predict`, for every task: an export run on image files, JSON out and pictures
+written. The export's metadata.json names its task (pipelines/tasks.py); the task's `predict` part
+turns the serving signature's outputs on one image into its JSON and pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipelines.common import UserError, display_path
+from pipelines.data.label_map import read_label_map
+
+
+def find_export(model: Path) -> tuple[Path, Path]:
+    """(saved_model folder, label map) for an export folder or a saved_model folder."""
+    model = Path(model)
+    saved_model = model / "saved_model" if (model / "saved_model").is_dir() else model
+    if not (saved_model / "saved_model.pb").is_file():
+        raise UserError(display_path(model), "no SavedModel here: give workspace/RUN/export (run `make export` first)")
+    for folder in (saved_model.parent, saved_model):
+        if (folder / "label_map.pbtxt").is_file():
+            return saved_model, folder / "label_map.pbtxt"
+    raise UserError(display_path(model), "no label_map.pbtxt beside the SavedModel")
+
+
+def load_image(path: Path) -> np.ndarray:
+    """An image file as a person sees it (EXIF orientation applied), RGB uint8; UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    except FileNotFoundError:
+        raise UserError(display_path(path), "no such file") from None
+    except Exception as e:
+        raise UserError(display_path(path), f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def predict(model: Path, images: list[Path], out_dir: Path | None = None, log=print, **options) -> list[dict]:
+    """Run an export (folder or its saved_model/) on image files. Pictures go to `out_dir` (default:
+    RUN_DIR/predictions). Returns, per image, {"image", "width", "height"} and what the task's part adds.
+    `options`: the task's own (detection: score_threshold)."""
+    import tensorflow as tf
+
+    from pipelines import tasks
+    from pipelines.model_store import INPUT_NAME
+
+    task = tasks.of_export(Path(model))
+    saved_model, label_map = find_export(Path(model))
+    part = task.load("predict")(read_label_map(label_map), **options)
+    arrays = [load_image(Path(p)) for p in images]  # every file checked before the model loads
+    serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    missing = [key for key in part.outputs if key not in serve.structured_outputs]
+    if missing:
+        raise UserError(display_path(model), f"not a {task.name} export: its signature has no {', '.join(missing)} "
+                                             "output")
+    out_dir = Path(out_dir) if out_dir else saved_model.parent.parent / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path, array in zip(images, arrays):
+        outputs = {k: v.numpy() for k, v in serve(**{INPUT_NAME: tf.constant(array[None])}).items()}
+        h, w = array.shape[:2]
+        results.append({"image": str(path), "width": w, "height": h,
+                        **part(array, outputs, out_dir / Path(path).stem)})
+    log(f"wrote {len(results)} {part.pictures} to {display_path(out_dir)}/")
+    return results
+
+
+def print_json(results: list[dict]) -> None:
+    print(json.dumps(results, indent=2))

@@ -1,0 +1,86 @@
+"""The task registry: every part of every task resolves, lookups by settings, config block and export
+work, and no module outside the registry asks which task it has."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipelines import tasks
+from pipelines.common import UserError
+from pipelines.detection.params import DetectorParams
+from pipelines.segmentation.params import SegmenterParams
+
+REPO = Path(__file__).resolve().parent.parent
+PARTS = [f.name for f in dataclasses.fields(tasks.Task) if f.type == "str" and f.name not in ("name", "config_block",
+                                                                                                  "metric")]
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_every_part_of_every_task_resolves(name):
+    task = tasks.get(name)
+    assert PARTS and set(PARTS) >= {"params", "translate", "train", "evaluator", "exporter", "predict", "service"}
+    for part in PARTS:
+        assert callable(task.load(part)), f"{name}.{part}: {getattr(task, part)}"
+    params_class = task.load("params")
+    assert all(field in {f.name for f in dataclasses.fields(params_class)}
+               for field in task.init_fields + task.path_fields), name
+
+
+def test_lookups():
+    assert tasks.of_params(DetectorParams(num_classes=1)).name == "detection"
+    assert tasks.of_params(SegmenterParams(num_classes=1)).name == "segmentation"
+    with pytest.raises(ValueError, match="no registered task"):
+        tasks.of_params(object())
+    assert tasks.of_config_block("ssd").name == "detection"
+    assert tasks.of_config_block("segmentation").name == "segmentation"
+    assert tasks.of_config_block("faster_rcnn") is None
+    assert tasks.config_blocks() == ["ssd", "segmentation"]
+    with pytest.raises(ValueError, match=r"unknown task 'pose' \(known: detection, segmentation\)"):
+        tasks.get("pose")
+
+
+def test_the_export_names_its_task(tmp_path):
+    (tmp_path / "saved_model").mkdir()
+    (tmp_path / "saved_model" / "saved_model.pb").write_bytes(b"")
+    assert tasks.of_export(tmp_path).name == "detection"  # exports from before metadata.json
+    (tmp_path / "metadata.json").write_text(json.dumps({"task": "segmentation"}))
+    assert tasks.of_export(tmp_path).name == "segmentation"
+    assert tasks.of_export(tmp_path / "saved_model").name == "segmentation"
+    (tmp_path / "metadata.json").write_text(json.dumps({"task": "pose"}))
+    with pytest.raises(UserError, match="export of unknown task 'pose'"):
+        tasks.of_export(tmp_path)
+
+
+# Ways a module could decide by itself which task it has. The data stage (its --task says which
+# TFRecords to write), the demo (which runs one of each) and the segmentation reader (checking that the
+# data stage wrote class masks) name tasks as inputs, not as a dispatch.
+TASK_TESTS = re.compile(r'isinstance\([^)]*Params\)|[=!]= "(segmentation|detection|ssd)"')
+ALLOWED = {"pipelines/tasks.py", "pipelines/demo.py", "pipelines/data/convert.py", "pipelines/config/segmentation.py"}
+
+
+def test_no_module_outside_the_registry_tests_the_task():
+    found = []
+    for path in sorted((REPO / "pipelines").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel in ALLOWED:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if TASK_TESTS.search(line):
+                found.append(f"{rel}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_the_config_layer_imports_no_model_code():
+    """pipelines/config/ is below the models: the text editor and the readers import no TensorFlow and no
+    task code but the settings dataclasses they fill (the registry names the other parts, imported when
+    asked)."""
+    for path in sorted((REPO / "pipelines" / "config").glob("*.py")):
+        top_level = [line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
+        bad = [line for line in top_level if re.search(r"tensorflow|tf_keras|official|pipelines\.(detection|"
+                                                        r"segmentation|engine|serving)(?!\.params\b)", line)]
+        assert not bad, f"{path.name}: {bad}"
