@@ -84,3 +84,21 @@ def test_the_config_layer_imports_no_model_code():
         bad = [line for line in top_level if re.search(r"tensorflow|tf_keras|official|pipelines\.(detection|"
                                                         r"segmentation|engine|serving)(?!\.params\b)", line)]
         assert not bad, f"{path.name}: {bad}"
+
+
+def test_quiet_orbit_drops_orbits_prints_only():
+    import contextlib
+    import io
+
+    from pipelines.engine.train import QuietOrbit
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(QuietOrbit(out)):
+        print("train | step:      0 | training until step 6...")
+        print("step 3/6  loss 1.0")
+        print("train | step:      3 | steps/sec:    0.2 | output: \n    {'loss': 1.0}")
+        print("saved checkpoint to /x/ckpt-3.")
+        print(" eval | step:      3 | running complete evaluation...")
+        print("eval at step 3: val mean IoU 0.5")
+        print("a", "train | b", sep=" | ")
+    assert out.getvalue() == "step 3/6  loss 1.0\neval at step 3: val mean IoU 0.5\na | train | b\n"

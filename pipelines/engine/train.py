@@ -13,8 +13,11 @@ Controller restores it; without one it calls the task's `initialize`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +164,34 @@ class Progress:
                  + ("  (includes tracing)" if len(self.history) == 1 else ""))
 
 
+class QuietOrbit(io.TextIOBase):
+    """Standard output without Orbit's own progress prints (train | ..., eval | ..., saved checkpoint to
+    ..., restoring ...): the progress line and the evaluation log say the same, once. Everything else
+    passes through."""
+
+    PREFIXES = ("train | ", " eval | ", "saved checkpoint to ", "restoring model from ", "restoring or initializing",
+                "restored model from ", "restored from checkpoint: ")
+
+    def __init__(self, out):
+        self.out = out
+        self.dropping = False  # print() writes the message, then its "\n" apart
+        self.line_start = True
+
+    def write(self, text: str) -> int:
+        if self.line_start and text.startswith(self.PREFIXES):
+            self.dropping = True
+        elif self.dropping and text == "\n":
+            self.dropping = False
+        else:
+            self.dropping = False
+            self.out.write(text)
+            self.line_start = text.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
 def read_evals(model_dir: Path) -> list[dict]:
     path = model_dir / EVALS_JSON
     return json.loads(path.read_text()) if path.is_file() else []
@@ -274,9 +305,10 @@ def run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None] = 
             log(f"eval at step {at}: {job.describe_eval(values)}{note}")
             progress.restart()  # evaluating (and the checkpoint before it) is not training speed
 
-        train_lib.run_experiment(distribution_strategy=strategy, task=task, mode=mode, params=exp,
-                                 model_dir=str(model_dir), trainer=trainer, train_actions=[progress],
-                                 eval_actions=[after_eval])
+        with contextlib.redirect_stdout(QuietOrbit(sys.stdout)):
+            train_lib.run_experiment(distribution_strategy=strategy, task=task, mode=mode, params=exp,
+                                     model_dir=str(model_dir), trainer=trainer, train_actions=[progress],
+                                     eval_actions=[after_eval])
         final_step = int(trainer.global_step.numpy())
     finally:
         tf_keras.mixed_precision.set_global_policy(policy)
