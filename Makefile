@@ -11,7 +11,7 @@ DATASET ?= sample
 TASK    ?= detection
 MASKS   ?= 0
 VAL_RATIO ?= 0.2
-SEED    ?= 0
+SEED    ?=
 WORKERS ?=
 SHARDS  ?=
 IMAGES  ?= 300
@@ -43,11 +43,11 @@ help:
 	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1] [MAX_PIXELS=N] [ALLOW_OUTSIDE_IMAGES=1]"
 	@echo "make config DATASET=NAME [MODEL=ssd_mobilenet_v2_fpnlite_320x320] [RUN=NAME] [BATCH=N] [STEPS=N]"
 	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification|full] [LR=peak] [OPTIMIZER=adam|momentum] [SIZE=N|HxW]"
-	@echo "          [FREEZE=backbone|feature_extractor]"
+	@echo "          [FREEZE=backbone|feature_extractor] [SEED=0]"
 	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
 	@echo "make import ZOO=DIR [RUN=NAME] [LABEL_MAP=file]   an Object Detection API zoo model as a run"
-	@echo "make train RUN=NAME | make eval RUN=NAME | make export RUN=NAME"
+	@echo "make train RUN=NAME [SEED=N] | make eval RUN=NAME | make export RUN=NAME"
 	@echo "make report RUN=NAME               workspace/RUN/report.html: data, config, curves, metrics, predictions"
 	@echo "make serve RUN=NAME [PORT=3000] [HOST=127.0.0.1] | make serve MODEL=name:version (a BentoML model-store tag)"
 	@echo "make serve-spectrogram [PORT=3000]  POST /spectrogram: WAV in, spectrogram PNG out (no model)"
@@ -80,7 +80,7 @@ sample: $(STAMP)
 	$(PY) -m pipelines sample --out datasets/sample --num-images $(IMAGES)
 
 data: $(STAMP)
-	$(PY) -m pipelines data --dataset $(DATASET) --task $(TASK) --val-ratio $(VAL_RATIO) --seed $(SEED) \
+	$(PY) -m pipelines data --dataset $(DATASET) --task $(TASK) --val-ratio $(VAL_RATIO) $(if $(SEED),--seed $(SEED)) \
 	  $(if $(filter 1,$(MASKS)),--masks) $(if $(filter 1,$(SKIP_INVALID)),--skip-invalid) \
 	  $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(if $(SHARDS),--shards $(SHARDS)) \
 	  $(if $(WORKERS),--workers $(WORKERS)) $(if $(MAX_PIXELS),--max-pixels $(MAX_PIXELS)) \
@@ -90,7 +90,8 @@ config: $(STAMP)
 	$(PY) -m pipelines config --dataset $(DATASET) --model $(MODEL) $(if $(RUN),--run $(RUN)) \
 	  $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--num-steps $(STEPS)) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(CHECKPOINT_TYPE),--checkpoint-type $(CHECKPOINT_TYPE)) \
-	  $(if $(LR),--learning-rate $(LR)) $(if $(SIZE),--image-size $(SIZE)) $(if $(FREEZE),--freeze $(FREEZE)) $(if $(OPTIMIZER),--optimizer $(OPTIMIZER))
+	  $(if $(LR),--learning-rate $(LR)) $(if $(SIZE),--image-size $(SIZE)) $(if $(FREEZE),--freeze $(FREEZE)) $(if $(OPTIMIZER),--optimizer $(OPTIMIZER)) \
+	  $(if $(SEED),--seed $(SEED))
 
 import: $(STAMP)
 	@test -n "$(ZOO)" || { echo "error: give ZOO=path/to/extracted_zoo_model_folder"; exit 2; }
@@ -106,7 +107,7 @@ BENTO_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(
 BENTO   ?=
 
 train: $(STAMP)
-	$(PY) -m pipelines train --run $(RUN_OR_DATASET)
+	$(PY) -m pipelines train --run $(RUN_OR_DATASET) $(if $(SEED),--seed $(SEED))
 
 eval: $(STAMP)
 	$(PY) -m pipelines eval --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))

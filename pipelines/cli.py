@@ -17,6 +17,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be a non-negative integer")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:  # also refuses NaN
@@ -122,15 +129,23 @@ def add_config_parser(sub) -> None:
                         "or momentum_optimizer (0.9; peak 0.01 unless --learning-rate); the schedule is kept")
     p.add_argument("--image-size", type=_image_size, metavar="HxW|N",
                    help="the network's input size (image_resizer.fixed_shape_resizer), e.g. 256 or 256x320")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of initialisation, data order and augmentation (default 0), written to "
+                        "workspace/RUN/run.json: the same seed gives the same training on the same CPU machine")
 
 
 def cmd_config(args) -> int:
     from pipelines.config.rewrite import ConfigOptions, write_run_config
 
-    write_run_config(ConfigOptions(dataset=args.dataset, model=args.model, run=args.run, batch_size=args.batch_size,
-                                   num_steps=args.num_steps, checkpoint=args.checkpoint,
-                                   checkpoint_type=args.checkpoint_type, learning_rate=args.learning_rate,
-                                   image_size=args.image_size, freeze=args.freeze, optimizer=args.optimizer))
+    from pipelines.runs import record_seed
+
+    out = write_run_config(ConfigOptions(dataset=args.dataset, model=args.model, run=args.run,
+                                         batch_size=args.batch_size, num_steps=args.num_steps,
+                                         checkpoint=args.checkpoint, checkpoint_type=args.checkpoint_type,
+                                         learning_rate=args.learning_rate, image_size=args.image_size,
+                                         freeze=args.freeze, optimizer=args.optimizer))
+    record_seed(out.parent, args.seed)
+    print(f"seed {args.seed} (initialisation, data order, augmentation) in {display_path(out.parent / 'run.json')}")
     return 0
 
 
@@ -142,6 +157,8 @@ def add_run_parsers(sub) -> None:
                                    "segmenter is evaluated on the val shards as it trains and its best checkpoint "
                                    "by val mean IoU is kept in workspace/RUN/train/best/.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
+    p.add_argument("--seed", type=_seed, help="seed of initialisation, data order and augmentation, recorded in "
+                                           "workspace/RUN/run.json (default: the run's, which make config wrote)")
     p.add_argument("--with-eval", action="store_true",
                    help="detection: also compute COCO metrics during training, keeping the best checkpoint by AP "
                         "(a segmenter is always evaluated when the config has eval files)")
@@ -171,7 +188,9 @@ def add_run_parsers(sub) -> None:
                                    "as a palette PNG and an overlay.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", required=True, help="an export folder (workspace/RUN/export) or a saved_model folder")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="detection: drop detections below this score (0.5)")
+    p.add_argument("--score-threshold", type=float,
+                   help="detection: drop detections below this score (default: the export's, chosen on the val set "
+                        "by make eval; 0.5 for an export without one)")
     p.add_argument("--out", help="folder for the drawn images (default: workspace/RUN/predictions)")
 
     p = sub.add_parser("report", help="one self-contained HTML page about a run -> workspace/RUN/report.html",
@@ -226,6 +245,8 @@ def cmd_train(args) -> int:
     from pipelines import tasks
     from pipelines.runs import check_memory, load_run
 
+    if args.seed is not None:
+        _record_train_seed(args.run, args.seed)
     params, folder, notes = load_run(args.run)
     for note in notes:
         print(f"note: {note}")
@@ -237,6 +258,23 @@ def cmd_train(args) -> int:
         raise UserError(display_path(folder / "pipeline.config"), str(e)) from None
     print(f"next: make eval RUN={args.run}")
     return 0
+
+
+def _record_train_seed(run: str, seed: int) -> None:
+    """`make train SEED=N`: the run's seed becomes N (run.json), unless it has trained with another."""
+    from pipelines import checkpoints
+    from pipelines.runs import RUN_JSON, read_seed, record_seed, run_dir
+
+    folder = run_dir(run)
+    if not (folder / "pipeline.config").is_file() or read_seed(folder) == seed:
+        return  # load_run says what is missing
+    before = read_seed(folder)
+    if checkpoints.latest(folder):
+        raise UserError(display_path(folder / RUN_JSON),
+                        f"{run} has trained with seed {before}; another seed needs a new run (make config ... "
+                        f"RUN=NEW SEED={seed}) or its train/ folder removed")
+    record_seed(folder, seed)
+    print(f"seed {seed} (was {before}) recorded in {display_path(folder / RUN_JSON)}")
 
 
 @_engine_errors
@@ -311,7 +349,8 @@ def add_demo_parser(sub) -> None:
                    help=f"dataset name or folder (default: '{SAMPLE_NAME}', generated if missing)")
     p.add_argument("--num-images", type=_positive_int, default=300, help="images of the sample when it is generated")
     p.add_argument("--detector-steps", type=_positive_int, help="training steps of the detector (default 800)")
-    p.add_argument("--segmenter-steps", type=_positive_int, help="training steps of the segmenter (default 400)")
+    p.add_argument("--segmenter-steps", type=_positive_int, help="training steps of the segmenter (default 1400)")
+    p.add_argument("--detector-size", type=_positive_int, help="input size of the detector (default 256)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size of both models (default 8)")
     p.add_argument("--port", type=int, help="port of the demo's server (default: a free one)")
 
@@ -322,7 +361,8 @@ def cmd_demo(args) -> int:
     if args.dataset == SAMPLE_NAME:
         _ensure_sample(args.num_images)
     run_demo(args.dataset, task=args.task, batch=args.batch_size, port=args.port,
-             steps={"detection": args.detector_steps, "segmentation": args.segmenter_steps})
+             steps={"detection": args.detector_steps, "segmentation": args.segmenter_steps},
+             sizes={"detection": args.detector_size})
     return 0
 
 

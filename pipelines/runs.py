@@ -1,4 +1,4 @@
-"""A run: workspace/RUN/ with its pipeline.config, train/, eval/ and export/ folders.
+"""A run: workspace/RUN/ with its pipeline.config, run.json (the seed), train/, eval/ and export/ folders.
 
 The config's model block says which task the run trains (pipelines/tasks.py: `ssd` is detection,
 `segmentation` segmentation); the run's settings are that task's params dataclass.
@@ -7,6 +7,7 @@ The config's model block says which task the run trains (pipelines/tasks.py: `ss
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,33 @@ def run_dir(run: str) -> Path:
     if named.is_dir() or not Path(run).is_dir():
         return named
     return Path(run)
+
+
+RUN_JSON = "run.json"  # workspace/RUN/run.json: what the run is besides its pipeline.config (the seed)
+
+
+def read_seed(folder: Path) -> int:
+    """The run's seed: run.json's, or 0 for a run without one (made by `make import`, or before seeds)."""
+    path = folder / RUN_JSON
+    if not path.is_file():
+        return 0
+    try:
+        seed = json.loads(path.read_text(encoding="utf-8")).get("seed", 0)
+    except (ValueError, AttributeError):
+        raise UserError(display_path(path), "not a JSON object; rerun `make config` to rewrite it") from None
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UserError(display_path(path), f"seed: expected a non-negative integer, found {seed!r}")
+    return seed
+
+
+def record_seed(folder: Path, seed: int) -> None:
+    """Write the seed into the run's run.json (write-then-rename, other keys kept)."""
+    path = folder / RUN_JSON
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    record["seed"] = seed
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_run(run: str, need_data: bool = True) -> tuple[object, Path, list[str]]:
@@ -43,7 +71,7 @@ def load_run(run: str, need_data: bool = True) -> tuple[object, Path, list[str]]
     task = tasks.of_params(p)
     if not need_data:
         p = dataclasses.replace(p, **{name: None for name in task.init_fields})
-    params = base.absolute_paths(p)
+    params = base.absolute_paths(dataclasses.replace(p, seed=read_seed(folder)))
     task.load("check_engine")(params, display_path(config))
     return params, folder, translation.ignored
 

@@ -26,11 +26,12 @@ def workspace(sample_dir, tmp_path_factory):
 
 def test_config_train_eval_export_predict(workspace, sample_dir, tmp_path):
     env = {"BENTOML_HOME": str(tmp_path / "bentoml")}
-    run_cli("config", "--dataset", "shapes", "--model", workspace / "unet_tiny.config", "--run", "seg",
-            "--batch-size", "4", "--num-steps", "6", workspace=workspace, check=True)
-    train = run_cli("train", "--run", "seg", workspace=workspace, check=True, env=env)
+    config = run_cli("config", "--dataset", "shapes", "--model", workspace / "unet_tiny.config", "--run", "seg",
+                     "--batch-size", "4", "--num-steps", "6", "--seed", "7", workspace=workspace, check=True)
     run_dir = workspace / "seg"
-    assert "step 6/6" in train.stdout and "from scratch" in train.stdout
+    assert json.loads((run_dir / "run.json").read_text()) == {"seed": 7} and "seed 7" in config.stdout
+    train = run_cli("train", "--run", "seg", workspace=workspace, check=True, env=env)
+    assert "step 6/6" in train.stdout and "from scratch; seed 7 (repeatable on this machine)" in train.stdout
     # Orbit's own prints are left out: the progress line and the evaluation log say the same, once.
     assert "train | step" not in train.stdout and "saved checkpoint to" not in train.stdout, train.stdout
     assert "eval at step 6: val mean IoU" in train.stdout
@@ -38,6 +39,9 @@ def test_config_train_eval_export_predict(workspace, sample_dir, tmp_path):
     assert (run_dir / "train" / "ckpt-6.index").is_file() and (run_dir / "train" / "best" / "info.json").is_file()
     again = run_cli("train", "--run", "seg", workspace=workspace, check=True, env=env)
     assert "already trained to step 6" in again.stdout
+    reseeded = run_cli("train", "--run", "seg", "--seed", "8", workspace=workspace, env=env)
+    assert reseeded.returncode == 2 and "has trained with seed 7; another seed needs a new run" in reseeded.stderr
+    assert reseeded.stderr.count("\n") == 1 and json.loads((run_dir / "run.json").read_text()) == {"seed": 7}
 
     evaluation = run_cli("eval", "--run", "seg", workspace=workspace, check=True, env=env)
     assert "mean IoU" in evaluation.stdout

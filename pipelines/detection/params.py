@@ -80,6 +80,9 @@ class DetectorParams:
     fine_tune_checkpoint_type: str | None = None  # "detection" or "classification"
     freeze_variables: list[str] = field(default_factory=list)  # regexes: not trained
     update_trainable_variables: list[str] = field(default_factory=list)  # regexes: only these trained
+    # Not a pipeline.config field: the run's seed (workspace/RUN/run.json; `make config/train SEED=N`):
+    # initialisation, data order and augmentation.
+    seed: int = 0
 
     # train_input_reader / eval_input_reader
     train_files: list[str] = field(default_factory=list)  # TFRecord paths or globs

@@ -408,8 +408,12 @@ class SSDParser(retinanet_input.Parser):
     deviation, which is undone here (a linear map: the pixels come out as x / 127.5 - 1, within
     float rounding)."""
 
-    def __init__(self, *, task: SSDTask, dtype: str = "float32", **kwargs):
-        super().__init__(dtype="float32", **kwargs)
+    def __init__(self, *, task: SSDTask, dtype: str = "float32", skip_crowd_during_training: bool = True, **kwargs):
+        # Crowd boxes are dropped here (`_without_crowds`), not by Model Garden's parser: its version ties
+        # constants to the inputs with control dependencies, which tf.data's deterministic rewrite of a
+        # parallel map (a seeded run, pipelines/engine/train.py `seeded`) cannot split.
+        super().__init__(dtype="float32", skip_crowd_during_training=False, **kwargs)
+        self._drop_crowds = skip_crowd_during_training
         m = task.model
         self._out_dtype = dtype
         self._od_anchors = lambda image_size: anchor_boxes(m.min_level, m.max_level, m.anchor.num_scales,
@@ -421,7 +425,16 @@ class SSDParser(retinanet_input.Parser):
         image = (image * std + mean) * 2.0 - 1.0
         return tf.cast(image, self._out_dtype)
 
+    @staticmethod
+    def _without_crowds(data: dict) -> dict:
+        """The decoded example without its crowd objects (classes, boxes, crowd flags, areas)."""
+        keep = tf.where(tf.logical_not(data["groundtruth_is_crowd"]))[:, 0]
+        keys = ("groundtruth_classes", "groundtruth_boxes", "groundtruth_is_crowd", "groundtruth_area")
+        return {**data, **{key: tf.gather(data[key], keep) for key in keys if key in data}}
+
     def _parse_train_data(self, data, anchor_labeler=None, input_anchor=None):
+        if self._drop_crowds:
+            data = self._without_crowds(data)
         image, labels = super()._parse_train_data(data, anchor_labeler, input_anchor=self._od_anchors)
         return self._to_mobilenet(image), labels
 

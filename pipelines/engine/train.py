@@ -102,6 +102,30 @@ def set_loops(exp, num_steps: int, steps_per_loop: int, checkpoint_interval: int
     exp.trainer.validation_steps = -1  # the whole val set: the readers do not repeat it
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Seed Python, NumPy and TensorFlow (initialisation; the tasks' inputs seed their shuffles and
+    augmentation from the same number) and, on the CPU, make TensorFlow's ops deterministic (a
+    parallel tf.data map with random ops draws in a fixed order), until the block ends. Yields
+    whether runs repeat bit for bit: on the CPU; not with GPUs, whose kernels (cuDNN's algorithm
+    choice, atomic adds) vary from run to run. seed None: nothing is seeded."""
+    from tensorflow.python.framework import config as tf_config  # only enable_op_determinism is public
+
+    if seed is None:
+        yield False
+        return
+    tf_keras.utils.set_random_seed(seed)
+    exact = num_gpus() == 0
+    switch = exact and not tf_config.is_op_determinism_enabled()
+    if switch:
+        tf_config.enable_op_determinism()
+    try:
+        yield exact
+    finally:
+        if switch:
+            tf_config.disable_op_determinism()
+
+
 def keep_best(exp, task_name: str) -> None:
     """Keep the best checkpoint by the task's validation metric (pipelines/tasks.py; higher is better) in
     RUN_DIR/train/best/, with Model Garden's best-checkpoint exporter."""
@@ -256,9 +280,12 @@ def run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None] = 
         log(f"{model_dir}: already trained to step {start_step}; evaluating its last checkpoint")
         mode = "eval"
 
+    stack = contextlib.ExitStack()
     policy = tf_keras.mixed_precision.global_policy()
     performance.set_mixed_precision_policy(exp.runtime.mixed_precision_dtype)
+    seed = exp.task.train_data.seed
     try:
+        exact = stack.enter_context(seeded(seed))
         strategy = distribute_utils.get_distribution_strategy(
             distribution_strategy=exp.runtime.distribution_strategy, num_gpus=exp.runtime.num_gpus,
             all_reduce_alg=exp.runtime.all_reduce_alg)
@@ -279,6 +306,8 @@ def run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None] = 
             f"{strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__}, {exp.runtime.num_gpus} GPU(s), "
             f"{'mixed_float16' if exp.runtime.mixed_precision_dtype == 'float16' else 'float32'}); "
             + (f"resuming from step {start_step}" if start_step else job.start_note)
+            + (f"; seed {seed}" + (" (repeatable on this machine)" if exact else " (GPU kernels vary between runs)")
+               if seed is not None else "")
             + f"; checkpoints and summaries in {model_dir}"
             + (f", evaluation every {exp.trainer.validation_interval} steps" if mode == "train_and_eval" else ""))
         for note in job.notes:
@@ -311,6 +340,7 @@ def run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None] = 
                                      eval_actions=[after_eval])
         final_step = int(trainer.global_step.numpy())
     finally:
+        stack.close()
         tf_keras.mixed_precision.set_global_policy(policy)
     out = result(final_step)
     steady = out["steps_per_sec"]

@@ -39,8 +39,9 @@ def augment(params: SegmenterParams, image: tf.Tensor, mask: tf.Tensor,
     Then the horizontal (and vertical) flips of the params, each with probability 1/2.
 
     The image is resized bilinear, the mask only nearest neighbour, so it holds only the values it
-    had. `seed` (an int or a shape [2] integer tensor) makes the result reproducible; without it
-    every call draws anew. Pure TensorFlow: usable inside `Dataset.map`.
+    had. `seed` (an int or a shape [2] integer tensor) makes the result reproducible (the training
+    set gives each element its own); without it every call draws anew. Pure TensorFlow: usable
+    inside `Dataset.map`.
     """
     if seed is None:
         # One stateful draw, then only stateless ops: the same code path as a seeded call.
@@ -87,12 +88,14 @@ def augment(params: SegmenterParams, image: tf.Tensor, mask: tf.Tensor,
     return tf.cast(image, tf.float32), tf.cast(mask, tf.uint8)
 
 
-def _read(files: list[str], shuffle: bool) -> tf.data.Dataset:
-    if not shuffle:
+def _read(files: list[str], shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """The records of `files`: in order, or (with a seed) the files in a seeded random order, read
+    interleaved in a fixed pattern (tf.data keeps a parallel interleave's order deterministic)."""
+    if shuffle_seed is None:
         return tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4))
-    dataset = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files))
+    dataset = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=shuffle_seed)
     return dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
-                              num_parallel_calls=tf.data.AUTOTUNE)
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def check_inputs(params: SegmenterParams) -> None:
@@ -119,14 +122,19 @@ def train_dataset(params: SegmenterParams,
     files = find_files(params.train_files, "train_files")
     check_class_masks(files, "train_files")
     files, batch_size = _shard(files, params.batch_size, input_context)
+    # params.seed fixes the order and every augmentation; each input pipeline of a multi-worker run
+    # gets its own stream.
+    pipeline = input_context.input_pipeline_id if input_context else 0
+    seed = params.seed * 1009 + pipeline
 
-    def load(serialized):
+    def load(index, serialized):
         example = parse(serialized)
-        return augment(params, example["image"], example["class_mask"])
+        element_seed = tf.stack([tf.constant(seed, tf.int64), index])  # stateless: the same in any thread
+        return augment(params, example["image"], example["class_mask"], seed=element_seed)
 
     # Shuffle the serialized records (small), then decode and augment in parallel.
-    dataset = _read(files, shuffle=True).shuffle(SHUFFLE_BUFFER).repeat()
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = _read(files, shuffle_seed=seed).shuffle(SHUFFLE_BUFFER, seed=seed).repeat().enumerate()
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
@@ -142,5 +150,5 @@ def val_dataset(params: SegmenterParams,
         example = parse(serialized)
         return resize(params, example["image"], example["class_mask"])
 
-    dataset = _read(files, shuffle=False).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = _read(files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

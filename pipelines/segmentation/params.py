@@ -28,6 +28,9 @@ class SegmenterParams:
     pyramid_filters: int = 256  # fpn: segmentation.pyramid_filters
     psp_filters: int = 512  # pspnet: segmentation.psp_filters
     dropout: float = 0.0  # fpn/pspnet: segmentation.dropout
+    # segmentation.batch_norm_decay: the moving-average decay (Keras' momentum) of every batch-norm layer,
+    # encoder and decoder; the moving mean and variance are what evaluation and serving use.
+    batch_norm_decay: float = 0.99
 
     # segmentation.loss { dice { weight } categorical_focal { weight alpha gamma } categorical_crossentropy { weight } }
     dice_weight: float = 1.0
@@ -51,6 +54,9 @@ class SegmenterParams:
     # its mask are scaled by one random factor, then cropped (or padded, mask with 255) to the input size.
     aug_scale_min: float = 1.0
     aug_scale_max: float = 1.0
+    # Not a pipeline.config field: the run's seed (workspace/RUN/run.json; `make config/train SEED=N`):
+    # initialisation, data order and augmentation.
+    seed: int = 0
 
     # train_input_reader / eval_input_reader
     train_files: list[str] = field(default_factory=list)  # TFRecord paths or globs

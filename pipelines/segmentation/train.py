@@ -143,7 +143,8 @@ def build_experiment(params: SegmenterParams, eval_every: int | None = None,
     eval_every = eval_every or default_eval_every(params)
     task = SegmenterTaskConfig(
         segmenter=json.dumps(dataclasses.asdict(params)),
-        train_data=cfg.DataConfig(is_training=True, global_batch_size=params.batch_size),
+        train_data=cfg.DataConfig(is_training=True, global_batch_size=params.batch_size, seed=params.seed,
+                                  deterministic=True),
         validation_data=cfg.DataConfig(is_training=False, global_batch_size=params.eval_batch_size,
                                        drop_remainder=False))
     exp = cfg.ExperimentConfig(task=task)
