@@ -252,8 +252,21 @@ def detection_metrics_html(metrics: dict, eval_dir: Path) -> tuple[str, Path]:
     out = _table(None, head, numeric_from=9)
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
     out += "<h3>COCO metrics</h3>" + _table(names, [[m.get(n, float("nan")) for n in names]], numeric_from=0)
-    rows = [[name, v.get("AP"), v.get("AP50")] for name, v in metrics.get("per_class", {}).items()]
-    out += "<h3>AP per class</h3>" + _table(["class", "AP", "AP50"], rows)
+    point = metrics.get("operating_point") or {}
+    at = point.get("per_class", {})
+    rows = [[name, v.get("AP"), v.get("AP50"), at.get(name, {}).get("precision"), at.get(name, {}).get("recall")]
+            for name, v in metrics.get("per_class", {}).items()]
+    if point:
+        out += (f"<h3>At the default score threshold {point['score_threshold']:.3f}</h3>"
+                f"<p>The threshold with the best F1 over all classes on the val set (a detection is right when it "
+                f"overlaps an object of its class with IoU &ge; {point['iou']:.2f}); the export stores it and "
+                f"/detect, /render and predict use it unless a request gives one.</p>"
+                + _table(["precision", "recall", "F1", "kept detections", "objects"],
+                         [[point["precision"], point["recall"], point["f1"], point["detections"], point["objects"]]],
+                         numeric_from=0))
+    heads = ["class", "AP", "AP50"] + ([f"precision @{point['score_threshold']:.2f}",
+                                        f"recall @{point['score_threshold']:.2f}"] if point else [])
+    out += "<h3>Per class</h3>" + _table(heads, [row[:len(heads)] for row in rows])
     return out, eval_dir / "pr_curve.png"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from pipelines.detection.evaluate import coco_eval, plot_pr
+from pipelines.detection.evaluate import choose_threshold, coco_eval, format_metrics, plot_pr
 
 LABELS = {1: "cat", 2: "dog"}
 
@@ -71,3 +71,56 @@ def test_crowd_regions_are_ignored(tmp_path):
     assert per_class["cat"]["AP"] == pytest.approx(1.0)  # the extra box matched the crowd: no false positive
     plot_pr(evaluator, LABELS, tmp_path / "pr.png")
     assert Image.open(tmp_path / "pr.png").size[0] > 500
+
+
+def _scored(annotation, score, shift=0.0):
+    return _detections([annotation], shift=shift, score=score)[0]
+
+
+def test_default_threshold_maximises_f1_over_all_classes():
+    images, annotations = _case()  # 8 objects: a cat and a dog in each of 4 images
+    cats = [a for a in annotations if a["category_id"] == 1]
+    dogs = [a for a in annotations if a["category_id"] == 2]
+    detections = [
+        _scored(cats[0], 0.9), _scored(cats[1], 0.85), _scored(cats[2], 0.8),
+        _scored(cats[3], 0.75, shift=100.0),  # misplaced: a false positive
+        _scored(dogs[0], 0.7), _scored(dogs[3], 0.6, shift=-100.0),  # a hit, a false positive
+        _scored(dogs[1], 0.4), _scored(dogs[2], 0.35),
+        _scored(cats[0], 0.3, shift=100.0), _scored(dogs[1], 0.2, shift=-100.0)]
+    _, _, evaluator = coco_eval(images, annotations, detections, LABELS)
+    point = choose_threshold(evaluator, LABELS)
+    # Ranked: 0.9 T, 0.85 T, 0.8 T, 0.75 F, 0.7 T, 0.6 F, 0.4 T, 0.35 T, 0.3 F, 0.2 F. F1 after each:
+    # .222 .400 .545 .500 .615 .571 .667 .750 .706 .667: the best keeps the first 8 (6 hits of 8 objects).
+    assert point["score_threshold"] == pytest.approx(0.35)
+    assert point["precision"] == pytest.approx(0.75) and point["recall"] == pytest.approx(0.75)
+    assert point["f1"] == pytest.approx(0.75)
+    assert point["detections"] == 8 and point["objects"] == 8 and point["iou"] == pytest.approx(0.5)
+    assert point["per_class"] == {
+        "cat": {"precision": pytest.approx(0.75), "recall": pytest.approx(0.75), "objects": 4, "detections": 4},
+        "dog": {"precision": pytest.approx(0.75), "recall": pytest.approx(0.75), "objects": 4, "detections": 4}}
+    text = format_metrics({"metrics": dict.fromkeys(["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"], 0.5),
+                           "images": 4, "objects": 8, "step": 1, "per_class": {"cat": {"AP": 0.5, "AP50": 0.5}},
+                           "operating_point": point})
+    assert "default score threshold 0.350" in text and "precision 0.750, recall 0.750" in text
+
+
+def test_default_threshold_keeps_equal_scores_together_and_ignores_crowd_matches():
+    images, annotations = _case(1)  # a cat and a dog
+    annotations.append({"id": 99, "image_id": 10, "category_id": 1, "bbox": [0, 0, 200, 100], "area": 20000.0,
+                        "iscrowd": 1})
+    cat, dog = annotations[0], annotations[1]
+    detections = [_scored(cat, 0.8), _scored(dog, 0.6), _scored(dog, 0.6, shift=-100.0),
+                  {"image_id": 10, "category_id": 1, "score": 0.95, "bbox": [150, 5, 40, 40]}]  # on the crowd
+    _, _, evaluator = coco_eval(images, annotations, detections, LABELS)
+    point = choose_threshold(evaluator, LABELS)
+    # The crowd match counts neither way; at 0.6 both dogs come in together: F1 at 0.8 is 2/3 (P 1, R 0.5),
+    # at 0.6 it is 0.8 (P 2/3, R 1). Stopping between the two 0.6s is no threshold.
+    assert point["score_threshold"] == pytest.approx(0.6)
+    assert point["precision"] == pytest.approx(2 / 3) and point["recall"] == pytest.approx(1.0)
+    assert point["detections"] == 3 and point["objects"] == 2
+
+
+def test_no_detection_no_threshold():
+    images, annotations = _case(1)
+    _, _, evaluator = coco_eval(images, annotations, [], LABELS)
+    assert choose_threshold(evaluator, LABELS) is None

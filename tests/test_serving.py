@@ -59,6 +59,7 @@ def make_segmenter(run_dir: Path) -> Path:
 
 import base64  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 from pipelines.serving.process import free_port  # noqa: E402
 import subprocess  # noqa: E402
@@ -114,6 +115,9 @@ class Server:
             self.proc.kill()
 
 
+STORED_THRESHOLD = 0.0105
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """A detector served from its export folder and a segmenter from its BentoML tag, both ready."""
@@ -123,6 +127,9 @@ def servers(tmp_path_factory):
     os.environ["BENTOML_HOME"] = str(bento_home)
     try:
         detector_export = make_detector(root / "det")
+        # As if `make eval` had chosen a threshold on the val set (an untrained model scores low).
+        metadata = json.loads((detector_export / "metadata.json").read_text())
+        (detector_export / "metadata.json").write_text(json.dumps({**metadata, "score_threshold": STORED_THRESHOLD}))
         make_segmenter(root / "seg")
     finally:
         if previous is None:
@@ -203,9 +210,12 @@ def test_detect(det):
         assert 0 <= b["xmin"] <= b["xmax"] <= 120 and 0 <= b["ymin"] <= b["ymax"] <= 90
     scores = [d["score"] for d in body["detections"]]
     assert scores == sorted(scores, reverse=True)
-    # The default threshold (0.5) drops an untrained model's low scores.
+    # Without score_threshold: the export's (metadata.json), said in the answer.
+    everything = det.post("/detect", files=upload(JPEG), data={"score_threshold": "0"}).json()
     r = det.post("/detect", files=upload(JPEG))
-    assert r.status_code == 200 and all(d["score"] >= 0.5 for d in r.json()["detections"])
+    assert r.status_code == 200 and r.json()["score_threshold"] == STORED_THRESHOLD
+    assert everything["score_threshold"] == 0
+    assert r.json()["detections"] == [d for d in everything["detections"] if d["score"] >= STORED_THRESHOLD]
 
 
 @pytest.mark.parametrize("fmt,content_type", [("PNG", "image/png"), ("WEBP", "image/webp"), ("BMP", "image/bmp"),
@@ -242,8 +252,10 @@ def test_detect_base64(det):
             assert set(g) == {"class", "confidence", "xmin", "ymin", "xmax", "ymax"}
             assert g["class"] == d["label"] and g["confidence"] == pytest.approx(d["score"], abs=1e-3)
             assert g["xmin"] == pytest.approx(d["box"]["xmin"], abs=0.5)
-    r = det.post("/detect/base64", content=text)  # default threshold 0.5
-    assert r.status_code == 200 and all(g["confidence"] >= 0.5 for g in r.json())
+    r = det.post("/detect/base64", content=text)  # the export's threshold
+    assert r.status_code == 200
+    assert len(r.json()) == sum(d["score"] >= STORED_THRESHOLD for d in reference)
+    assert all(g["confidence"] >= STORED_THRESHOLD for g in r.json())
 
 
 def test_render_detection(det):
@@ -433,7 +445,6 @@ def test_segmenter_bad_input_and_concurrency(servers, seg):
 def _raw_http(url: str, head: bytes, body: bytes = b"", chunks: int = 0, chunk: bytes = b"") -> tuple[int, dict]:
     """Send a request by hand (a huge Content-Length, or chunks) and read the answer the server sends
     back before taking the whole body; returns (status, JSON body)."""
-    import json
     import socket
 
     host, port = url.rsplit("/", 1)[-1].split(":")

@@ -55,6 +55,64 @@ def coco_eval(gt_images: list[dict], gt_annotations: list[dict], detections: lis
     return stats, per_class, evaluator
 
 
+THRESHOLD_IOU = 0.5  # a detection is right when it overlaps an unclaimed true box of its class this much
+DEFAULT_SCORE_THRESHOLD = 0.5  # when the validation set cannot choose one (no detection or no object)
+
+
+def choose_threshold(evaluator, labels: dict[int, str]) -> dict | None:
+    """The default score threshold of a detector: the score that maximises F1 over all classes pooled,
+    at IoU 0.5, on the detections and truth of a COCOeval that has run `evaluate()`.
+
+    The matching is pycocotools' own (COCOeval.evalImgs at IoU 0.5, all areas, 100 detections per
+    image): the detections it ignores (matched to crowd regions) count neither way, the objects it
+    ignores are not to be found. Keeping the detections scoring at least the threshold gives the
+    returned precision and recall; of equal F1s the highest threshold wins. Returns {'score_threshold',
+    'precision', 'recall', 'f1', 'iou', 'objects', 'detections' (kept), 'per_class': {name: {'precision',
+    'recall', 'objects', 'detections'}}}, or None without any detection, object or right detection."""
+    params = evaluator.params
+    t = int(np.argmin(np.abs(np.asarray(params.iouThrs) - THRESHOLD_IOU)))
+    areas, images = len(params.areaRng), len(params.imgIds)
+    scores, hits, classes = [], [], []
+    objects = {cat: 0 for cat in params.catIds}
+    for k, cat in enumerate(params.catIds):
+        for i in range(images):
+            entry = evaluator.evalImgs[k * areas * images + i]  # area range 0: all
+            if entry is None:
+                continue
+            objects[cat] += int(np.count_nonzero(np.asarray(entry["gtIgnore"]) == 0))
+            kept = ~np.asarray(entry["dtIgnore"], bool)[t]
+            scores.extend(np.asarray(entry["dtScores"])[kept])
+            hits.extend(np.asarray(entry["dtMatches"])[t][kept] > 0)
+            classes.extend([cat] * int(kept.sum()))
+    total = sum(objects.values())
+    if not scores or not total:
+        return None
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    scores, hits, classes = np.asarray(scores)[order], np.asarray(hits)[order], np.asarray(classes)[order]
+    true_pos = np.cumsum(hits)
+    precision = true_pos / np.arange(1, len(scores) + 1)
+    recall = true_pos / total
+    f1 = np.where(true_pos > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    # A threshold keeps every detection of its score: only the last of a run of equal scores is a cut.
+    cuts = np.flatnonzero(np.append(scores[1:] != scores[:-1], True))
+    if not true_pos[-1]:
+        return None  # not one detection is right: no threshold makes the model useful
+    best = int(cuts[np.argmax(f1[cuts])])
+    threshold = float(scores[best])
+    kept = scores >= threshold
+    per_class = {}
+    for cat in params.catIds:
+        mine = kept & (classes == cat)
+        found = int(hits[mine].sum())
+        per_class[labels.get(cat, str(cat))] = {
+            "precision": found / int(mine.sum()) if mine.any() else None,
+            "recall": found / objects[cat] if objects[cat] else None,
+            "objects": objects[cat], "detections": int(mine.sum())}
+    return {"score_threshold": threshold, "precision": float(precision[best]), "recall": float(recall[best]),
+            "f1": float(f1[best]), "iou": float(params.iouThrs[t]), "objects": total, "detections": best + 1,
+            "per_class": per_class}
+
+
 def plot_pr(evaluator, labels: dict[int, str], path: Path) -> None:
     import matplotlib
 
@@ -166,7 +224,7 @@ class Evaluator:
     def evaluate(self) -> dict:
         stats, per_class, self.coco = coco_eval(self.gt_images, self.gt_annotations, self.detections, self.labels)
         return {"objects": len(self.gt_annotations), "detections": len(self.detections), "metrics": stats,
-                "per_class": per_class}
+                "per_class": per_class, "operating_point": choose_threshold(self.coco, self.labels)}
 
     def draw(self, folder: Path, samples: list[tuple[examples.Example, dict]]) -> list[str]:
         plot_pr(self.coco, self.labels, folder / "pr_curve.png")
@@ -191,8 +249,23 @@ def format_metrics(metrics: dict) -> str:
     lines = [f"COCO box metrics on {metrics['images']} val images ({metrics['objects']} objects), step {metrics['step']}:",
              f"  AP {s['AP']:.3f}  AP50 {s['AP50']:.3f}  AP75 {s['AP75']:.3f}  "
              f"APs {s['APs']:.3f}  APm {s['APm']:.3f}  APl {s['APl']:.3f}  AR100 {s['AR100']:.3f}"]
+    point = metrics.get("operating_point")
+    at = point["per_class"] if point else {}
     for name, v in metrics["per_class"].items():
         ap = "  n/a" if v["AP"] is None else f"{v['AP']:.3f}"
         ap50 = "  n/a" if v["AP50"] is None else f"{v['AP50']:.3f}"
-        lines.append(f"  {name:<20} AP {ap}  AP50 {ap50}")
+        pr = at.get(name)
+        lines.append(f"  {name:<20} AP {ap}  AP50 {ap50}"
+                     + (f"  precision {_fraction(pr['precision'])}  recall {_fraction(pr['recall'])}" if pr else ""))
+    if point:
+        lines.append(f"default score threshold {point['score_threshold']:.3f}: the best F1 over all classes on val "
+                     f"(IoU {point['iou']:.2f}): precision {point['precision']:.3f}, recall {point['recall']:.3f}, "
+                     f"F1 {point['f1']:.3f}; make export stores it, /detect and predict use it unless given one")
+    else:
+        lines.append(f"default score threshold {DEFAULT_SCORE_THRESHOLD}: no detection or no object on val to choose "
+                     "one from")
     return "\n".join(lines)
+
+
+def _fraction(value) -> str:
+    return "  n/a" if value is None else f"{value:.3f}"

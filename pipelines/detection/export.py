@@ -16,6 +16,7 @@ compared with the checkpoint model's own; a mismatch raises ExportCheckError.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import tensorflow as tf
 import tf_keras
 
 from pipelines import checkpoints
+from pipelines.common import display_path
 from pipelines.detection.experiment import build_experiment
 from pipelines.detection import ssd
 from pipelines.detection.params import DetectorParams
@@ -167,8 +169,25 @@ class Exporter:
     def describe_check(check: dict) -> str:
         return f"largest box difference {check['max_box_difference']:.1e}"
 
-    def metadata(self) -> dict:
-        return {}
+    def metadata(self, run_dir: Path, checkpoint: str, log=print) -> dict:
+        """The default score threshold of the served detections: the one `make eval` chose on the val set
+        for this checkpoint (eval/metrics.json), else DEFAULT_SCORE_THRESHOLD, saying why."""
+        from pipelines.detection.evaluate import DEFAULT_SCORE_THRESHOLD
+
+        path = Path(run_dir) / "eval" / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        point = metrics.get("operating_point")
+        if point and metrics.get("checkpoint") == checkpoint:
+            log(f"default score threshold {point['score_threshold']:.3f} (chosen on val by make eval: precision "
+                f"{point['precision']:.3f}, recall {point['recall']:.3f})")
+            return {"score_threshold": point["score_threshold"],
+                    "score_threshold_source": f"best F1 on val at IoU {point['iou']:.2f} ({display_path(path)}): "
+                                              f"precision {point['precision']:.3f}, recall {point['recall']:.3f}"}
+        why = ("eval/metrics.json is of another checkpoint" if point else
+               "make eval found no detection or object on val" if metrics else "the run has no eval/metrics.json")
+        log(f"default score threshold {DEFAULT_SCORE_THRESHOLD} ({why}; make eval RUN=... then make export chooses "
+            "one on the val set)")
+        return {"score_threshold": DEFAULT_SCORE_THRESHOLD, "score_threshold_source": f"default: {why}"}
 
     def signature_notes(self) -> dict:
         return {}

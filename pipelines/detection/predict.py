@@ -12,6 +12,13 @@ from pipelines.model_store import DETECTION_OUTPUTS
 from pipelines.viz import draw_detections
 
 
+def default_score_threshold(metadata: dict) -> float:
+    """The export's default score threshold (metadata.json, chosen on the val set by make eval), or 0.5
+    for an export written before it was stored."""
+    value = metadata.get("score_threshold")
+    return float(value) if isinstance(value, (int, float)) and 0.0 <= value <= 1.0 else 0.5
+
+
 def detections_of(outputs: dict, width: int, height: int, labels: dict[int, str], score_threshold: float) -> list[dict]:
     n = int(outputs["num_detections"][0])
     found = []
@@ -29,12 +36,15 @@ def detections_of(outputs: dict, width: int, height: int, labels: dict[int, str]
 
 class Predictions:
     """The detection part of `python -m pipelines predict` (pipelines/engine/predict.py): per image, its
-    detections at or above score_threshold and NAME.png with their boxes drawn."""
+    detections at or above score_threshold (default: the export's, chosen on the val set) and NAME.png with
+    their boxes drawn."""
 
     outputs = DETECTION_OUTPUTS
     pictures = "image(s) with boxes"
 
-    def __init__(self, labels: dict[int, str], score_threshold: float = 0.5):
+    def __init__(self, labels: dict[int, str], metadata: dict, score_threshold: float | None = None):
+        if score_threshold is None:
+            score_threshold = default_score_threshold(metadata)
         if not 0.0 <= score_threshold <= 1.0:
             raise UserError(None, f"--score-threshold {score_threshold} must be between 0 and 1")
         self.labels = labels

@@ -67,7 +67,7 @@ def export(params, run_dir: str | Path, label_map_path: str | Path, name: str | 
             "label_map": {int(k): v for k, v in sorted(label_map.items())},
             "num_classes": params.num_classes,
             "input_size": [params.image_height, params.image_width],
-            **exporter.metadata(),
+            **exporter.metadata(run_dir, checkpoint, log),
             "signature": {"input": f"{INPUT_NAME}: uint8 [batch, height, width, 3]",
                           "outputs": list(exporter.outputs), **exporter.signature_notes()},
             "checkpoint": checkpoint,

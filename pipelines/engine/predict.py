@@ -44,11 +44,11 @@ def predict(model: Path, images: list[Path], out_dir: Path | None = None, log=pr
     import tensorflow as tf
 
     from pipelines import tasks
-    from pipelines.model_store import INPUT_NAME
+    from pipelines.model_store import INPUT_NAME, read_metadata
 
     task = tasks.of_export(Path(model))
     saved_model, label_map = find_export(Path(model))
-    part = task.load("predict")(read_label_map(label_map), **options)
+    part = task.load("predict")(read_label_map(label_map), read_metadata(saved_model) or {}, **options)
     arrays = [load_image(Path(p)) for p in images]  # every file checked before the model loads
     serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
     missing = [key for key in part.outputs if key not in serve.structured_outputs]

@@ -132,7 +132,7 @@ class Exporter:
         return (f"{100 * check['min_pixel_agreement']:.2f}% of pixels or more get the same class, "
                 f"probabilities within {check['max_probability_difference']:.1e}")
 
-    def metadata(self) -> dict:
+    def metadata(self, run_dir: Path, checkpoint: str, log=print) -> dict:
         return {"architecture": self.params.architecture, "backbone": self.params.backbone}
 
     def signature_notes(self) -> dict:

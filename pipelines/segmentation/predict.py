@@ -30,7 +30,7 @@ class Predictions:
     outputs = (MASK_OUTPUT,)
     pictures = "class mask(s) and overlay(s)"
 
-    def __init__(self, labels: dict[int, str]):
+    def __init__(self, labels: dict[int, str], metadata: dict):
         self.labels = labels
 
     def __call__(self, image: np.ndarray, outputs: dict, stem: Path) -> dict:

@@ -365,8 +365,15 @@ class Detector(ModelService):
     task = "detection"
     outputs = DETECTION_OUTPUTS
 
-    async def _find(self, array: np.ndarray, score_threshold, max_detections) -> list[dict]:
-        threshold = score_threshold_of(score_threshold)
+    def threshold(self, score_threshold) -> float:
+        """The request's score_threshold, checked; without one the export's default (chosen on the val set)."""
+        from pipelines.detection.predict import default_score_threshold
+
+        if score_threshold is None:
+            return default_score_threshold(self.ready_model().metadata)
+        return score_threshold_of(score_threshold)
+
+    async def _find(self, array: np.ndarray, threshold: float, max_detections) -> list[dict]:
         count = max_detections_of(max_detections)
         # The detector's signature stretches any image to its input size (bilinear) and answers boxes in
         # [0, 1] of the image: stretching it here the same way first gives the same boxes, while every
@@ -377,17 +384,19 @@ class Detector(ModelService):
         return _detections(self.model, outputs, array.shape[1], array.shape[0], threshold, count)
 
     @bentoml.api(route="/detect")
-    async def detect(self, image: Path, score_threshold: float = 0.5,
+    async def detect(self, image: Path, score_threshold: float | None = None,
                      max_detections: int | None = None) -> dict:
         """Multipart `image` file -> {"detections": [{"label", "class_id", "score", "box": {"xmin", "ymin",
-        "xmax", "ymax"}}], "width", "height", "model": {"name", "version"}}; boxes in the image's pixels."""
+        "xmax", "ymax"}}], "width", "height", "score_threshold", "model": {"name", "version"}}; boxes in the
+        image's pixels. score_threshold: the export's (chosen on the val set) unless the request gives one."""
         try:
+            threshold = self.threshold(score_threshold)
             array = await read_upload(image)
-            found = await self._find(array, score_threshold, max_detections)
+            found = await self._find(array, threshold, max_detections)
         except BadRequest as e:
             return error_response(e)
         return json_response({"detections": found, "width": int(array.shape[1]), "height": int(array.shape[0]),
-                              "model": self.model.info})
+                              "score_threshold": threshold, "model": self.model.info})
 
     @bentoml.api(route="/detect/base64", input_spec=RawBody)
     async def detect_base64(self, ctx: bentoml.Context) -> list:
@@ -399,21 +408,22 @@ class Detector(ModelService):
             data = base64_image(body, request.headers.get("content-type", ""))
             array = await asyncio.to_thread(decode_image, data, "the decoded base64 image")
             query = request.query_params
-            found = await self._find(array, query.get("score_threshold", 0.5), query.get("max_detections"))
+            found = await self._find(array, self.threshold(query.get("score_threshold")), query.get("max_detections"))
         except BadRequest as e:
             ctx.response.status_code = e.status  # BentoML gives a ctx route's response the ctx's status
             return error_response(e)
         return json_response([{"class": d["label"], "confidence": d["score"], **d["box"]} for d in found])
 
     @bentoml.api(route="/render")
-    async def render(self, image: Path, score_threshold: float = 0.5,
+    async def render(self, image: Path, score_threshold: float | None = None,
                      max_detections: int | None = None) -> Image.Image:
         """Multipart `image` file -> PNG of the image with its boxes drawn."""
         from pipelines.viz import draw_detections as draw
 
         try:
+            threshold = self.threshold(score_threshold)
             array = await read_upload(image)
-            found = await self._find(array, score_threshold, max_detections)
+            found = await self._find(array, threshold, max_detections)
         except BadRequest as e:
             return error_response(e)
         return png_response(await asyncio.to_thread(draw, array, found))
