@@ -71,9 +71,28 @@ def test_rewrite_rules_are_the_detectors(workspace):
     template = UNET.read_text().splitlines()
     changed = {line.strip().split(":")[0] for line in set(doc.text.splitlines()) ^ set(template)}
     assert changed == {"num_classes", "batch_size", "num_steps", "learning_rate_base", "total_steps",
-                       "warmup_learning_rate", "warmup_steps", "label_map_path", "input_path"}
+                       "warmup_learning_rate", "warmup_steps", "label_map_path", "input_path", "batch_norm_decay"}
+    # 200 steps: the batch-norm averages span 200 / 8 = 25 steps (decay 0.96), as the detector's rule.
+    assert doc.get("model.segmentation.batch_norm_decay") == pytest.approx(0.96)
+    assert "note: batch_norm_decay 0.99 -> 0.96: its moving averages span ~100 steps" in proc.stdout
     params = translate_any(TextProto(doc.text)).params  # valid, paths exist
     assert params.num_classes == 4 and params.learning_rate == pytest.approx(0.00025)
+    assert params.batch_norm_decay == pytest.approx(0.96)
+
+
+def test_batch_norm_decay_kept_for_long_runs_and_added_when_missing(workspace, tmp_path):
+    make_config(workspace, "--run", "long", "--num-steps", "5000")
+    doc = TextProto((workspace / "long" / "pipeline.config").read_text())
+    assert doc.get("model.segmentation.batch_norm_decay") == pytest.approx(0.99)  # 1 - 8 / 5000 is slower
+    bare = tmp_path / "bare.config"
+    bare.write_text("\n".join(line for line in UNET.read_text().splitlines() if "batch_norm_decay" not in line))
+    make_config(workspace, "--run", "bare", "--model", bare, "--num-steps", "100")
+    doc = TextProto((workspace / "bare" / "pipeline.config").read_text())
+    assert doc.get("model.segmentation.batch_norm_decay") == pytest.approx(0.92)
+    bad = tmp_path / "bad.config"
+    bad.write_text(UNET.read_text().replace("batch_norm_decay: 0.99", "batch_norm_decay: 1.5"))
+    proc = make_config(workspace, "--run", "bad", "--model", bad, check=False)
+    assert proc.returncode == 2 and "batch_norm_decay" in proc.stderr and "between 0 and 1" in proc.stderr
 
 
 def test_constant_learning_rate_and_momentum(workspace, tmp_path):

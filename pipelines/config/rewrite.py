@@ -21,6 +21,7 @@ from pipelines.config import base, read, schema
 from pipelines.config.base import memory_advice
 from pipelines.config.textproto import TextProto
 from pipelines.data.label_map import read_label_map
+from pipelines.segmentation.params import SegmenterParams
 
 CONFIGS_DIR = REPO_ROOT / "configs"
 
@@ -95,8 +96,9 @@ def detection_rules(doc: TextProto, opts: ConfigOptions) -> list[str]:
 
 
 def segmentation_rules(doc: TextProto, opts: ConfigOptions) -> list[str]:
-    """The rewrite rules only a segmenter's config has: its encoder weights (CHECKPOINT=)."""
-    notes = []
+    """The rewrite rules only a segmenter's config has: batch-norm decay for small runs, its encoder
+    weights (CHECKPOINT=)."""
+    notes = _batch_norm_decay(doc, SEGMENTATION_DECAY)
     if opts.checkpoint:  # a backbone weights file (or 'imagenet', or 'none')
         value = opts.checkpoint if opts.checkpoint.lower() in ("imagenet", "none") else portable(Path(opts.checkpoint))
         if not doc.set("model.segmentation.encoder_weights", value):
@@ -227,7 +229,12 @@ BN_WINDOW = 1 / 8
 BN_MIN_DECAY = 0.9
 
 
-def _batch_norm_decay(doc: TextProto) -> list[str]:
+DETECTION_DECAYS = ("model.ssd.feature_extractor.conv_hyperparams.batch_norm.decay",
+                    "model.ssd.box_predictor.weight_shared_convolutional_box_predictor.conv_hyperparams.batch_norm.decay")
+SEGMENTATION_DECAY = ("model.segmentation.batch_norm_decay",)
+
+
+def _batch_norm_decay(doc: TextProto, paths: tuple[str, ...] = DETECTION_DECAYS) -> list[str]:
     """Lower a batch-norm `decay` too slow for the run's length (a rule with a note, like the others).
 
     The zoo's 0.997 averages over ~333 steps, made for tens of thousands of them. Over a short
@@ -235,20 +242,25 @@ def _batch_norm_decay(doc: TextProto) -> list[str]:
     initial 0 and 1 (0.997**800 = 9%) and lag the weights: a detector trained from scratch for 800
     steps then scored AP 0.001 (0.9942: 0.09; 0.99: 0.36; bench/RESULTS.md). The decay is set to
     1 - 1 / (BN_WINDOW * num_steps), at least BN_MIN_DECAY, when the config's is slower (0.99 for 800
-    steps)."""
+    steps). A segmenter's config without the field has the default 0.99 (SegmenterParams): it is added
+    when a short run needs less."""
     steps = int(doc.get("train_config.num_steps", 0) or 0)
     notes = []
     if steps <= 0:
         return notes
     # Never below 0.9 (a 10-step window): a few-step run (a smoke test) keeps a sane average.
     target = max(BN_MIN_DECAY, int((1 - 1 / (BN_WINDOW * steps)) * 10000) / 10000)
-    for path in ("model.ssd.feature_extractor.conv_hyperparams.batch_norm.decay",
-                 "model.ssd.box_predictor.weight_shared_convolutional_box_predictor.conv_hyperparams.batch_norm.decay"):
+    for path in paths:
         decay = doc.get(path)
-        if decay is None or float(decay) <= target:
-            continue
-        doc.set(path, target)
-        notes.append(f"{path.split('.')[2]} batch_norm.decay {float(decay):g} -> {target:g}: its moving averages "
+        if decay is None and path in SEGMENTATION_DECAY:
+            decay = SegmenterParams.batch_norm_decay
+        if decay is None or float(decay) <= target or not float(decay) < 1.0:
+            continue  # fast enough, or not a decay (the translator names the field)
+        if not doc.set(path, target):
+            doc.add(path.rsplit(".", 1)[0], path.rsplit(".", 1)[1], target, after="encoder_freeze")
+        name = path.removeprefix("model.segmentation.") if path in SEGMENTATION_DECAY else \
+            f"{path.split('.')[2]} batch_norm.decay"
+        notes.append(f"{name} {float(decay):g} -> {target:g}: its moving averages "
                      f"span ~{1 / (1 - float(decay)):.0f} steps, too many for a {steps}-step run (they would keep "
                      f"{float(decay) ** steps:.0%} of their initial values)")
     return notes

@@ -36,7 +36,8 @@ _SEGMENTATION_MESSAGES = {
         "image_resizer": [False, "message:object_detection.protos.ImageResizer"],
         "encoder_weights": [False, "string"], "encoder_freeze": [False, "bool"],
         "decoder_filters": [True, "int"], "pyramid_filters": [False, "int"], "psp_filters": [False, "int"],
-        "dropout": [False, "float"], "loss": [False, "message:pipelines.SegmentationLoss"],
+        "dropout": [False, "float"], "batch_norm_decay": [False, "float"],
+        "loss": [False, "message:pipelines.SegmentationLoss"],
     },
     "pipelines.SegmentationLoss": {
         "dice": [False, "message:pipelines.LossTerm"],

@@ -38,6 +38,7 @@ FIELD_MAP = [
     (f"{SEG}.pyramid_filters", "pyramid_filters", int),
     (f"{SEG}.psp_filters", "psp_filters", int),
     (f"{SEG}.dropout", "dropout", float),
+    (f"{SEG}.batch_norm_decay", "batch_norm_decay", float),
     ("train_config.batch_size", "batch_size", int),
     ("train_config.num_steps", "num_steps", int),
     ("train_input_reader.label_map_path", "label_map_path", str),
@@ -89,6 +90,8 @@ def translate(doc: TextProto, check_paths: bool = True) -> Translation:
         raise _fail(src, f"{SEG}.architecture", f"'{p.architecture}' is not supported; supported: {', '.join(ARCHITECTURES)}")
     if p.backbone not in BACKBONES:
         raise _fail(src, f"{SEG}.backbone", f"'{p.backbone}' is not supported; supported: {', '.join(BACKBONES)}")
+    if not 0.0 < p.batch_norm_decay < 1.0:  # also false for NaN
+        raise _fail(src, f"{SEG}.batch_norm_decay", f"{p.batch_norm_decay} must be between 0 and 1 (exclusive)")
     step = 6 * PSP_DOWNSAMPLE if p.architecture == "pspnet" else 32
     for name, value in (("height", p.image_height), ("width", p.image_width)):
         # The encoder downsamples 32 times (PSPNet: pools a stride-8 map into 1, 2, 3 and 6 bins).
