@@ -342,7 +342,7 @@ def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole job on the bundled sample: data, config, train, eval, export, serve",
                        description="Run every stage on the bundled sample (generated on first use), printing the make "
                                    "command of each: data -> config -> train -> eval (+ report) -> export -> serve "
-                                   "one val image, for a detector and a segmenter. About 15 minutes on 2 CPU cores.")
+                                   "one val image, for a detector and a segmenter. About 16 minutes on 2 CPU cores.")
     p.add_argument("--task", choices=("both", "detection", "segmentation"), default="both",
                    help="which models to train (default: both)")
     p.add_argument("--dataset", default=SAMPLE_NAME,

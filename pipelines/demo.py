@@ -3,7 +3,7 @@
 sample -> data -> config -> train -> eval (+ report) -> export -> serve -> one request, for a detector
 and a segmenter (`--task` picks one). Every stage runs as its own `python -m pipelines ...` process
 (what the make target runs) and is announced with the make command that reruns it, so the same
-commands work on a user's own dataset. The defaults are sized for a 2-core CPU machine: about 15
+commands work on a user's own dataset. The defaults are sized for a 2-core CPU machine: about 16
 minutes in all, with a detector that finds the sample's shapes.
 """
 
