@@ -319,11 +319,13 @@ def test_killed_run_resumes_from_its_checkpoint(data_dirs, tmp_path):
     with open(tmp_path / "first.log", "w") as out:  # a file, not a pipe nobody reads while it runs
         first = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
-        while checkpoints.latest(run_dir) is None and first.poll() is None and time.time() < deadline:
+        # A checkpoint counts once the trainer's state file names it (what a restart restores).
+        while tf.train.latest_checkpoint(str(run_dir / "train")) is None and first.poll() is None \
+                and time.time() < deadline:
             time.sleep(0.05)
         first.send_signal(signal.SIGKILL)
         first.wait()
-    killed_at = int(checkpoints.latest(run_dir).rsplit("-", 1)[1])
+    killed_at = int(tf.train.latest_checkpoint(str(run_dir / "train")).rsplit("-", 1)[1])
     assert first.returncode == -signal.SIGKILL, "training finished before it could be killed"
     assert 0 < killed_at < params.num_steps
 

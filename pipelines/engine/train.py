@@ -258,7 +258,9 @@ def run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None] = 
     started = time.perf_counter()
     total = exp.trainer.train_steps
     run_dir = model_dir.parent
-    latest = checkpoints.latest(run_dir)
+    # What Orbit's CheckpointManager restores: the checkpoint its state file names (a run killed between
+    # writing a checkpoint and naming it starts from the one before, or from scratch).
+    latest = tf.train.latest_checkpoint(str(model_dir))
     start_step = (checkpoints.step(latest) or 0) if latest else 0
     history_evals = read_evals(model_dir)
     evals: list[dict] = []
