@@ -30,6 +30,8 @@ SIZE    ?=
 FREEZE  ?=
 ZOO     ?=
 LABEL_MAP ?=
+FORMAT  ?=
+QUANT   ?=
 
 .PHONY: help setup browser lock sample data config import train eval report export serve bento containerize test bench bench-data bench-train-detection \
         bench-train-segmentation bench-serve serve-spectrogram demo clean
@@ -47,7 +49,8 @@ help:
 	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
 	@echo "make import ZOO=DIR [RUN=NAME] [LABEL_MAP=file]   an Object Detection API zoo model as a run"
-	@echo "make train RUN=NAME [SEED=N] | make eval RUN=NAME | make export RUN=NAME"
+	@echo "make train RUN=NAME [SEED=N] | make eval RUN=NAME [MODEL=workspace/RUN/export/model_int8.tflite]"
+	@echo "make export RUN=NAME [FORMAT=savedmodel|tflite|all] [QUANT=none,float16,int8]   TFLite files measured beside the SavedModel"
 	@echo "make report RUN=NAME               workspace/RUN/report.html: data, config, curves, metrics, predictions"
 	@echo "make serve RUN=NAME [PORT=3000] [HOST=127.0.0.1] | make serve MODEL=name:version (a BentoML model-store tag)"
 	@echo "make serve-spectrogram [PORT=3000]  POST /spectrogram: WAV in, spectrogram PNG out (no model)"
@@ -110,13 +113,15 @@ train: $(STAMP)
 	$(PY) -m pipelines train --run $(RUN_OR_DATASET) $(if $(SEED),--seed $(SEED))
 
 eval: $(STAMP)
-	$(PY) -m pipelines eval --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m pipelines eval --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+	  $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL))
 
 report: $(STAMP)
 	$(PY) -m pipelines report --run $(RUN_OR_DATASET)
 
 export: $(STAMP)
-	$(PY) -m pipelines export --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m pipelines export --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+	  $(if $(FORMAT),--format $(FORMAT)) $(if $(QUANT),--quant $(QUANT))
 
 serve: $(STAMP)
 	PIPELINES_MODEL=$(SERVE_MODEL) $(PY) -m pipelines.serving.serve pipelines.serving.service:Service --host $(HOST) --port $(PORT)

@@ -45,6 +45,17 @@ def _image_size(text: str) -> tuple[int, int]:
     return size
 
 
+def _quantizations(text: str) -> tuple[str, ...]:
+    from pipelines.engine.tflite import QUANTIZATIONS
+
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in QUANTIZATIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or text!r}: expected {', '.join(QUANTIZATIONS)} "
+                                         "(comma-separated)")
+    return names
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -171,6 +182,8 @@ def add_run_parsers(sub) -> None:
                                    "resolution; writes eval/metrics.json, confusion_matrix.png, predictions.png.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
     p.add_argument("--checkpoint", help="a checkpoint prefix (workspace/RUN/train/ckpt-N) instead of the best or latest")
+    p.add_argument("--model", help="a .tflite file of the run's export (make export FORMAT=tflite) to measure instead, "
+                                   "by the same code; writes workspace/RUN/eval-<file name>/")
     p = sub.add_parser("export", help="SavedModel with a stable serving signature -> workspace/RUN/export/, BentoML store",
                        description="Export a trained run as a SavedModel, check it against the checkpoint and "
                                    "record it in the BentoML model store (its best checkpoint when training kept "
@@ -181,13 +194,21 @@ def add_run_parsers(sub) -> None:
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
     p.add_argument("--checkpoint", help="a checkpoint prefix (workspace/RUN/train/ckpt-N) instead of the best or latest")
     p.add_argument("--name", help="BentoML model name (default: the run name)")
+    p.add_argument("--format", choices=("savedmodel", "tflite", "all"), default="savedmodel",
+                   help="savedmodel (default; always written: serving and the accuracy reference use it), tflite "
+                        "(also the --quant TFLite files), all (also every TFLite quantization)")
+    p.add_argument("--quant", type=_quantizations,
+                   help="TFLite quantizations, comma-separated: none (model.tflite), float16 (model_fp16.tflite), "
+                        "int8 (model_int8.tflite, calibrated on the run's training images); default none, all with "
+                        "--format all")
     p = sub.add_parser("predict", help="run an exported model on images: JSON + drawn images or masks",
                        description="Run workspace/RUN/export on image files. Detection: prints JSON (label, "
                                    "class_id, score, box in pixels) and writes each image with its boxes drawn. "
                                    "Segmentation: prints each class's pixel area as JSON and writes the class mask "
                                    "as a palette PNG and an overlay.")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", required=True, help="an export folder (workspace/RUN/export) or a saved_model folder")
+    p.add_argument("--model", required=True, help="an export folder (workspace/RUN/export), its saved_model folder or "
+                                                   "one of its .tflite files")
     p.add_argument("--score-threshold", type=float,
                    help="detection: drop detections below this score (default: the export's, chosen on the val set "
                         "by make eval; 0.5 for an export without one)")
@@ -283,6 +304,11 @@ def cmd_eval(args) -> int:
     from pipelines.runs import load_run
 
     params, folder, _ = load_run(args.run)
+    if args.model:
+        if args.checkpoint:
+            raise UserError(None, "give --checkpoint or --model, not both")
+        evaluate(params, folder, model=Path(args.model), log=_log)
+        return 0
     evaluate(params, folder, checkpoint=args.checkpoint, log=_log)
     _write_report(args.run)
     print(f"next: make export RUN={args.run}")
@@ -306,7 +332,13 @@ def cmd_export(args) -> int:
     from pipelines.runs import load_run
 
     params, folder, _ = load_run(args.run, need_data=False)
-    export(params, folder, params.label_map_path, name=args.name or folder.name, checkpoint=args.checkpoint, log=_log)
+    quantizations = args.quant or ()
+    if args.format == "savedmodel" and quantizations:
+        raise UserError(None, "--quant is for TFLite files: add --format tflite (make export FORMAT=tflite QUANT=...)")
+    if args.format != "savedmodel" and not quantizations:
+        quantizations = ("none", "float16", "int8") if args.format == "all" else ("none",)
+    export(params, folder, params.label_map_path, name=args.name or folder.name, checkpoint=args.checkpoint,
+           quantizations=quantizations, log=_log)
     return 0
 
 

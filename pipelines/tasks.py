@@ -115,12 +115,13 @@ def config_blocks() -> list[str]:
 
 
 def of_export(folder: Path) -> Task:
-    """The task of an export folder (or its saved_model/), from its metadata.json; exports without one
+    """The task of an export folder (or its saved_model/, or a file in it), from its metadata.json; exports without one
     predate it and are detection exports. UserError for a task this version does not know."""
     from pipelines.common import UserError, display_path
     from pipelines.model_store import read_metadata
 
-    metadata = read_metadata(Path(folder))
+    folder = Path(folder)
+    metadata = read_metadata(folder.parent if folder.is_file() else folder)  # a .tflite file: its export folder
     name = "detection" if metadata is None else metadata.get("task", "detection")
     try:
         return get(name)

@@ -166,3 +166,176 @@ def test_report_of_a_run_not_yet_trained(sample_dir, tmp_path):
     assert "num_classes: 4" in page  # the diff of make config
     proc = run_cli("report", "--run", "nothing-here", workspace=tmp_path)
     assert proc.returncode == 2 and "nothing-here" in proc.stderr and not (tmp_path / "nothing-here").exists()
+
+
+# ------------------------------------------------------------------------------ TFLite formats of the demo's detector
+
+
+@pytest.fixture(scope="module")
+def tflite_export(demo):
+    """The demo's trained detector exported again with every TFLite format (int8 calibrated on 48 images)."""
+    workspace, _ = demo
+    env = {"BENTOML_HOME": str(workspace.parent / "bentoml"), "PIPELINES_CALIBRATION_IMAGES": "48"}
+    proc = run_cli("export", "--run", "demo-detector", "--format", "all", workspace=workspace, env=env, timeout=900)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return workspace / "demo-detector" / "export", proc.stdout
+
+
+def _fast_nms_reference(params, exp, model, image):
+    """What TFLite_Detection_PostProcess's fast NMS should give, computed here from the checkpoint model's
+    raw outputs with NumPy: boxes decoded against the OD API anchors, sigmoid scores without the background,
+    greedy class-agnostic NMS on each box's best score, each kept box with its best class."""
+    import tensorflow as tf
+
+    from pipelines.detection import ssd
+
+    m = exp.task.model
+    size = (params.image_height, params.image_width)
+    logits, codes, _ = model.head(model.decoder(model.backbone(ssd.preprocess(tf.constant(image[None])))))
+    anchors = ssd.anchor_boxes(m.min_level, m.max_level, m.anchor.num_scales, m.anchor.aspect_ratios,
+                               m.anchor.anchor_size, size)
+    levels = sorted(codes, key=int)
+    codes = np.concatenate([tf.reshape(codes[k], [-1, 4]).numpy() for k in levels])
+    scores = np.concatenate([tf.reshape(logits[k], [-1, m.num_classes]).numpy() for k in levels])
+    anchors = np.concatenate([tf.reshape(anchors[k], [-1, 4]).numpy() for k in levels])
+    boxes = ssd.decode_boxes(tf.constant(codes), tf.constant(anchors), params.box_coder_weights).numpy()
+    boxes = boxes / np.array(size * 2, np.float32)
+    scores = 1 / (1 + np.exp(-scores[:, 1:]))
+    best, classes = scores.max(1), scores.argmax(1)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    kept = []
+    for i in np.argsort(-best, kind="stable"):
+        if len(kept) == params.max_detections:
+            break
+        if kept:
+            k = np.array(kept)
+            tl, br = np.maximum(boxes[k, :2], boxes[i, :2]), np.minimum(boxes[k, 2:], boxes[i, 2:])
+            inter = np.prod(np.clip(br - tl, 0, None), axis=1)
+            if (inter / (areas[k] + areas[i] - inter) > params.nms_iou_threshold).any():
+                continue
+        kept.append(i)
+    return {"num_detections": len(kept), "detection_boxes": boxes[kept], "detection_scores": best[kept],
+            "detection_classes": classes[kept].astype(np.float32)}
+
+
+def test_tflite_files_have_the_od_api_device_layout(tflite_export):
+    """What device apps read: one uint8 [1, H, W, 3] input; the post-processing op's four float outputs in
+    the order boxes, classes, scores, count; labels.txt line n naming class n (label-map id n + 1)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    export_dir, _ = tflite_export
+    metadata = json.loads((export_dir / "metadata.json").read_text())
+    height, width = metadata["input_size"]
+    assert (export_dir / "labels.txt").read_text().split("\n")[:4] == ["circle", "square", "triangle", "star"]
+    for name in ("model.tflite", "model_fp16.tflite", "model_int8.tflite"):
+        interpreter = Interpreter(model_path=str(export_dir / name))
+        interpreter.allocate_tensors()
+        inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+        assert len(inputs) == 1 and list(inputs[0]["shape"]) == [1, height, width, 3]
+        assert inputs[0]["dtype"] == np.uint8
+        shapes = [list(d["shape"]) for d in outputs]
+        assert shapes == [[1, 100, 4], [1, 100], [1, 100], [1]], (name, shapes)
+        assert all(d["dtype"] == np.float32 for d in outputs)
+        ops = {op["op_name"] for op in interpreter._get_ops_details()}
+        assert "TFLite_Detection_PostProcess" in ops, (name, ops)
+        by_name = interpreter.get_signature_runner().get_output_details()
+        assert [by_name[k]["index"] for k in ("detection_boxes", "detection_classes", "detection_scores",
+                                              "num_detections")] == [d["index"] for d in outputs]
+    # int8: the network's convolutions run on int8 tensors
+    interpreter = Interpreter(model_path=str(export_dir / "model_int8.tflite"))
+    conv_inputs = [interpreter._get_tensor_details(op["inputs"][0], 0)["dtype"] for op in interpreter._get_ops_details()
+                   if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert conv_inputs and all(dtype == np.int8 for dtype in conv_inputs)
+
+
+def test_float_tflite_detections_agree_with_the_checkpoint_model(tflite_export, demo, sample_dir, monkeypatch):
+    """On real images, each float file's detections are those of the checkpoint's network followed by the
+    post-processing op's fast NMS, computed independently here: same classes (0-based in the file), scores
+    and boxes within a small tolerance, over the top 20 detections."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pipelines import checkpoints
+    from pipelines.detection import ssd
+    from pipelines.detection.export import _experiment, compare
+    from pipelines.runs import load_run
+
+    workspace, _ = demo
+    export_dir, _ = tflite_export
+    monkeypatch.setenv("PIPELINES_WORKSPACE", str(workspace))
+    params, run_dir, _ = load_run("demo-detector", need_data=False)
+    exp = _experiment(params)
+    model = ssd.build_model(exp.task)
+    checkpoints.restore(model, json.loads((export_dir / "metadata.json").read_text())["checkpoint"])
+    size = (params.image_height, params.image_width)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(sample_dir.rglob("*.jpg"))[:4]]
+    for name, tolerance in (("model.tflite", 1e-3), ("model_fp16.tflite", 2e-2)):
+        runner = Interpreter(model_path=str(export_dir / name)).get_signature_runner()
+        for n, image in enumerate(images):
+            # the app's input: the picture stretched to the model's size, in uint8
+            resized = np.clip(np.round(ssd.resize(image[None], size).numpy()), 0, 255).astype(np.uint8)
+            ref = _fast_nms_reference(params, exp, model, resized[0])
+            got = runner(input_tensor=resized)
+            got = {"num_detections": int(got["num_detections"][0]), "detection_boxes": got["detection_boxes"][0],
+                   "detection_scores": got["detection_scores"][0], "detection_classes": got["detection_classes"][0]}
+            problem, _ = compare(ref, got, top=20, score_tol=tolerance, box_tol=tolerance)
+            assert problem is None, f"{name}, image {n}: {problem}"
+
+
+def test_export_measures_every_format_and_make_eval_agrees(tflite_export, demo):
+    """make export prints and stores size, latency and AP of every format; the SavedModel is measured in the
+    same run; int8 stays within 3 AP points of it; make eval MODEL=...tflite gives the same AP by the same code."""
+    workspace, _ = demo
+    export_dir, out = tflite_export
+    formats = json.loads((export_dir / "metadata.json").read_text())["formats"]
+    assert list(formats) == ["saved_model", "model.tflite", "model_fp16.tflite", "model_int8.tflite"]
+    for key, entry in formats.items():
+        assert entry["metric"] == "AP" and entry["bytes"] > 0 and entry["latency_ms"] > 0, key
+        assert 0 <= entry["value"] <= 1, key
+        assert f"{entry['value']:.4f}" in out and key in out
+    reference = formats["saved_model"]["value"]
+    assert reference > 0.05, "the demo's detector should find shapes"
+    assert abs(formats["model_fp16.tflite"]["value"] - formats["model.tflite"]["value"]) <= 0.005
+    assert abs(formats["model_int8.tflite"]["value"] - reference) <= 0.03
+    assert formats["model_int8.tflite"]["bytes"] < formats["model_fp16.tflite"]["bytes"] < formats["model.tflite"]["bytes"]
+
+    proc = run_cli("eval", "--run", "demo-detector", "--model", export_dir / "model_int8.tflite", workspace=workspace,
+                   check=True, timeout=600)
+    metrics = json.loads((workspace / "demo-detector" / "eval-model_int8" / "metrics.json").read_text())
+    assert metrics["model"].endswith("model_int8.tflite") and metrics["task"] == "detection"
+    assert abs(metrics["metrics"]["AP"] - formats["model_int8.tflite"]["value"]) < 1e-6
+    assert "eval-model_int8" in proc.stdout
+    assert (workspace / "demo-detector" / "eval-model_int8" / "pr_curve.png").is_file()
+
+
+def test_predict_with_a_tflite_file(tflite_export, demo, sample_dir, tmp_path):
+    workspace, _ = demo
+    export_dir, _ = tflite_export
+    image = sorted(sample_dir.rglob("*.jpg"))[0]
+    answers = {}
+    for model in (export_dir, export_dir / "model_int8.tflite"):
+        proc = run_cli("predict", "--model", model, image, "--score-threshold", "0.2", "--out", tmp_path / model.name,
+                       workspace=workspace, check=True)
+        answers[model.name] = json.loads(proc.stdout)[0]["detections"]
+    assert answers["model_int8.tflite"], answers
+    best = answers["export"][0]
+    assert any(d["label"] == best["label"] and abs(d["box"]["xmin"] - best["box"]["xmin"]) < 8
+               for d in answers["model_int8.tflite"])
+    assert list((tmp_path / "model_int8.tflite").glob("*.jpg")) or list((tmp_path / "model_int8.tflite").iterdir())
+
+
+def test_int8_export_without_training_images_is_refused(demo, tmp_path):
+    """A run whose training TFRecords are gone cannot calibrate int8: one line, exit 2, nothing written."""
+    workspace, _ = demo
+    run = workspace / "no-train-data"
+    shutil.copytree(workspace / "demo-detector" / "train", run / "train")
+    config = (workspace / "demo-detector" / "pipeline.config").read_text()
+    train_glob = re.search(r'train_input_reader \{.*?input_path: "([^"]+)"', config, re.DOTALL).group(1)
+    (run / "pipeline.config").write_text(config.replace(train_glob, str(tmp_path / "gone-*.tfrecord")))
+    proc = run_cli("export", "--run", "no-train-data", "--format", "tflite", "--quant", "int8", workspace=workspace,
+                   env={"BENTOML_HOME": str(tmp_path / "bentoml")})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "int8" in lines[0] and "training" in lines[0], proc.stderr[-2000:]
+    assert not (run / "export").exists()
+    proc = run_cli("export", "--run", "no-train-data", "--quant", "int8", workspace=workspace)
+    assert proc.returncode == 2 and "--format tflite" in proc.stderr

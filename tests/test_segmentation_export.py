@@ -334,3 +334,87 @@ def test_predict_writes_palette_masks_of_the_served_classes(exported, serve, tmp
     json.dumps(results)
     with pytest.raises(UserError, match="no such file"):
         predict(saved_model.parent, [tmp_path / "missing.jpg"])
+
+
+# ------------------------------------------------------------------------------------------ TFLite formats
+
+
+@pytest.fixture(scope="module")
+def tflite_run(run, tmp_path_factory):
+    """A copy of the run exported with every TFLite format (int8 calibrated on its 12 or so training images)."""
+    import shutil
+
+    from pipelines.engine.export import export
+
+    params, run_dir, _ = run
+    copy = tmp_path_factory.mktemp("tflite-run") / "run"
+    shutil.copytree(run_dir / "train", copy / "train")
+    previous = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(tmp_path_factory.mktemp("bentoml-tflite"))
+    try:
+        lines = []
+        export(params, copy, params.label_map_path, name="shapes-segmenter-tflite",
+               quantizations=("none", "float16", "int8"), log=lines.append)
+    finally:
+        if previous is None:
+            os.environ.pop("BENTOML_HOME", None)
+        else:
+            os.environ["BENTOML_HOME"] = previous
+    return params, copy, lines
+
+
+def test_tflite_segmenter_layout(tflite_run):
+    from ai_edge_litert.interpreter import Interpreter
+
+    params, run_dir, lines = tflite_run
+    export_dir = run_dir / "export"
+    assert (export_dir / "labels.txt").read_text().split() == ["background", "circle", "square", "triangle", "star"]
+    for name in ("model.tflite", "model_fp16.tflite", "model_int8.tflite"):
+        interpreter = Interpreter(model_path=str(export_dir / name))
+        (inp,) = interpreter.get_input_details()
+        assert list(inp["shape"]) == [1, 64, 64, 3] and inp["dtype"] == np.uint8
+        outputs = interpreter.get_output_details()
+        assert [list(d["shape"]) for d in outputs] == [[1, 64, 64], [1, 64, 64, 5]]
+        assert [d["dtype"] for d in outputs] == [np.int32, np.float32]
+        by_name = interpreter.get_signature_runner().get_output_details()
+        assert [by_name[k]["index"] for k in ("segmentation_mask", "probabilities")] == [d["index"] for d in outputs]
+    assert any(line.startswith("formats") for line in lines)
+
+
+def test_float_tflite_segmenter_agrees_with_the_savedmodel(tflite_run, data_dir):
+    """At the model's input size, the float files give the SavedModel's probabilities and classes."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    params, run_dir, _ = tflite_run
+    export_dir = run_dir / "export"
+    serve_saved = tf.saved_model.load(str(export_dir / "saved_model")).signatures["serving_default"]
+    images = [r["image"] for r in read_records(data_dir, "val")]
+    for name, tolerance, agreement in (("model.tflite", 1e-4, 0.999), ("model_fp16.tflite", 2e-2, 0.98)):
+        runner = Interpreter(model_path=str(export_dir / name)).get_signature_runner()
+        for image in images:
+            x = tf.cast(tf.round(tf.image.resize(tf.cast(image[None], tf.float32), (64, 64))), tf.uint8)
+            ref = serve_saved(input_tensor=x)
+            got = runner(input_tensor=x.numpy())
+            difference = np.abs(got["probabilities"] - ref["probabilities"].numpy()).max()
+            same = np.mean(got["segmentation_mask"] == ref["segmentation_mask"].numpy())
+            assert difference < tolerance and same >= agreement, (name, difference, same)
+
+
+def test_tflite_formats_measured_and_evaluated_by_the_same_code(tflite_run):
+    """metadata.json has every format's size, latency and mean IoU beside the SavedModel's; int8 within 3
+    points; evaluate(model=...tflite) gives the stored figure and writes eval-<name>/."""
+    from pipelines.engine.evaluate import evaluate
+
+    params, run_dir, _ = tflite_run
+    formats = json.loads((run_dir / "export" / "metadata.json").read_text())["formats"]
+    assert list(formats) == ["saved_model", "model.tflite", "model_fp16.tflite", "model_int8.tflite"]
+    reference = formats["saved_model"]["value"]
+    assert all(entry["metric"] == "mean_iou" and entry["bytes"] > 0 for entry in formats.values())
+    assert abs(formats["model.tflite"]["value"] - reference) < 0.005
+    assert abs(formats["model_int8.tflite"]["value"] - reference) <= 0.03, formats
+    metrics = evaluate(params, run_dir, model=run_dir / "export" / "model_fp16.tflite", log=lambda line: None)
+    assert metrics["metrics"]["mean_iou"] == pytest.approx(formats["model_fp16.tflite"]["value"], abs=1e-9)
+    assert metrics["step"] == STEPS and (run_dir / "eval-model_fp16" / "metrics.json").is_file()
+    assert not (run_dir / "eval").exists()  # the checkpoint's evaluation is not touched
+    with pytest.raises(UserError, match="tflite"):
+        evaluate(params, run_dir, model=run_dir / "export" / "saved_model", log=lambda line: None)

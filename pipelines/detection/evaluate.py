@@ -32,8 +32,8 @@ def coco_eval(gt_images: list[dict], gt_annotations: list[dict], detections: lis
     gt = COCO()
     gt.dataset = {"info": {}, "images": gt_images, "annotations": gt_annotations,
                   "categories": [{"id": k, "name": v} for k, v in sorted(labels.items())]}
-    gt.createIndex()
     with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
         dt = gt.loadRes(detections) if detections else COCO()
         if not detections:
             dt.dataset = {"images": gt_images, "annotations": [], "categories": gt.dataset["categories"]}
@@ -260,7 +260,8 @@ def format_metrics(metrics: dict) -> str:
     if point:
         lines.append(f"default score threshold {point['score_threshold']:.3f}: the best F1 over all classes on val "
                      f"(IoU {point['iou']:.2f}): precision {point['precision']:.3f}, recall {point['recall']:.3f}, "
-                     f"F1 {point['f1']:.3f}; make export stores it, /detect and predict use it unless given one")
+                     f"F1 {point['f1']:.3f}" + ("" if metrics.get("model") else
+                                                 "; make export stores it, /detect and predict use it unless given one"))
     else:
         lines.append(f"default score threshold {DEFAULT_SCORE_THRESHOLD}: no detection or no object on val to choose "
                      "one from")

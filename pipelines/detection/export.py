@@ -7,6 +7,20 @@ Detection API's serving signature, and params.yaml (the Model Garden experiment)
     detection_scores   float32 [batch, N]
     detection_classes  float32 [batch, N]     label-map ids
 
+For `make export FORMAT=tflite` (pipelines/engine/tflite.py) the same network is converted with Model
+Garden's TFLite post-processing (the detection generator's 'tflite' NMS version, which becomes the
+TFLite_Detection_PostProcess op): uint8 [1, H, W, 3] in; out, in this order, as the Object Detection
+API's TFLite models give them:
+
+    detection_boxes    float32 [1, N, 4]  normalized [ymin, xmin, ymax, xmax] of the input (not clipped)
+    detection_classes  float32 [1, N]     0-based: label-map id - 1 (labels.txt line n is class n)
+    detection_scores   float32 [1, N]
+    num_detections     float32 [1]
+
+Its NMS is the op's fast one (the OD API's TFLite default): boxes chosen class-agnostically, each with
+its best class. Measured on the sample it gives the SavedModel's AP (bench/RESULTS.md); the op's
+per-class ("regular") NMS loses whole classes when the interpreter runs it on several threads.
+
 Model Garden's DetectionModule does the resizing (the training's stretch to height x width) and,
 with the export_config set in build_experiment, the normalization to the input image and the
 float casts. Before the export replaces the previous one, its detections on a few images are
@@ -142,11 +156,16 @@ def check_export(saved_model_dir: str | Path, params: DetectorParams, checkpoint
     return {"images": len(images), "max_box_difference": max_box}
 
 
+TFLITE_OUTPUTS = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
+
+
 class Exporter:
     """Detection's part of `make export` (pipelines/engine/export.py): the module above saved with its
-    Model Garden experiment (params.yaml), checked detection by detection."""
+    Model Garden experiment (params.yaml), checked detection by detection; and its TFLite function."""
 
     outputs = DETECTION_OUTPUTS
+    tflite_output_order = TFLITE_OUTPUTS
+    tflite_first_label = 1  # TFLite class 0 is label-map id 1
     default_name = "detector"  # the BentoML model name when the run's name is not a valid one
 
     def __init__(self, params: DetectorParams):
@@ -191,3 +210,44 @@ class Exporter:
 
     def signature_notes(self) -> dict:
         return {}
+
+    def tflite_function(self, model: tf_keras.Model):
+        """uint8 [1, H, W, 3] -> TFLITE_OUTPUTS: the checkpoint model's network, then Model Garden's TFLite
+        post-processing with the run's NMS settings (fast NMS, one class per box, anchors normalized)."""
+        params, m = self.params, self.exp.task.model
+        size = (params.image_height, params.image_width)
+        anchors = ssd.anchor_boxes(m.min_level, m.max_level, m.anchor.num_scales, m.anchor.aspect_ratios,
+                                   m.anchor.anchor_size, size)
+        per_location = m.anchor.num_scales * len(m.anchor.aspect_ratios)
+        generator = ssd.SSDDetectionGenerator(
+            apply_nms=True, nms_version="tflite", box_coder_weights=[float(w) for w in params.box_coder_weights],
+            tflite_post_processing_config={
+                "max_detections": params.max_detections, "max_classes_per_detection": 1, "use_regular_nms": False,
+                "nms_score_threshold": params.nms_score_threshold, "nms_iou_threshold": params.nms_iou_threshold,
+                "normalize_anchor_coordinates": True, "input_image_size": size})
+
+        @tf.function(input_signature=[tf.TensorSpec([1, *size, 3], tf.uint8, name=INPUT_NAME)])
+        def detect(input_tensor):
+            features = model.decoder(model.backbone(ssd.preprocess(input_tensor), training=False), training=False)
+            logits, box_codes, _ = model.head(features, training=False)
+            foreground = {}  # without column 0 (the background): the op's classes are then 0-based label ids - 1
+            for level, x in logits.items():
+                shape = tf.shape(x)
+                x = tf.reshape(x, [1, shape[1], shape[2], per_location, m.num_classes])[..., 1:]
+                foreground[level] = tf.reshape(x, [1, shape[1], shape[2], per_location * (m.num_classes - 1)])
+            out = generator(box_codes, foreground, anchors, None)
+            return {name: out[name] for name in TFLITE_OUTPUTS}
+        return detect
+
+    @staticmethod
+    def tflite_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A uint8 image of any size as the TFLite input: stretched to `size` with the OD API's resize."""
+        return tf.cast(tf.clip_by_value(tf.round(ssd.resize(image[None], size)), 0, 255), tf.uint8).numpy()
+
+    @staticmethod
+    def tflite_outputs(raw: dict, image_size: tuple[int, int]) -> dict:
+        """The TFLite outputs as the SavedModel's (batch of 1): label-map ids, boxes clipped to the image."""
+        return {"num_detections": raw["num_detections"].astype(np.float32),
+                "detection_boxes": np.clip(raw["detection_boxes"], 0.0, 1.0),
+                "detection_scores": raw["detection_scores"],
+                "detection_classes": raw["detection_classes"] + 1.0}

@@ -34,41 +34,71 @@ def same_size_batches(records: Iterator[examples.Example], size: int) -> Iterato
         yield batch
 
 
-def evaluate(params, run_dir: str | Path, checkpoint: str | None = None, log=print) -> dict:
-    """Evaluate the run's best (else latest) or the given checkpoint on params.eval_files; writes
-    RUN_DIR/eval/ and returns what metrics.json holds."""
-    from pipelines import tasks
-
-    task = tasks.of_params(params)
-    run_dir = Path(run_dir)
-    checkpoint = str(checkpoint or checkpoints.default(run_dir))
-    if not params.label_map_path:
-        raise UserError(None, "the run has no label map (eval_input_reader.label_map_path)")
-    evaluator = task.load("evaluator")(params, read_label_map(Path(params.label_map_path)))
-    serve = evaluator.serving_function(checkpoint)
-
-    log(f"evaluating {checkpoint} on {', '.join(display_path(f) for f in params.eval_files)}")
+def score(evaluator, serve, files: list[str], log=print, keep: int = 0) -> tuple[int, list]:
+    """Run `serve` over the records of `files` into `evaluator` (reset first); returns (images, the first
+    `keep` (record, outputs) pairs)."""
     evaluator.reset()
     images, samples = 0, []
-    records = examples.read(params.eval_files, class_masks=evaluator.needs_class_masks)
+    records = examples.read(files, class_masks=evaluator.needs_class_masks)
     for batch in same_size_batches(records, evaluator.batch_size):
         outputs = serve(np.stack([record.image for record in batch]))
         for j, record in enumerate(batch):
             output = {key: value[j] for key, value in outputs.items()}
             evaluator.process(record, output)
-            if len(samples) < evaluator.draw_images:
+            if len(samples) < keep:
                 samples.append((record, output))
         images += len(batch)
         if images // 100 > (images - len(batch)) // 100:
             log(f"  {images} images")
     if not images:
-        raise FileNotFoundError(f"no validation examples in {', '.join(params.eval_files)}")
+        raise FileNotFoundError(f"no validation examples in {', '.join(files)}")
+    return images, samples
 
-    metrics = {"task": task.name, "checkpoint": checkpoint, "step": checkpoints.step(checkpoint), "images": images,
+
+def evaluate(params, run_dir: str | Path, checkpoint: str | None = None, model: str | Path | None = None,
+             log=print) -> dict:
+    """Evaluate the run's best (else latest) or the given checkpoint on params.eval_files; writes
+    RUN_DIR/eval/ and returns what metrics.json holds. With `model` (a .tflite file of the run's export),
+    that file is measured instead, into RUN_DIR/eval-<its name>/."""
+    from pipelines import tasks
+
+    task = tasks.of_params(params)
+    run_dir = Path(run_dir)
+    if not params.label_map_path:
+        raise UserError(None, "the run has no label map (eval_input_reader.label_map_path)")
+    evaluator = task.load("evaluator")(params, read_label_map(Path(params.label_map_path)))
+    if model is not None:
+        serve, checkpoint, step, described, out_dir = _tflite(task, Path(model), run_dir)
+    else:
+        checkpoint = str(checkpoint or checkpoints.default(run_dir))
+        serve, step, described = evaluator.serving_function(checkpoint), checkpoints.step(checkpoint), checkpoint
+        out_dir = run_dir / "eval"
+
+    log(f"evaluating {described} on {', '.join(display_path(f) for f in params.eval_files)}")
+    images, samples = score(evaluator, serve, params.eval_files, log, keep=evaluator.draw_images)
+    metrics = {"task": task.name, "checkpoint": checkpoint, "step": step,
+               "images": images, **({"model": display_path(model)} if model is not None else {}),
                **evaluator.evaluate()}
-    with atomic_output_dir(run_dir / "eval") as tmp:
+    with atomic_output_dir(out_dir) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         pictures = evaluator.draw(tmp, samples)
     log(evaluator.format(metrics))
-    log(f"wrote {display_path(run_dir / 'eval')}/: metrics.json, {', '.join(pictures)}")
+    log(f"wrote {display_path(out_dir)}/: metrics.json, {', '.join(pictures)}")
     return metrics
+
+
+def _tflite(task, model: Path, run_dir: Path):
+    """(serving function, the checkpoint it was converted from and its step, what is measured, output
+    folder) of a .tflite file of `make export FORMAT=tflite`."""
+    from pipelines.engine import tflite
+    from pipelines.model_store import read_metadata
+
+    if model.suffix != ".tflite":
+        raise UserError(display_path(model), "--model takes a .tflite file of `make export FORMAT=tflite` (the "
+                                             "SavedModel is what `make eval` measures without it)")
+    metadata = read_metadata(model.parent) or {}
+    if metadata.get("task", task.name) != task.name:
+        raise UserError(display_path(model), f"a {metadata['task']} export, and the run is a {task.name} run")
+    serve = tflite.serving_function(model, task.load("exporter"))
+    described = f"{display_path(model)} ({tflite.quantization_of(model)}, from {metadata.get('checkpoint', '?')})"
+    return serve, metadata.get("checkpoint"), metadata.get("step"), described, run_dir / f"eval-{model.stem}"

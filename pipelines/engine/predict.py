@@ -15,8 +15,15 @@ from pipelines.data.label_map import read_label_map
 
 
 def find_export(model: Path) -> tuple[Path, Path]:
-    """(saved_model folder, label map) for an export folder or a saved_model folder."""
+    """(saved_model folder or .tflite file, label map) for an export folder, a saved_model folder or a
+    .tflite file of an export."""
     model = Path(model)
+    if model.suffix == ".tflite":
+        if not model.is_file():
+            raise UserError(display_path(model), "no such file: make export RUN=... FORMAT=tflite writes it")
+        if not (model.parent / "label_map.pbtxt").is_file():
+            raise UserError(display_path(model), "no label_map.pbtxt beside it (a .tflite file of make export's folder)")
+        return model, model.parent / "label_map.pbtxt"
     saved_model = model / "saved_model" if (model / "saved_model").is_dir() else model
     if not (saved_model / "saved_model.pb").is_file():
         raise UserError(display_path(model), "no SavedModel here: give workspace/RUN/export (run `make export` first)")
@@ -48,10 +55,21 @@ def predict(model: Path, images: list[Path], out_dir: Path | None = None, log=pr
 
     task = tasks.of_export(Path(model))
     saved_model, label_map = find_export(Path(model))
-    part = task.load("predict")(read_label_map(label_map), read_metadata(saved_model) or {}, **options)
+    part = task.load("predict")(read_label_map(label_map), read_metadata(saved_model.parent if saved_model.is_file()
+                                                                         else saved_model) or {}, **options)
     arrays = [load_image(Path(p)) for p in images]  # every file checked before the model loads
-    serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
-    missing = [key for key in part.outputs if key not in serve.structured_outputs]
+    if saved_model.suffix == ".tflite":
+        from pipelines.engine.tflite import serving_function
+
+        serve = serving_function(saved_model, task.load("exporter"))
+        produced = list(task.load("exporter").outputs)
+    else:
+        signature = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+        produced = list(signature.structured_outputs)
+
+        def serve(batch):
+            return {k: v.numpy() for k, v in signature(**{INPUT_NAME: tf.constant(batch)}).items()}
+    missing = [key for key in part.outputs if key not in produced]
     if missing:
         raise UserError(display_path(model), f"not a {task.name} export: its signature has no {', '.join(missing)} "
                                              "output")
@@ -59,7 +77,7 @@ def predict(model: Path, images: list[Path], out_dir: Path | None = None, log=pr
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for path, array in zip(images, arrays):
-        outputs = {k: v.numpy() for k, v in serve(**{INPUT_NAME: tf.constant(array[None])}).items()}
+        outputs = serve(array[None])
         h, w = array.shape[:2]
         results.append({"image": str(path), "width": w, "height": h,
                         **part(array, outputs, out_dir / Path(path).stem)})

@@ -5,6 +5,10 @@ size, and returns, at the input's own resolution:
     segmentation_mask  int32   [batch, height, width]         0 = background, 1..K = label-map ids
     probabilities      float32 [batch, height, width, K + 1]  softmax over background and the K classes
 
+For `make export FORMAT=tflite` (pipelines/engine/tflite.py) the model is converted at its fixed input
+size: uint8 [1, H, W, 3] in (the image stretched to the model's size); out, in this order,
+`segmentation_mask` int32 [1, H, W] and `probabilities` float32 [1, H, W, K + 1] at that size.
+
 `segment` is that computation: the image is stretched to the model's input size (bilinear, as the
 training's data pipeline does), the softmax of the logits is resized back to the image's size
 (bilinear, so that region edges follow the image rather than the model's coarser grid) and the
@@ -110,9 +114,11 @@ def check_export(saved_model_dir: str | Path, params: SegmenterParams, checkpoin
 
 class Exporter:
     """Segmentation's part of `make export` (pipelines/engine/export.py): SegmentationModule saved,
-    checked pixel by pixel; the metadata names the architecture and backbone."""
+    checked pixel by pixel; the metadata names the architecture and backbone; and its TFLite function."""
 
     outputs = SEGMENTATION_OUTPUTS
+    tflite_output_order = SEGMENTATION_OUTPUTS
+    tflite_first_label = 0  # the class map's 0 is the background: labels.txt's first line
     default_name = "segmenter"  # the BentoML model name when the run's name is not a valid one
 
     def __init__(self, params: SegmenterParams):
@@ -140,3 +146,29 @@ class Exporter:
             MASK_OUTPUT: "int32 [batch, height, width]: 0 = background, 1..K = label-map ids",
             PROBABILITIES_OUTPUT: f"float32 [batch, height, width, {self.params.output_classes}]: "
                                "softmax over background and the label map's classes"}}
+
+    def tflite_function(self, model: tf.keras.Model):
+        """uint8 [1, H, W, 3] -> {segmentation_mask, probabilities} at the model's input size."""
+        size = tuple(self.params.input_size)
+
+        @tf.function(input_signature=[tf.TensorSpec([1, *size, 3], tf.uint8, name=INPUT_NAME)])
+        def segment_fixed(input_tensor):
+            probabilities = tf.nn.softmax(model(tf.cast(input_tensor, tf.float32), training=False), axis=-1)
+            return {MASK_OUTPUT: tf.argmax(probabilities, axis=-1, output_type=tf.int32),
+                    PROBABILITIES_OUTPUT: probabilities}
+        return segment_fixed
+
+    @staticmethod
+    def tflite_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A uint8 image of any size as the TFLite input: stretched to `size` (bilinear, as `segment`)."""
+        resized = tf.image.resize(tf.cast(image[None], tf.float32), size, method="bilinear")
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
+
+    @staticmethod
+    def tflite_outputs(raw: dict, image_size: tuple[int, int]) -> dict:
+        """The TFLite outputs as the SavedModel's (batch of 1): probabilities resized back to the image
+        (bilinear), the class of each of its pixels taken there, as `segment` does."""
+        probabilities = tf.image.resize(tf.constant(raw[PROBABILITIES_OUTPUT], tf.float32), image_size,
+                                        method="bilinear")
+        return {MASK_OUTPUT: tf.argmax(probabilities, axis=-1, output_type=tf.int32).numpy(),
+                PROBABILITIES_OUTPUT: probabilities.numpy()}
