@@ -34,7 +34,7 @@ FORMAT  ?=
 QUANT   ?=
 
 .PHONY: help setup browser lock sample data config import train eval report export serve bento containerize test bench bench-data bench-train-detection \
-        bench-train-segmentation bench-serve serve-spectrogram demo clean
+        bench-train-segmentation bench-serve bench-export serve-spectrogram demo clean
 
 help:
 	@echo "make setup                         create .venv and install requirements.lock"
@@ -57,7 +57,7 @@ help:
 	@echo "make bento RUN=NAME | make bento MODEL=name:version   a Bento (model + code + requirements.lock) in the bento store"
 	@echo "make containerize BENTO=name:version                 its Docker image (bentoml containerize; needs Docker)"
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
-	@echo "                                   bench-train-segmentation, bench-serve)"
+	@echo "                                   bench-train-segmentation, bench-serve, bench-export)"
 
 $(STAMP): requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
@@ -156,7 +156,7 @@ browser:
 	      echo "could not install chromium: the report's browser test will be skipped"; \
 	  else echo "chromium not found (install Debian's chromium): the report's browser test will be skipped"; fi; }
 
-bench: bench-data bench-train-detection bench-train-segmentation bench-serve
+bench: bench-data bench-train-detection bench-train-segmentation bench-serve bench-export
 
 bench-data: $(STAMP)
 	$(PY) bench/bench_data.py
@@ -169,6 +169,10 @@ bench-train-segmentation: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PY) bench/bench_serve.py
+
+# TFLite formats against the SavedModel, on the runs make demo leaves (exported with FORMAT=all first).
+bench-export: $(STAMP)
+	$(PY) bench/bench_export.py --export
 
 clean:
 	rm -rf workspace/*/ bench/out
