@@ -4,16 +4,16 @@
                                            [--repeats 50]
 
 For each trained run (`make demo` leaves demo-detector and demo-segmenter), with --export first
-`python -m pipelines export --run RUN --format all` (SavedModel + float32, float16 and int8 TFLite).
+`python -m pipelines export --run RUN --format all` (SavedModel + float32, float16 and int8 TFLite, and ONNX).
 Then every format of workspace/RUN/export is measured in a process of its own, limited to --threads
 threads (TensorFlow's intra/inter-op pools for the SavedModel, the interpreter's threads for TFLite):
 
-    size      bytes on disk (the saved_model folder, or the .tflite file)
-    load      seconds from nothing to the first answer (tf.saved_model.load / interpreter + allocate, then
+    size      bytes on disk (the saved_model folder, or the file)
+    load      seconds from nothing to the first answer (tf.saved_model.load / interpreter + allocate / onnxruntime session, then
               one image)
     latency   median and 90th percentile of --repeats calls on one image of the model's input size, batch 1
     metric    the task's val metric (COCO AP / mean IoU) by the task's own evaluator, the SavedModel
-              through its serving signature, TFLite through pipelines/engine/tflite.py
+              through its serving signature, TFLite and ONNX through pipelines/engine/formats.py
 
 and printed with its ratio (size, latency) or difference (metric) against the SavedModel's.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-FORMATS = ("saved_model", "model.tflite", "model_fp16.tflite", "model_int8.tflite")
+FORMATS = ("saved_model", "model.tflite", "model_fp16.tflite", "model_int8.tflite", "model.onnx")
 
 
 def measure_one(run: str, name: str, threads: int, repeats: int) -> dict:
@@ -44,7 +44,7 @@ def measure_one(run: str, name: str, threads: int, repeats: int) -> dict:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     from pipelines import tasks
     from pipelines.data.label_map import read_label_map
-    from pipelines.engine import tflite
+    from pipelines.engine import formats
     from pipelines.engine.evaluate import score
     from pipelines.model_store import INPUT_NAME, check_images
     from pipelines.runs import load_run
@@ -53,7 +53,7 @@ def measure_one(run: str, name: str, threads: int, repeats: int) -> dict:
     task = tasks.of_params(params)
     exporter = task.load("exporter")
     path = folder / "export" / name
-    example = exporter.tflite_input(check_images(params, 1)[0], (params.image_height, params.image_width))
+    example = exporter.device_input(check_images(params, 1)[0], (params.image_height, params.image_width))
     started = time.perf_counter()
     if name == "saved_model":
         signature = tf.saved_model.load(str(path)).signatures["serving_default"]
@@ -65,7 +65,7 @@ def measure_one(run: str, name: str, threads: int, repeats: int) -> dict:
             return {k: v.numpy() for k, v in call(images).items()}
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     else:
-        serve = tflite.serving_function(path, exporter, threads)
+        serve = formats.serving_function(path, exporter, threads)
         call = serve.model.run
         size = path.stat().st_size
     call(example)

@@ -46,7 +46,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def _quantizations(text: str) -> tuple[str, ...]:
-    from pipelines.engine.tflite import QUANTIZATIONS
+    from pipelines.engine.formats import QUANTIZATIONS
 
     names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     unknown = [name for name in names if name not in QUANTIZATIONS]
@@ -182,8 +182,8 @@ def add_run_parsers(sub) -> None:
                                    "resolution; writes eval/metrics.json, confusion_matrix.png, predictions.png.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
     p.add_argument("--checkpoint", help="a checkpoint prefix (workspace/RUN/train/ckpt-N) instead of the best or latest")
-    p.add_argument("--model", help="a .tflite file of the run's export (make export FORMAT=tflite) to measure instead, "
-                                   "by the same code; writes workspace/RUN/eval-<file name>/")
+    p.add_argument("--model", help="a .tflite or .onnx file of the run's export (make export FORMAT=...) to measure "
+                                   "instead, by the same code; writes workspace/RUN/eval-<file name>/")
     p = sub.add_parser("export", help="SavedModel with a stable serving signature -> workspace/RUN/export/, BentoML store",
                        description="Export a trained run as a SavedModel, check it against the checkpoint and "
                                    "record it in the BentoML model store (its best checkpoint when training kept "
@@ -194,9 +194,10 @@ def add_run_parsers(sub) -> None:
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
     p.add_argument("--checkpoint", help="a checkpoint prefix (workspace/RUN/train/ckpt-N) instead of the best or latest")
     p.add_argument("--name", help="BentoML model name (default: the run name)")
-    p.add_argument("--format", choices=("savedmodel", "tflite", "all"), default="savedmodel",
+    p.add_argument("--format", choices=("savedmodel", "tflite", "onnx", "all"), default="savedmodel",
                    help="savedmodel (default; always written: serving and the accuracy reference use it), tflite "
-                        "(also the --quant TFLite files), all (also every TFLite quantization)")
+                        "(also the --quant TFLite files), onnx (also model.onnx), all (also every TFLite "
+                        "quantization and ONNX)")
     p.add_argument("--quant", type=_quantizations,
                    help="TFLite quantizations, comma-separated: none (model.tflite), float16 (model_fp16.tflite), "
                         "int8 (model_int8.tflite, calibrated on the run's training images); default none, all with "
@@ -208,7 +209,7 @@ def add_run_parsers(sub) -> None:
                                    "as a palette PNG and an overlay.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", required=True, help="an export folder (workspace/RUN/export), its saved_model folder or "
-                                                   "one of its .tflite files")
+                                                   "one of its .tflite or .onnx files")
     p.add_argument("--score-threshold", type=float,
                    help="detection: drop detections below this score (default: the export's, chosen on the val set "
                         "by make eval; 0.5 for an export without one)")
@@ -326,19 +327,26 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _device_files(kind: str, quantizations: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The files of --format KIND --quant Q,... beside the SavedModel."""
+    from pipelines.engine.formats import ONNX_FILE, QUANTIZATIONS
+
+    if kind in ("savedmodel", "onnx") and quantizations:
+        raise UserError(None, "--quant is for TFLite files: add --format tflite or all (make export FORMAT=tflite "
+                              "QUANT=...)")
+    tflite = {"savedmodel": (), "onnx": (), "tflite": quantizations or ("none",),
+              "all": quantizations or tuple(QUANTIZATIONS)}[kind]
+    return tuple(QUANTIZATIONS[q] for q in tflite) + ((ONNX_FILE,) if kind in ("onnx", "all") else ())
+
+
 @_engine_errors
 def cmd_export(args) -> int:
     from pipelines.engine.export import export
     from pipelines.runs import load_run
 
     params, folder, _ = load_run(args.run, need_data=False)
-    quantizations = args.quant or ()
-    if args.format == "savedmodel" and quantizations:
-        raise UserError(None, "--quant is for TFLite files: add --format tflite (make export FORMAT=tflite QUANT=...)")
-    if args.format != "savedmodel" and not quantizations:
-        quantizations = ("none", "float16", "int8") if args.format == "all" else ("none",)
     export(params, folder, params.label_map_path, name=args.name or folder.name, checkpoint=args.checkpoint,
-           quantizations=quantizations, log=_log)
+           device_files=_device_files(args.format, args.quant), log=_log)
     return 0
 
 

@@ -173,7 +173,8 @@ def test_report_of_a_run_not_yet_trained(sample_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tflite_export(demo):
-    """The demo's trained detector exported again with every TFLite format (int8 calibrated on 48 images)."""
+    """The demo's trained detector exported again with every device format: TFLite float32, float16, int8
+    (calibrated on 48 images) and ONNX."""
     workspace, _ = demo
     env = {"BENTOML_HOME": str(workspace.parent / "bentoml"), "PIPELINES_CALIBRATION_IMAGES": "48"}
     proc = run_cli("export", "--run", "demo-detector", "--format", "all", workspace=workspace, env=env, timeout=900)
@@ -241,6 +242,13 @@ def test_tflite_files_have_the_od_api_device_layout(tflite_export):
         by_name = interpreter.get_signature_runner().get_output_details()
         assert [by_name[k]["index"] for k in ("detection_boxes", "detection_classes", "detection_scores",
                                               "num_detections")] == [d["index"] for d in outputs]
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.shape == [1, height, width, 3] and inp.type == "tensor(uint8)"
+    assert [o.name for o in session.get_outputs()] == ["num_detections", "detection_boxes", "detection_scores",
+                                                       "detection_classes"]
     # int8: the network's convolutions run on int8 tensors
     interpreter = Interpreter(model_path=str(export_dir / "model_int8.tflite"))
     conv_inputs = [interpreter._get_tensor_details(op["inputs"][0], 0)["dtype"] for op in interpreter._get_ops_details()
@@ -281,13 +289,37 @@ def test_float_tflite_detections_agree_with_the_checkpoint_model(tflite_export, 
             assert problem is None, f"{name}, image {n}: {problem}"
 
 
+def test_onnx_detections_agree_with_the_savedmodel(tflite_export, sample_dir):
+    """The ONNX file is the SavedModel's computation at the model's input size: the same detections (label-map
+    ids, per-class NMS) on real images."""
+    import onnxruntime
+    import tensorflow as tf
+
+    from pipelines.detection import ssd
+    from pipelines.detection.export import compare
+
+    export_dir, _ = tflite_export
+    size = tuple(json.loads((export_dir / "metadata.json").read_text())["input_size"])
+    serve = tf.saved_model.load(str(export_dir / "saved_model")).signatures["serving_default"]
+    session = onnxruntime.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    for n, path in enumerate(sorted(sample_dir.rglob("*.jpg"))[:4]):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        resized = np.clip(np.round(ssd.resize(image[None], size).numpy()), 0, 255).astype(np.uint8)
+        ref = {k: v.numpy()[0] for k, v in serve(input_tensor=tf.constant(resized)).items()}
+        got = {k: v[0] for k, v in zip(names, session.run(None, {"input_tensor": resized}))}
+        problem, _ = compare(ref, got, top=20, score_tol=1e-3, box_tol=1e-3)
+        assert problem is None, f"image {n}: {problem}"
+
+
 def test_export_measures_every_format_and_make_eval_agrees(tflite_export, demo):
     """make export prints and stores size, latency and AP of every format; the SavedModel is measured in the
-    same run; int8 stays within 3 AP points of it; make eval MODEL=...tflite gives the same AP by the same code."""
+    same run; int8 stays within 3 AP points of float32; make eval MODEL=...tflite gives the same AP by the same
+    code."""
     workspace, _ = demo
     export_dir, out = tflite_export
     formats = json.loads((export_dir / "metadata.json").read_text())["formats"]
-    assert list(formats) == ["saved_model", "model.tflite", "model_fp16.tflite", "model_int8.tflite"]
+    assert list(formats) == ["saved_model", "model.tflite", "model_fp16.tflite", "model_int8.tflite", "model.onnx"]
     for key, entry in formats.items():
         assert entry["metric"] == "AP" and entry["bytes"] > 0 and entry["latency_ms"] > 0, key
         assert 0 <= entry["value"] <= 1, key
@@ -295,16 +327,20 @@ def test_export_measures_every_format_and_make_eval_agrees(tflite_export, demo):
     reference = formats["saved_model"]["value"]
     assert reference > 0.05, "the demo's detector should find shapes"
     assert abs(formats["model_fp16.tflite"]["value"] - formats["model.tflite"]["value"]) <= 0.005
-    assert abs(formats["model_int8.tflite"]["value"] - reference) <= 0.03
+    # int8 against the float file with the same post-processing: the TFLite files' class-agnostic NMS (one
+    # class per box) itself costs this barely trained detector AP (0.09 -> 0.04 when measured), which the
+    # SavedModel's and ONNX's per-class NMS keep; on the full demo model it does not (bench/RESULTS.md).
+    assert abs(formats["model_int8.tflite"]["value"] - formats["model.tflite"]["value"]) <= 0.03
+    assert abs(formats["model.onnx"]["value"] - reference) <= 0.01
     assert formats["model_int8.tflite"]["bytes"] < formats["model_fp16.tflite"]["bytes"] < formats["model.tflite"]["bytes"]
 
     proc = run_cli("eval", "--run", "demo-detector", "--model", export_dir / "model_int8.tflite", workspace=workspace,
                    check=True, timeout=600)
-    metrics = json.loads((workspace / "demo-detector" / "eval-model_int8" / "metrics.json").read_text())
+    metrics = json.loads((workspace / "demo-detector" / "eval-model_int8.tflite" / "metrics.json").read_text())
     assert metrics["model"].endswith("model_int8.tflite") and metrics["task"] == "detection"
     assert abs(metrics["metrics"]["AP"] - formats["model_int8.tflite"]["value"]) < 1e-6
-    assert "eval-model_int8" in proc.stdout
-    assert (workspace / "demo-detector" / "eval-model_int8" / "pr_curve.png").is_file()
+    assert "eval-model_int8.tflite" in proc.stdout
+    assert (workspace / "demo-detector" / "eval-model_int8.tflite" / "pr_curve.png").is_file()
 
 
 def test_predict_with_a_tflite_file(tflite_export, demo, sample_dir, tmp_path):
@@ -312,14 +348,15 @@ def test_predict_with_a_tflite_file(tflite_export, demo, sample_dir, tmp_path):
     export_dir, _ = tflite_export
     image = sorted(sample_dir.rglob("*.jpg"))[0]
     answers = {}
-    for model in (export_dir, export_dir / "model_int8.tflite"):
+    for model in (export_dir, export_dir / "model_int8.tflite", export_dir / "model.onnx"):
         proc = run_cli("predict", "--model", model, image, "--score-threshold", "0.2", "--out", tmp_path / model.name,
                        workspace=workspace, check=True)
         answers[model.name] = json.loads(proc.stdout)[0]["detections"]
-    assert answers["model_int8.tflite"], answers
+    assert answers["model_int8.tflite"] and answers["model.onnx"], answers
     best = answers["export"][0]
-    assert any(d["label"] == best["label"] and abs(d["box"]["xmin"] - best["box"]["xmin"]) < 8
-               for d in answers["model_int8.tflite"])
+    for name in ("model_int8.tflite", "model.onnx"):
+        assert any(d["label"] == best["label"] and abs(d["box"]["xmin"] - best["box"]["xmin"]) < 8
+                   for d in answers[name]), name
     assert list((tmp_path / "model_int8.tflite").glob("*.jpg")) or list((tmp_path / "model_int8.tflite").iterdir())
 
 

@@ -341,7 +341,8 @@ def test_predict_writes_palette_masks_of_the_served_classes(exported, serve, tmp
 
 @pytest.fixture(scope="module")
 def tflite_run(run, tmp_path_factory):
-    """A copy of the run exported with every TFLite format (int8 calibrated on its 12 or so training images)."""
+    """A copy of the run exported with every TFLite format (int8 calibrated on its 12 or so training images)
+    and ONNX."""
     import shutil
 
     from pipelines.engine.export import export
@@ -354,7 +355,7 @@ def tflite_run(run, tmp_path_factory):
     try:
         lines = []
         export(params, copy, params.label_map_path, name="shapes-segmenter-tflite",
-               quantizations=("none", "float16", "int8"), log=lines.append)
+               device_files=("model.tflite", "model_fp16.tflite", "model_int8.tflite", "model.onnx"), log=lines.append)
     finally:
         if previous is None:
             os.environ.pop("BENTOML_HOME", None)
@@ -378,23 +379,38 @@ def test_tflite_segmenter_layout(tflite_run):
         assert [d["dtype"] for d in outputs] == [np.int32, np.float32]
         by_name = interpreter.get_signature_runner().get_output_details()
         assert [by_name[k]["index"] for k in ("segmentation_mask", "probabilities")] == [d["index"] for d in outputs]
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.shape == [1, 64, 64, 3] and inp.type == "tensor(uint8)"
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [("segmentation_mask", [1, 64, 64]),
+                                                                  ("probabilities", [1, 64, 64, 5])]
     assert any(line.startswith("formats") for line in lines)
 
 
 def test_float_tflite_segmenter_agrees_with_the_savedmodel(tflite_run, data_dir):
-    """At the model's input size, the float files give the SavedModel's probabilities and classes."""
+    """At the model's input size, the float files (TFLite and ONNX) give the SavedModel's probabilities and
+    classes."""
     from ai_edge_litert.interpreter import Interpreter
 
     params, run_dir, _ = tflite_run
     export_dir = run_dir / "export"
     serve_saved = tf.saved_model.load(str(export_dir / "saved_model")).signatures["serving_default"]
     images = [r["image"] for r in read_records(data_dir, "val")]
-    for name, tolerance, agreement in (("model.tflite", 1e-4, 0.999), ("model_fp16.tflite", 2e-2, 0.98)):
-        runner = Interpreter(model_path=str(export_dir / name)).get_signature_runner()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    runners = {"model.tflite": Interpreter(model_path=str(export_dir / "model.tflite")).get_signature_runner(),
+               "model_fp16.tflite": Interpreter(model_path=str(export_dir / "model_fp16.tflite")).get_signature_runner(),
+               "model.onnx": lambda input_tensor: dict(zip(("segmentation_mask", "probabilities"),
+                                                           session.run(None, {"input_tensor": input_tensor})))}
+    for name, tolerance, agreement in (("model.tflite", 1e-4, 0.999), ("model_fp16.tflite", 2e-2, 0.98),
+                                       ("model.onnx", 1e-4, 0.999)):
         for image in images:
             x = tf.cast(tf.round(tf.image.resize(tf.cast(image[None], tf.float32), (64, 64))), tf.uint8)
             ref = serve_saved(input_tensor=x)
-            got = runner(input_tensor=x.numpy())
+            got = runners[name](input_tensor=x.numpy())
             difference = np.abs(got["probabilities"] - ref["probabilities"].numpy()).max()
             same = np.mean(got["segmentation_mask"] == ref["segmentation_mask"].numpy())
             assert difference < tolerance and same >= agreement, (name, difference, same)
@@ -407,14 +423,15 @@ def test_tflite_formats_measured_and_evaluated_by_the_same_code(tflite_run):
 
     params, run_dir, _ = tflite_run
     formats = json.loads((run_dir / "export" / "metadata.json").read_text())["formats"]
-    assert list(formats) == ["saved_model", "model.tflite", "model_fp16.tflite", "model_int8.tflite"]
+    assert list(formats) == ["saved_model", "model.tflite", "model_fp16.tflite", "model_int8.tflite", "model.onnx"]
     reference = formats["saved_model"]["value"]
     assert all(entry["metric"] == "mean_iou" and entry["bytes"] > 0 for entry in formats.values())
     assert abs(formats["model.tflite"]["value"] - reference) < 0.005
+    assert abs(formats["model.onnx"]["value"] - reference) < 0.005
     assert abs(formats["model_int8.tflite"]["value"] - reference) <= 0.03, formats
     metrics = evaluate(params, run_dir, model=run_dir / "export" / "model_fp16.tflite", log=lambda line: None)
     assert metrics["metrics"]["mean_iou"] == pytest.approx(formats["model_fp16.tflite"]["value"], abs=1e-9)
-    assert metrics["step"] == STEPS and (run_dir / "eval-model_fp16" / "metrics.json").is_file()
+    assert metrics["step"] == STEPS and (run_dir / "eval-model_fp16.tflite" / "metrics.json").is_file()
     assert not (run_dir / "eval").exists()  # the checkpoint's evaluation is not touched
     with pytest.raises(UserError, match="tflite"):
         evaluate(params, run_dir, model=run_dir / "export" / "saved_model", log=lambda line: None)

@@ -7,7 +7,7 @@ Detection API's serving signature, and params.yaml (the Model Garden experiment)
     detection_scores   float32 [batch, N]
     detection_classes  float32 [batch, N]     label-map ids
 
-For `make export FORMAT=tflite` (pipelines/engine/tflite.py) the same network is converted with Model
+For `make export FORMAT=tflite` (pipelines/engine/formats.py) the same network is converted with Model
 Garden's TFLite post-processing (the detection generator's 'tflite' NMS version, which becomes the
 TFLite_Detection_PostProcess op): uint8 [1, H, W, 3] in; out, in this order, as the Object Detection
 API's TFLite models give them:
@@ -20,6 +20,9 @@ API's TFLite models give them:
 Its NMS is the op's fast one (the OD API's TFLite default): boxes chosen class-agnostically, each with
 its best class. Measured on the sample it gives the SavedModel's AP (bench/RESULTS.md); the op's
 per-class ("regular") NMS loses whole classes when the interpreter runs it on several threads.
+
+`make export FORMAT=onnx` converts the SavedModel's computation at the fixed input size (uint8 [1, H, W,
+3] in, the four outputs above, per-class NMS as the SavedModel) with tf2onnx.
 
 Model Garden's DetectionModule does the resizing (the training's stretch to height x width) and,
 with the export_config set in build_experiment, the normalization to the input image and the
@@ -240,9 +243,37 @@ class Exporter:
         return detect
 
     @staticmethod
-    def tflite_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """A uint8 image of any size as the TFLite input: stretched to `size` with the OD API's resize."""
+    def device_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A uint8 image of any size as a device file's input: stretched to `size` with the OD API's resize."""
         return tf.cast(tf.clip_by_value(tf.round(ssd.resize(image[None], size)), 0, 255), tf.uint8).numpy()
+
+    def onnx_function(self, model: tf_keras.Model):
+        """uint8 [1, H, W, 3] -> the SavedModel's outputs (its post-processing: per-class NMS, boxes clipped)
+        at the model's input size, for the ONNX converter: the model's parts called one by one, as its call does,
+        with anchors made inside the function (constants of its graph; the model's own are eager tensors the
+        converter would turn into inputs)."""
+        params, m = self.params, self.exp.task.model
+        size = (params.image_height, params.image_width)
+
+        @tf.function(input_signature=[tf.TensorSpec([1, *size, 3], tf.uint8, name=INPUT_NAME)])
+        def detect(input_tensor):
+            anchors = ssd.anchor_boxes(m.min_level, m.max_level, m.anchor.num_scales, m.anchor.aspect_ratios,
+                                       m.anchor.anchor_size, size)
+            features = model.decoder(model.backbone(ssd.preprocess(input_tensor), training=False), training=False)
+            logits, box_codes, _ = model.head(features, training=False)
+            out = model.detection_generator(box_codes, logits, {level: a[None] for level, a in anchors.items()},
+                                            tf.constant([size], tf.float32))
+            return {"num_detections": tf.cast(out["num_detections"], tf.float32),
+                    "detection_boxes": tf.clip_by_value(out["detection_boxes"] / tf.constant(size * 2, tf.float32),
+                                                        0.0, 1.0),
+                    "detection_scores": out["detection_scores"],
+                    "detection_classes": tf.cast(out["detection_classes"], tf.float32)}
+        return detect
+
+    @staticmethod
+    def onnx_outputs(raw: dict, image_size: tuple[int, int]) -> dict:
+        """The ONNX file's outputs are the SavedModel's already (boxes normalized, so to any image too)."""
+        return raw
 
     @staticmethod
     def tflite_outputs(raw: dict, image_size: tuple[int, int]) -> dict:

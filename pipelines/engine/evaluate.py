@@ -58,8 +58,8 @@ def score(evaluator, serve, files: list[str], log=print, keep: int = 0) -> tuple
 def evaluate(params, run_dir: str | Path, checkpoint: str | None = None, model: str | Path | None = None,
              log=print) -> dict:
     """Evaluate the run's best (else latest) or the given checkpoint on params.eval_files; writes
-    RUN_DIR/eval/ and returns what metrics.json holds. With `model` (a .tflite file of the run's export),
-    that file is measured instead, into RUN_DIR/eval-<its name>/."""
+    RUN_DIR/eval/ and returns what metrics.json holds. With `model` (a .tflite or .onnx file of the run's
+    export), that file is measured instead, into RUN_DIR/eval-<its file name>/ (eval-model_int8.tflite/)."""
     from pipelines import tasks
 
     task = tasks.of_params(params)
@@ -68,7 +68,7 @@ def evaluate(params, run_dir: str | Path, checkpoint: str | None = None, model: 
         raise UserError(None, "the run has no label map (eval_input_reader.label_map_path)")
     evaluator = task.load("evaluator")(params, read_label_map(Path(params.label_map_path)))
     if model is not None:
-        serve, checkpoint, step, described, out_dir = _tflite(task, Path(model), run_dir)
+        serve, checkpoint, step, described, out_dir = _device_file(task, Path(model), run_dir)
     else:
         checkpoint = str(checkpoint or checkpoints.default(run_dir))
         serve, step, described = evaluator.serving_function(checkpoint), checkpoints.step(checkpoint), checkpoint
@@ -87,18 +87,18 @@ def evaluate(params, run_dir: str | Path, checkpoint: str | None = None, model: 
     return metrics
 
 
-def _tflite(task, model: Path, run_dir: Path):
+def _device_file(task, model: Path, run_dir: Path):
     """(serving function, the checkpoint it was converted from and its step, what is measured, output
-    folder) of a .tflite file of `make export FORMAT=tflite`."""
-    from pipelines.engine import tflite
+    folder) of a .tflite or .onnx file of `make export FORMAT=...`."""
+    from pipelines.engine import formats
     from pipelines.model_store import read_metadata
 
-    if model.suffix != ".tflite":
-        raise UserError(display_path(model), "--model takes a .tflite file of `make export FORMAT=tflite` (the "
+    if model.suffix not in (".tflite", ".onnx"):
+        raise UserError(display_path(model), "--model takes a .tflite or .onnx file of `make export FORMAT=...` (the "
                                              "SavedModel is what `make eval` measures without it)")
     metadata = read_metadata(model.parent) or {}
     if metadata.get("task", task.name) != task.name:
         raise UserError(display_path(model), f"a {metadata['task']} export, and the run is a {task.name} run")
-    serve = tflite.serving_function(model, task.load("exporter"))
-    described = f"{display_path(model)} ({tflite.quantization_of(model)}, from {metadata.get('checkpoint', '?')})"
-    return serve, metadata.get("checkpoint"), metadata.get("step"), described, run_dir / f"eval-{model.stem}"
+    serve = formats.serving_function(model, task.load("exporter"))
+    described = f"{display_path(model)} ({formats.describe(model.name)}, from {metadata.get('checkpoint', '?')})"
+    return serve, metadata.get("checkpoint"), metadata.get("step"), described, run_dir / f"eval-{model.name}"

@@ -4,8 +4,8 @@ recorded in the BentoML model store.
 
 RUN_DIR/export/ gets saved_model/, label_map.pbtxt, metadata.json (task, label map, sizes, signature,
 checkpoint and step, the check's figures, and what the task adds), pipeline.config when the run has
-one, and the task's own files; all at once or not at all. With TFLite quantizations (FORMAT=tflite|all,
-pipelines/engine/tflite.py) it also gets their .tflite files and labels.txt, and every format written
+one, and the task's own files; all at once or not at all. With device files (FORMAT=tflite|onnx|all,
+pipelines/engine/formats.py) it also gets those .tflite/.onnx files and labels.txt, and every format written
 is measured in the same run: size, latency per image on this machine, and the task's metric on the
 val records by the task's evaluator (metadata.json "formats"; printed as a table). The task's exporter (its `exporter` in
 pipelines/tasks.py) builds and saves the serving module, compares it with the checkpoint's model
@@ -43,12 +43,12 @@ def float32_policy():
 
 
 def export(params, run_dir: str | Path, label_map_path: str | Path, name: str | None = None,
-           checkpoint: str | None = None, quantizations: tuple[str, ...] = (), log=print) -> Path:
+           checkpoint: str | None = None, device_files: tuple[str, ...] = (), log=print) -> Path:
     """Export the run's best (else latest; or the given) checkpoint to RUN_DIR/export/saved_model; returns
     it. The BentoML model is named `name` (default: RUN_DIR's folder name, as a valid tag).
-    `quantizations`: TFLite files to write beside it (pipelines/engine/tflite.py QUANTIZATIONS)."""
+    `device_files`: TFLite/ONNX files to write beside it (names of pipelines/engine/formats.py)."""
     from pipelines import tasks
-    from pipelines.engine import tflite
+    from pipelines.engine import formats
 
     task = tasks.of_params(params)
     run_dir = Path(run_dir)
@@ -58,7 +58,8 @@ def export(params, run_dir: str | Path, label_map_path: str | Path, name: str | 
         raise UserError(display_path(label_map_path),
                         f"ids up to {max(label_map)} but the model has {params.num_classes} classes")
     exporter = task.load("exporter")(params)
-    calibration = tflite.calibration_images(params, exporter) if "int8" in quantizations else None
+    calibration = (formats.calibration_images(params, exporter) if formats.QUANTIZATIONS["int8"] in device_files
+                   else None)
     final = run_dir / "export"
     with float32_policy(), atomic_output_dir(final) as tmp:
         model = exporter.save(checkpoint, tmp / "saved_model", tmp)
@@ -80,16 +81,14 @@ def export(params, run_dir: str | Path, label_map_path: str | Path, name: str | 
             "step": checkpoints.step(checkpoint),
             "export_check": check,
         }
-        if quantizations:
-            tflite.write_labels(tmp / tflite.LABELS_FILE, {0: "background", **label_map}, exporter.tflite_first_label,
-                                params.num_classes)
-            for quant in quantizations:
-                log(f"converting to TFLite ({quant}" + (f", calibrated on {len(calibration)} training images"
-                                                         if quant == "int8" else "") + ")")
-                data = tflite.convert(exporter.tflite_function(model), model.variables, exporter.tflite_output_order,
-                                      quant, calibration)
-                (tmp / tflite.QUANTIZATIONS[quant]).write_bytes(data)
-            metadata["formats"] = measure_formats(params, task, tmp, quantizations, label_map, log)
+        if device_files:
+            formats.write_labels(tmp / formats.LABELS_FILE, {0: "background", **label_map},
+                                 exporter.tflite_first_label, params.num_classes)
+            for file in device_files:
+                log(f"converting to {formats.describe(file)} ({file}"
+                    + (f", calibrated on {len(calibration)} training images)" if file.endswith("int8.tflite") else ")"))
+                formats.write(file, exporter, model, tmp, calibration)
+            metadata["formats"] = measure_formats(params, task, tmp, device_files, label_map, log)
             log(format_formats(metadata["formats"], task.metric))
         write_metadata(tmp, metadata)  # inside the temporary folder: it lands with the rest, or not at all
     tag = save_to_bentoml(final, tag_name(name or run_dir.resolve().name, exporter.default_name), metadata)
@@ -104,44 +103,44 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def measure_formats(params, task, folder: Path, quantizations, label_map: dict[int, str], log=print) -> dict:
+def measure_formats(params, task, folder: Path, device_files, label_map: dict[int, str], log=print) -> dict:
     """Every format in `folder` measured in this run: bytes, median latency of one image of the model's
     input size (batch 1, this machine's threads), and the task's metric on the val records by its
     evaluator (the SavedModel's first, as the reference). The metric is left out (None) when the run's
     val TFRecords are not there."""
     import tensorflow as tf
 
-    from pipelines.engine import tflite
+    from pipelines.engine import formats
     from pipelines.engine.evaluate import score
     from pipelines.model_store import INPUT_NAME, check_images
 
     evaluator = task.load("evaluator")(params, label_map)
     exporter_class = task.load("exporter")
-    example = exporter_class.tflite_input(check_images(params, 1)[0], (params.image_height, params.image_width))
+    example = exporter_class.device_input(check_images(params, 1)[0], (params.image_height, params.image_width))
     saved = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
 
     def serve_saved(images):
         return {k: v.numpy() for k, v in saved(**{INPUT_NAME: tf.constant(images)}).items()}
 
     entries = [("saved_model", "SavedModel", serve_saved, _folder_bytes(folder / "saved_model"))]
-    for quant in quantizations:
-        path = folder / tflite.QUANTIZATIONS[quant]
-        entries.append((path.name, f"TFLite {'float32' if quant == 'none' else quant}",
-                        tflite.serving_function(path, exporter_class), path.stat().st_size))
+    for file in device_files:
+        path = folder / file
+        entries.append((file, formats.describe(file), formats.serving_function(path, exporter_class),
+                        path.stat().st_size))
     has_val = bool(params.eval_files) and _has_files(params.eval_files)
     if not has_val:
         log("no val TFRecords for this run: the formats' accuracy is not measured (make data for its dataset)")
-    formats = {}
+    measured = {}
     for key, label, serve, size in entries:
         run = (lambda x: saved(**{INPUT_NAME: tf.constant(x)})) if key == "saved_model" else serve.model.run
-        entry = {"format": label, "bytes": size, "latency_ms": round(tflite.latency_ms(run, example), 2),
+        entry = {"format": label, "bytes": size, "latency_ms": round(formats.latency_ms(run, example), 2),
                  "metric": task.metric, "value": None}
         if has_val:
             log(f"measuring {label} ({key}) on the val records")
             score(evaluator, serve, params.eval_files, log=lambda line: None)
             entry["value"] = evaluator.evaluate()["metrics"][task.metric]
-        formats[key] = entry
-    return formats
+        measured[key] = entry
+    return measured
 
 
 def _has_files(patterns) -> bool:

@@ -15,12 +15,12 @@ from pipelines.data.label_map import read_label_map
 
 
 def find_export(model: Path) -> tuple[Path, Path]:
-    """(saved_model folder or .tflite file, label map) for an export folder, a saved_model folder or a
-    .tflite file of an export."""
+    """(saved_model folder or device file, label map) for an export folder, a saved_model folder or a
+    .tflite/.onnx file of an export."""
     model = Path(model)
-    if model.suffix == ".tflite":
+    if model.suffix in (".tflite", ".onnx"):
         if not model.is_file():
-            raise UserError(display_path(model), "no such file: make export RUN=... FORMAT=tflite writes it")
+            raise UserError(display_path(model), "no such file: make export RUN=... FORMAT=tflite|onnx writes it")
         if not (model.parent / "label_map.pbtxt").is_file():
             raise UserError(display_path(model), "no label_map.pbtxt beside it (a .tflite file of make export's folder)")
         return model, model.parent / "label_map.pbtxt"
@@ -58,8 +58,8 @@ def predict(model: Path, images: list[Path], out_dir: Path | None = None, log=pr
     part = task.load("predict")(read_label_map(label_map), read_metadata(saved_model.parent if saved_model.is_file()
                                                                          else saved_model) or {}, **options)
     arrays = [load_image(Path(p)) for p in images]  # every file checked before the model loads
-    if saved_model.suffix == ".tflite":
-        from pipelines.engine.tflite import serving_function
+    if saved_model.suffix in (".tflite", ".onnx"):
+        from pipelines.engine.formats import serving_function
 
         serve = serving_function(saved_model, task.load("exporter"))
         produced = list(task.load("exporter").outputs)

@@ -5,8 +5,8 @@ size, and returns, at the input's own resolution:
     segmentation_mask  int32   [batch, height, width]         0 = background, 1..K = label-map ids
     probabilities      float32 [batch, height, width, K + 1]  softmax over background and the K classes
 
-For `make export FORMAT=tflite` (pipelines/engine/tflite.py) the model is converted at its fixed input
-size: uint8 [1, H, W, 3] in (the image stretched to the model's size); out, in this order,
+For `make export FORMAT=tflite|onnx` (pipelines/engine/formats.py) the model is converted at its fixed
+input size: uint8 [1, H, W, 3] in (the image stretched to the model's size); out, in this order,
 `segmentation_mask` int32 [1, H, W] and `probabilities` float32 [1, H, W, K + 1] at that size.
 
 `segment` is that computation: the image is stretched to the model's input size (bilinear, as the
@@ -159,10 +159,18 @@ class Exporter:
         return segment_fixed
 
     @staticmethod
-    def tflite_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """A uint8 image of any size as the TFLite input: stretched to `size` (bilinear, as `segment`)."""
+    def device_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A uint8 image of any size as a device file's input: stretched to `size` (bilinear, as `segment`)."""
         resized = tf.image.resize(tf.cast(image[None], tf.float32), size, method="bilinear")
         return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
+
+    def onnx_function(self, model: tf.keras.Model):
+        """The ONNX file computes what the TFLite file does."""
+        return self.tflite_function(model)
+
+    @staticmethod
+    def onnx_outputs(raw: dict, image_size: tuple[int, int]) -> dict:
+        return Exporter.tflite_outputs(raw, image_size)
 
     @staticmethod
     def tflite_outputs(raw: dict, image_size: tuple[int, int]) -> dict:
