@@ -190,7 +190,10 @@ def add_run_parsers(sub) -> None:
                                    "one, else the latest). Detection: "
                                    "serving_default takes uint8 images and returns num_detections, detection_boxes, "
                                    "detection_scores, detection_classes. Segmentation: uint8 "
-                                   "images of any size in, segmentation_mask and probabilities at that size out.")
+                                   "images of any size in, segmentation_mask and probabilities at that size out. "
+                                   "--format tflite|onnx|all also writes device files (model.tflite, "
+                                   "model_fp16.tflite, model_int8.tflite, model.onnx) and labels.txt, each measured "
+                                   "beside the SavedModel: size, latency, and the val metric.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
     p.add_argument("--checkpoint", help="a checkpoint prefix (workspace/RUN/train/ckpt-N) instead of the best or latest")
     p.add_argument("--name", help="BentoML model name (default: the run name)")

@@ -435,3 +435,31 @@ def test_tflite_formats_measured_and_evaluated_by_the_same_code(tflite_run):
     assert not (run_dir / "eval").exists()  # the checkpoint's evaluation is not touched
     with pytest.raises(UserError, match="tflite"):
         evaluate(params, run_dir, model=run_dir / "export" / "saved_model", log=lambda line: None)
+
+
+def test_a_damaged_device_file_is_refused_in_one_line(tflite_run, tmp_path):
+    from pipelines.engine.evaluate import evaluate
+
+    params, run_dir, _ = tflite_run
+    for name, says in (("broken.tflite", "not a TFLite model"), ("broken.onnx", "not an ONNX model")):
+        (run_dir / "export" / name).write_bytes(b"not a model")
+        try:
+            with pytest.raises(UserError, match=says):
+                evaluate(params, run_dir, model=run_dir / "export" / name, log=lambda line: None)
+        finally:
+            (run_dir / "export" / name).unlink()
+    assert not list(run_dir.glob("eval-broken*"))
+
+
+def test_format_and_quant_choose_the_device_files():
+    from pipelines.cli import _device_files
+
+    assert _device_files("savedmodel", None) == ()
+    assert _device_files("tflite", None) == ("model.tflite",)
+    assert _device_files("tflite", ("int8", "float16")) == ("model_int8.tflite", "model_fp16.tflite")
+    assert _device_files("onnx", None) == ("model.onnx",)
+    assert _device_files("all", None) == ("model.tflite", "model_fp16.tflite", "model_int8.tflite", "model.onnx")
+    assert _device_files("all", ("int8",)) == ("model_int8.tflite", "model.onnx")
+    for kind in ("savedmodel", "onnx"):
+        with pytest.raises(UserError, match="--format tflite"):
+            _device_files(kind, ("int8",))
