@@ -685,3 +685,114 @@ def test_a_burst_is_refused_only_after_a_real_wait():
     assert len(served) >= 16, (len(served), refused[:3])
     assert all(t >= 0.95 for t, _ in refused), refused
     assert all("waited" in msg and "PIPELINES_MAX_LATENCY_MS is 1000" in msg for _, msg in refused), refused[:2]
+
+
+# ------------------------------------------------------------------------------ coco-annotator's "Annotate Image"
+
+ANNOTATOR = "http://localhost:5000"  # the annotator's page by default (PIPELINES_CORS_ORIGINS unset)
+
+
+def browser_upload(png: bytes) -> dict:
+    """What AnnotateButton.vue posts: the canvas as a PNG blob in the multipart field `image`."""
+    return {"image": ("blob", png, "image/png")}
+
+
+def test_detector_annotate_answers_coco_annotator(det):
+    png = encoded(picture(), "PNG")
+    r = det.post("/annotate?score_threshold=0&max_detections=6", files=browser_upload(png),
+                 headers={"Origin": ANNOTATOR})
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == ANNOTATOR
+    coco = r.json()["coco"]
+    # AnnotateButton.vue's rules: three non-empty lists; each annotation's category among those returned,
+    # found by id, used by name.
+    assert coco["images"] and coco["categories"] and coco["annotations"]
+    assert [(i["width"], i["height"]) for i in coco["images"]] == [(120, 90)]
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    assert all(LABELS[k] == v for k, v in names.items())
+    detected = det.post("/detect", files=upload(png, "image.png", "image/png"),
+                        data={"score_threshold": "0", "max_detections": "6"}).json()["detections"]
+    assert len(coco["annotations"]) == len(detected) <= 6
+    for a, d in zip(coco["annotations"], detected):
+        assert a["category_id"] in names and names[a["category_id"]] == d["label"]
+        b = d["box"]
+        (polygon,) = a["segmentation"]  # a box: its 4 corners, with isbbox
+        expected = [b["xmin"], b["ymin"], b["xmax"], b["ymin"], b["xmax"], b["ymax"], b["xmin"], b["ymax"]]
+        assert np.allclose(polygon, expected, atol=0.01) and a["isbbox"] is True
+        assert np.allclose(a["bbox"], [b["xmin"], b["ymin"], b["xmax"] - b["xmin"], b["ymax"] - b["ymin"]], atol=0.02)
+        assert a["metadata"]["draft"] is True and abs(a["metadata"]["score"] - d["score"]) < 1e-3
+        assert a["metadata"]["model"].startswith("det:") and a["image_id"] == coco["images"][0]["id"]
+    # Without score_threshold: the export's default, as /detect.
+    default = det.post("/annotate", files=browser_upload(png)).json()["coco"]["annotations"]
+    assert all(a["metadata"]["score"] >= STORED_THRESHOLD - 1e-4 for a in default)
+    # Nothing found: 200 and a message (the annotator's rule makes an empty answer an error on its side).
+    r = det.post("/annotate?score_threshold=1", files=browser_upload(png), headers={"Origin": ANNOTATOR})
+    assert r.status_code == 200 and r.json()["coco"]["annotations"] == [] and "nothing" in r.json()["message"]
+
+
+def test_annotate_cors_preflight_and_refusals(det, servers):
+    preflight = {"Origin": ANNOTATOR, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    r = det.options("/annotate", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ANNOTATOR
+    assert "POST" in r.headers["access-control-allow-methods"]
+    # Another origin is not allowed (not "*"): no allow-origin header, so the browser keeps the answer away.
+    r = det.options("/annotate", headers={**preflight, "Origin": "http://elsewhere.example"})
+    assert "access-control-allow-origin" not in r.headers
+    r = det.post("/annotate", files=browser_upload(encoded(picture(), "PNG")), headers={"Origin": "http://elsewhere.example"})
+    assert "access-control-allow-origin" not in r.headers
+    # Refusals are JSON 4xx the page can read (CORS headers on them too).
+    r = det.post("/annotate", files=browser_upload(b"not an image"), headers={"Origin": ANNOTATOR})
+    assert r.status_code == 415 and "error" in r.json() and r.headers["access-control-allow-origin"] == ANNOTATOR
+    r = det.post("/annotate?score_threshold=2", files=browser_upload(encoded(picture(), "PNG")))
+    assert r.status_code == 400 and "score_threshold" in r.json()["error"]
+    r = det.post("/annotate", files={"picture": ("blob", encoded(picture(), "PNG"), "image/png")})
+    assert r.status_code == 400 and '"image"' in r.json()["error"]
+    # Behind a token, the browser's preflight (which carries no credentials) is still answered.
+    locked = servers["locked"].url
+    r = httpx.options(locked + "/annotate", headers=preflight, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ANNOTATOR
+    r = httpx.post(locked + "/annotate", files=browser_upload(encoded(picture(), "PNG")), timeout=30)
+    assert r.status_code == 401
+
+
+def test_segmenter_annotate_drafts_regions(seg):
+    png = encoded(picture(seed=3), "PNG")
+    r = seg.post("/annotate?min_area=0", files=browser_upload(png), headers={"Origin": ANNOTATOR})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ANNOTATOR
+    coco = r.json()["coco"]
+    segmented = seg.post("/segment", files=upload(png, "image.png", "image/png")).json()
+    pixels = {c["class_id"]: c["pixels"] for c in segmented["classes"] if c["class_id"]}
+    if not pixels:
+        assert coco["annotations"] == [] and "message" in r.json()
+        return
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    areas = {}
+    for a in coco["annotations"]:
+        assert a["isbbox"] is False and a["metadata"]["draft"] is True and a["category_id"] in names
+        assert a["segmentation"] and all(len(p) >= 6 and len(p) % 2 == 0 for p in a["segmentation"])
+        xs, ys = np.concatenate([p[0::2] for p in a["segmentation"]]), np.concatenate([p[1::2] for p in a["segmentation"]])
+        assert 0 <= xs.min() and xs.max() < 120 and 0 <= ys.min() and ys.max() < 90
+        areas[a["category_id"]] = areas.get(a["category_id"], 0) + a["area"]
+    assert areas == pixels  # every region of every class, min_area 0: all the class's pixels
+    largest = max(a["area"] for a in coco["annotations"])
+    r = seg.post(f"/annotate?min_area={largest + 1}", files=browser_upload(png))
+    assert r.status_code == 200 and r.json()["coco"]["annotations"] == [] and "message" in r.json()
+    for bad in ("-1", "many"):
+        r = seg.post(f"/annotate?min_area={bad}", files=browser_upload(png))
+        assert r.status_code == 400 and "min_area" in r.json()["error"]
+
+
+def test_region_drafts_keep_holes_and_drop_small_regions():
+    from pipelines.drafts import region_annotations
+
+    mask = np.zeros((40, 50), np.uint8)
+    mask[5:25, 5:25] = 2
+    mask[10:20, 10:20] = 0  # a hole
+    mask[30:32, 40:42] = 2  # 4 pixels: under min_area
+    mask[30:38, 2:12] = 1
+    drafts = region_annotations(mask, min_area=5, model="m:1")
+    assert [(a["category_id"], a["area"]) for a in drafts] == [(2, 300), (1, 80)]
+    ring = drafts[0]
+    assert len(ring["segmentation"]) == 2 and ring["bbox"] == [5, 5, 20, 20]  # its outline and its hole's
+    assert len(region_annotations(mask, min_area=0, model="m:1")) == 3

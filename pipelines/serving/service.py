@@ -2,8 +2,12 @@
 
 PIPELINES_MODEL names the model: an export folder (workspace/RUN/export, or its saved_model/) or a
 BentoML model tag (`RUN` or `RUN:version`, from the store under $BENTOML_HOME). Its metadata.json
-"task" picks the service: `Detector` (/detect, /detect/base64, /render) or `Segmenter` (/segment,
-/segment/mask, /render); `Service` is the one for PIPELINES_MODEL.
+"task" picks the service: `Detector` (/detect, /detect/base64, /render, /annotate) or `Segmenter`
+(/segment, /segment/mask, /render, /annotate); `Service` is the one for PIPELINES_MODEL.
+
+/annotate answers coco-annotator's "Annotate Image" button (pipelines/drafts.py): the annotator's page
+posts from another origin, so the services answer CORS requests from the origins PIPELINES_CORS_ORIGINS
+lists (comma-separated; default DEFAULT_CORS_ORIGINS, the annotator of docker/compose.annotator.yml).
 
 Each public route decodes and checks its image, then hands it to the worker's batcher: BentoML's adaptive
 batching dispatcher (the CORK algorithm its batchable APIs use) run in-process on decoded arrays, so that
@@ -27,6 +31,7 @@ import pipelines  # noqa: F401  (sets the TensorFlow environment before TF is im
 import bentoml
 import numpy as np
 from PIL import Image
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from pipelines.model_store import DETECTION_OUTPUTS, INPUT_NAME, MASK_OUTPUT
@@ -50,6 +55,18 @@ MAX_BATCH_SIZE = _env_int("PIPELINES_MAX_BATCH_SIZE", 8)
 MAX_MASK_SIDE = _env_int("PIPELINES_MAX_MASK_SIDE", 2048)
 MAX_LATENCY_MS = _env_int("PIPELINES_MAX_LATENCY_MS", 10_000)
 TIMEOUT_S = _env_int("PIPELINES_TIMEOUT_S", 120)
+# Regions smaller than this many pixels are not drafted by the segmenter's /annotate (min_area overrides it).
+ANNOTATE_MIN_AREA = _env_int("PIPELINES_ANNOTATE_MIN_AREA", 16)
+CORS_ENV = "PIPELINES_CORS_ORIGINS"
+DEFAULT_CORS_ORIGINS = ("http://localhost:5000", "http://127.0.0.1:5000")
+
+
+def cors_origins() -> list[str]:
+    """The origins whose pages may call the services (PIPELINES_CORS_ORIGINS, comma-separated)."""
+    raw = os.environ.get(CORS_ENV)
+    if raw is None:
+        return list(DEFAULT_CORS_ORIGINS)
+    return [origin.strip().rstrip("/") for origin in raw.split(",") if origin.strip()]
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -414,6 +431,26 @@ class Detector(ModelService):
             return error_response(e)
         return json_response([{"class": d["label"], "confidence": d["score"], **d["box"]} for d in found])
 
+    @bentoml.api(route="/annotate")
+    async def annotate(self, image: Path, ctx: bentoml.Context) -> dict:
+        """coco-annotator's "Annotate Image": multipart `image` (query: score_threshold, max_detections) ->
+        {"coco": {"images", "categories", "annotations"}}: each detection a box drafted as its 4-corner polygon
+        with isbbox, its score in the annotation's metadata; "message" when nothing is found."""
+        from pipelines.drafts import box_annotation, coco_answer
+
+        try:
+            query = ctx.request.query_params
+            threshold = self.threshold(query.get("score_threshold"))
+            array = await read_upload(image)
+            found = await self._find(array, threshold, query.get("max_detections"))
+        except BadRequest as e:
+            ctx.response.status_code = e.status
+            return error_response(e)
+        model = f"{self.model.info['name']}:{self.model.info['version']}"
+        drafts = [box_annotation(d["box"], d["class_id"], d["score"], model) for d in found]
+        return json_response(coco_answer(array.shape[1], array.shape[0], drafts, self.model.labels,
+                                         f"the model found nothing at score >= {threshold:.3g}"))
+
     @bentoml.api(route="/render")
     async def render(self, image: Path, score_threshold: float | None = None,
                      max_detections: int | None = None) -> Image.Image:
@@ -493,6 +530,30 @@ class Segmenter(ModelService):
         return json_response({"width": int(array.shape[1]), "height": int(array.shape[0]), "classes": classes,
                               "model": self.model.info})
 
+    @bentoml.api(route="/annotate")
+    async def annotate(self, image: Path, ctx: bentoml.Context) -> dict:
+        """coco-annotator's "Annotate Image": multipart `image` (query: min_area, pixels) -> {"coco": {"images",
+        "categories", "annotations"}}: each connected region of a class of at least min_area pixels (default
+        PIPELINES_ANNOTATE_MIN_AREA) drafted as its outline and its holes' polygons; "message" when none is."""
+        from pipelines.drafts import coco_answer, region_annotations
+
+        try:
+            min_area = ctx.request.query_params.get("min_area")
+            try:
+                min_area = ANNOTATE_MIN_AREA if min_area is None else int(min_area)
+            except ValueError:
+                raise BadRequest(f"min_area: expected a whole number of pixels, got {min_area[:40]!r}") from None
+            if min_area < 0:
+                raise BadRequest(f"min_area: expected 0 or more pixels, got {min_area}")
+            array, mask = await self._mask(image)
+        except BadRequest as e:
+            ctx.response.status_code = e.status
+            return error_response(e)
+        model = f"{self.model.info['name']}:{self.model.info['version']}"
+        drafts = await asyncio.to_thread(region_annotations, mask, min_area, model)
+        return json_response(coco_answer(array.shape[1], array.shape[0], drafts, self.model.labels,
+                                         f"the model found no region of {min_area} pixels or more"))
+
     @bentoml.api(route="/segment/mask")
     async def segment_mask(self, image: Path) -> Image.Image:
         """Multipart `image` file -> palette PNG at the image's size whose pixel values are class ids."""
@@ -517,9 +578,14 @@ class Segmenter(ModelService):
 
 
 bound_metric_labels()
-Detector.add_asgi_middleware(RequestGuard, file_fields={"/detect": "image", "/render": "image"})
+for _service in (Detector, Segmenter):
+    # Outside the guard (the first middleware added is the outermost), so that a browser's preflight, which
+    # carries no credentials, is answered, and the guard's refusals carry the CORS headers the page needs.
+    _service.add_asgi_middleware(CORSMiddleware, allow_origins=cors_origins(), allow_methods=["GET", "POST"],
+                                 allow_headers=["authorization", "content-type"], max_age=600)
+Detector.add_asgi_middleware(RequestGuard, file_fields={"/detect": "image", "/render": "image", "/annotate": "image"})
 Segmenter.add_asgi_middleware(RequestGuard, file_fields={"/segment": "image", "/segment/mask": "image",
-                                                         "/render": "image"})
+                                                         "/render": "image", "/annotate": "image"})
 
 # The service for PIPELINES_MODEL's task (its `service` in pipelines/tasks.py):
 # `bentoml serve pipelines.serving.service:Service`.
