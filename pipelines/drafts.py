@@ -18,10 +18,11 @@ DRAFT_KEY = "draft"
 
 def box_annotation(box: dict, class_id: int, score: float, model: str) -> dict:
     """A detection ({"xmin", "ymin", "xmax", "ymax"} in pixels) as a box annotation: its outline as a
-    4-corner polygon (clockwise from the top left), bbox [x, y, width, height], area."""
+    4-corner polygon (clockwise from the top left), bbox [x, y, width, height], area in whole pixels (the
+    annotator stores areas as integers)."""
     x0, y0, x1, y1 = (round(float(box[k]), 2) for k in ("xmin", "ymin", "xmax", "ymax"))
     return {"category_id": int(class_id), "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
-            "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "area": round((x1 - x0) * (y1 - y0), 2),
+            "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "area": round((x1 - x0) * (y1 - y0)),
             "iscrowd": 0, "isbbox": True, "metadata": {DRAFT_KEY: True, "score": round(float(score), 4), "model": model}}
 
 
