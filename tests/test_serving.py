@@ -763,9 +763,7 @@ def test_segmenter_annotate_drafts_regions(seg):
     coco = r.json()["coco"]
     segmented = seg.post("/segment", files=upload(png, "image.png", "image/png")).json()
     pixels = {c["class_id"]: c["pixels"] for c in segmented["classes"] if c["class_id"]}
-    if not pixels:
-        assert coco["annotations"] == [] and "message" in r.json()
-        return
+    assert pixels, "the test segmenter should find some foreground on this picture"
     names = {c["id"]: c["name"] for c in coco["categories"]}
     areas = {}
     for a in coco["annotations"]:

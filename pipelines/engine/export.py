@@ -132,7 +132,7 @@ def measure_formats(params, task, folder: Path, device_files, label_map: dict[in
         log("no val TFRecords for this run: the formats' accuracy is not measured (make data for its dataset)")
     measured = {}
     for key, label, serve, size in entries:
-        run = (lambda x: saved(**{INPUT_NAME: tf.constant(x)})) if key == "saved_model" else serve.model.run
+        run = serve_saved if key == "saved_model" else serve.model.run
         entry = {"format": label, "bytes": size, "latency_ms": round(formats.latency_ms(run, example), 2),
                  "metric": task.metric, "value": None}
         if has_val:
