@@ -103,6 +103,23 @@ def atomic_output_dir(final: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file beside `path` and rename it onto it: an interrupted write never leaves half a
+    file under the name (nor a stray temporary one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def eprint(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 

@@ -25,12 +25,10 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from pipelines import checkpoints
-from pipelines.common import UserError, display_path
+from pipelines.common import UserError, display_path, write_text_atomic
 
 REPORT_NAME = "report.html"
 SECTIONS = ("dataset", "config", "training", "evaluation", "predictions")
@@ -363,9 +361,5 @@ def write_report(run: str) -> Path:
         raise UserError(display_path(folder), f"no run here: `make config DATASET=... RUN={run}` starts one")
     page = render(folder)
     out = folder / REPORT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{REPORT_NAME}.", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
+    write_text_atomic(out, page)
     return out

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.common import UserError, display_path, workspace_dir
+from pipelines.common import UserError, display_path, workspace_dir, write_text_atomic
 from pipelines.config import base, read
 from pipelines.config.base import SKIP_MEMORY_CHECK, memory_advice
 
@@ -47,9 +47,7 @@ def record_seed(folder: Path, seed: int) -> None:
     path = folder / RUN_JSON
     record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     record["seed"] = seed
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
 def load_run(run: str, need_data: bool = True) -> tuple[object, Path, list[str]]:

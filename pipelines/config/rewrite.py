@@ -10,13 +10,11 @@ schedule's total_steps with it and scales warmup_steps in proportion (never past
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.common import REPO_ROOT, UserError, display_path, resolve_dataset, workspace_dir
+from pipelines.common import REPO_ROOT, UserError, display_path, resolve_dataset, workspace_dir, write_text_atomic
 from pipelines.config import base, read, schema
 from pipelines.config.base import memory_advice
 from pipelines.config.textproto import TextProto
@@ -379,11 +377,7 @@ def write_run_config(opts: ConfigOptions) -> Path:
     memory = memory_advice(params)
     if memory:
         notes.append(memory[1] + (": `make train` will refuse it without a GPU" if memory[0] else ""))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".pipeline.config.", dir=out.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(doc.text)
-    os.replace(tmp, out)
+    write_text_atomic(out, doc.text)
     diff = unified_diff(original, doc.text, display_path(template), display_path(out))
     changes = diff + "".join(f"\n# note: {note}" for note in notes + translation.ignored) + "\n"
     (out.parent / "pipeline.config.diff").write_text(changes, encoding="utf-8")  # for the run's report

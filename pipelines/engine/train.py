@@ -28,7 +28,7 @@ import tensorflow as tf
 import tf_keras
 
 from pipelines import checkpoints
-from pipelines.common import duration
+from pipelines.common import duration, write_text_atomic
 
 from official.common import distribute_utils  # isort: skip
 from official.core import train_lib, train_utils  # isort: skip
@@ -223,9 +223,7 @@ def read_evals(model_dir: Path) -> list[dict]:
 
 def _write_json(path: Path, value) -> None:
     """Write-then-rename: a killed run never leaves half a JSON file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- running
