@@ -32,9 +32,15 @@ ZOO     ?=
 LABEL_MAP ?=
 FORMAT  ?=
 QUANT   ?=
+ONLY_UNLABELLED ?= 1
+SCORE   ?=
+MAX_DETECTIONS ?=
+MIN_AREA ?=
+UPLOAD  ?=
+SKIP_DRAFTS ?= 0
 
-.PHONY: help setup browser lock sample data config import train eval report export serve bento containerize test bench bench-data bench-train-detection \
-        bench-train-segmentation bench-serve bench-export serve-spectrogram demo clean
+.PHONY: help setup browser lock sample data config import train eval report export prelabel serve bento containerize test bench bench-data bench-train-detection \
+        bench-train-segmentation bench-serve bench-export bench-prelabel serve-spectrogram demo clean
 
 help:
 	@echo "make setup                         create .venv and install requirements.lock"
@@ -43,6 +49,7 @@ help:
 	@echo "make sample [IMAGES=300]           (re)generate the bundled sample in datasets/sample"
 	@echo "make data DATASET=NAME [TASK=detection|segmentation] [MASKS=0|1] [VAL_RATIO=0.2] [SEED=0]"
 	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1] [MAX_PIXELS=N] [ALLOW_OUTSIDE_IMAGES=1]"
+	@echo "          [SKIP_DRAFTS=1] (leave out images that still hold unreviewed model drafts)"
 	@echo "make config DATASET=NAME [MODEL=ssd_mobilenet_v2_fpnlite_320x320] [RUN=NAME] [BATCH=N] [STEPS=N]"
 	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification|full] [LR=peak] [OPTIMIZER=adam|momentum] [SIZE=N|HxW]"
 	@echo "          [FREEZE=backbone|feature_extractor] [SEED=0]"
@@ -52,12 +59,16 @@ help:
 	@echo "make train RUN=NAME [SEED=N] | make eval RUN=NAME [MODEL=workspace/RUN/export/model_int8.tflite|model.onnx]"
 	@echo "make export RUN=NAME [FORMAT=savedmodel|tflite|onnx|all] [QUANT=none,float16,int8]   device files measured beside the SavedModel"
 	@echo "make report RUN=NAME               workspace/RUN/report.html: data, config, curves, metrics, predictions"
+	@echo "make prelabel RUN=NAME DATASET=NAME [ONLY_UNLABELLED=1|0] [SCORE=0.5] [MAX_DETECTIONS=N] [MIN_AREA=16]"
+	@echo "          the model drafts labels -> workspace/RUN/prelabel/DATASET-TIME.json for coco-annotator's import;"
+	@echo "          ANNOTATOR_URL=http://localhost:5000 ANNOTATOR_USER=... ANNOTATOR_PASSWORD=... [ANNOTATOR_DATASET=id|name]"
+	@echo "          also uploads it (UPLOAD=file uploads an earlier one)"
 	@echo "make serve RUN=NAME [PORT=3000] [HOST=127.0.0.1] | make serve MODEL=name:version (a BentoML model-store tag)"
 	@echo "make serve-spectrogram [PORT=3000]  POST /spectrogram: WAV in, spectrogram PNG out (no model)"
 	@echo "make bento RUN=NAME | make bento MODEL=name:version   a Bento (model + code + requirements.lock) in the bento store"
 	@echo "make containerize BENTO=name:version                 its Docker image (bentoml containerize; needs Docker)"
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
-	@echo "                                   bench-train-segmentation, bench-serve, bench-export)"
+	@echo "                                   bench-train-segmentation, bench-serve, bench-export, bench-prelabel)"
 
 $(STAMP): requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
@@ -87,7 +98,7 @@ data: $(STAMP)
 	  $(if $(filter 1,$(MASKS)),--masks) $(if $(filter 1,$(SKIP_INVALID)),--skip-invalid) \
 	  $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(if $(SHARDS),--shards $(SHARDS)) \
 	  $(if $(WORKERS),--workers $(WORKERS)) $(if $(MAX_PIXELS),--max-pixels $(MAX_PIXELS)) \
-	  $(if $(filter 1,$(ALLOW_OUTSIDE_IMAGES)),--allow-outside-images)
+	  $(if $(filter 1,$(ALLOW_OUTSIDE_IMAGES)),--allow-outside-images) $(if $(filter 1,$(SKIP_DRAFTS)),--skip-drafts)
 
 config: $(STAMP)
 	$(PY) -m pipelines config --dataset $(DATASET) --model $(MODEL) $(if $(RUN),--run $(RUN)) \
@@ -123,6 +134,13 @@ export: $(STAMP)
 	$(PY) -m pipelines export --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 	  $(if $(FORMAT),--format $(FORMAT)) $(if $(QUANT),--quant $(QUANT))
 
+prelabel: $(STAMP)
+	@test -n "$(RUN)" || { echo "error: give RUN=NAME (a run with an export) and DATASET=NAME"; exit 2; }
+	$(PY) -m pipelines prelabel --run $(RUN) --dataset $(DATASET) $(if $(filter 0,$(ONLY_UNLABELLED)),--all-images) \
+	  $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(if $(SCORE),--score-threshold $(SCORE)) \
+	  $(if $(MAX_DETECTIONS),--max-detections $(MAX_DETECTIONS)) $(if $(MIN_AREA),--min-area $(MIN_AREA)) \
+	  $(if $(UPLOAD),--upload $(UPLOAD))
+
 serve: $(STAMP)
 	PIPELINES_MODEL=$(SERVE_MODEL) $(PY) -m pipelines.serving.serve pipelines.serving.service:Service --host $(HOST) --port $(PORT)
 
@@ -156,7 +174,7 @@ browser:
 	      echo "could not install chromium: the report's browser test will be skipped"; \
 	  else echo "chromium not found (install Debian's chromium): the report's browser test will be skipped"; fi; }
 
-bench: bench-data bench-train-detection bench-train-segmentation bench-serve bench-export
+bench: bench-data bench-train-detection bench-train-segmentation bench-serve bench-export bench-prelabel
 
 bench-data: $(STAMP)
 	$(PY) bench/bench_data.py
@@ -173,6 +191,10 @@ bench-serve: $(STAMP)
 # TFLite formats against the SavedModel, on the runs make demo leaves (exported with FORMAT=all first).
 bench-export: $(STAMP)
 	$(PY) bench/bench_export.py --export
+
+# make prelabel's drafts against the sample's labels, on the runs make demo leaves.
+bench-prelabel: $(STAMP)
+	$(PY) bench/bench_prelabel.py --min-area 16 --min-area 200
 
 clean:
 	rm -rf workspace/*/ bench/out

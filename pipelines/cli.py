@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from pipelines.common import DATASETS_DIR, UserError, display_path, eprint
@@ -89,6 +90,9 @@ def add_data_parser(sub) -> None:
                    help="largest image (width x height) to read (default: PIPELINES_MAX_PIXELS, else 40000000)")
     p.add_argument("--allow-outside-images", action="store_true",
                    help="read image paths that lead out of the dataset folder (and --images), e.g. ../x.jpg")
+    p.add_argument("--skip-drafts", action="store_true",
+                   help="leave out images that still hold a model's unreviewed drafts (make prelabel's, still in "
+                        "their draft colour); without it they are used as truth and counted")
     p.add_argument("--out", help="output folder (default workspace/NAME/data)")
 
 
@@ -100,7 +104,8 @@ def cmd_data(args) -> int:
     run(DataOptions(dataset=args.dataset, task=args.task, masks=args.masks, val_ratio=args.val_ratio,
                     seed=args.seed, shards=args.shards, workers=args.workers, skip_invalid=args.skip_invalid,
                     annotations=args.annotations, val_annotations=args.val_annotations, images=args.images,
-                    out=args.out, max_pixels=args.max_pixels, allow_outside_images=args.allow_outside_images))
+                    out=args.out, max_pixels=args.max_pixels, allow_outside_images=args.allow_outside_images,
+                    skip_drafts=args.skip_drafts))
     return 0
 
 
@@ -364,6 +369,71 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def add_prelabel_parser(sub) -> None:
+    p = sub.add_parser("prelabel", help="a run's model drafts a dataset's labels -> a COCO file coco-annotator imports",
+                       description="Run workspace/RUN/export over the images of a dataset folder (by default those "
+                                   "without any annotation in its newest coco-annotator export) and write "
+                                   "workspace/RUN/prelabel/<dataset>-<time>.json: the drafts as a COCO file for "
+                                   "coco-annotator's import (categories by name, images by file name, boxes as "
+                                   "4-corner polygons), each marked as a draft (colour #ff00ff, metadata). With --annotator-url "
+                                   "(ANNOTATOR_URL) it also uploads the file to coco-annotator and reports the "
+                                   "import.")
+    p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder) with an export")
+    p.add_argument("--dataset", required=True, help="a folder name under datasets/, or a path to the dataset folder")
+    p.add_argument("--all-images", action="store_true",
+                   help="draft every image, also those that already have annotations (default: only unlabelled ones)")
+    p.add_argument("--annotations", help="the COCO file that says which images are labelled (default: the newest "
+                                         "export, .exports/coco-*.json)")
+    p.add_argument("--score-threshold", type=float,
+                   help="detection: draft boxes at or above this score (default: the export's, as /detect)")
+    p.add_argument("--max-detections", type=_positive_int, help="detection: at most this many boxes per image")
+    p.add_argument("--min-area", type=int, help="segmentation: draft regions of at least this many pixels "
+                                                "(default: PIPELINES_ANNOTATE_MIN_AREA, else 16)")
+    p.add_argument("--upload", metavar="FILE", help="upload this prelabel file instead of drafting a new one")
+    add_annotator_arguments(p)
+
+
+def add_annotator_arguments(p) -> None:
+    p.add_argument("--annotator-url", default=os.environ.get("ANNOTATOR_URL"),
+                   help="coco-annotator's address, e.g. http://localhost:5000 (default: ANNOTATOR_URL); the "
+                        "password is read from ANNOTATOR_PASSWORD")
+    p.add_argument("--annotator-user", default=os.environ.get("ANNOTATOR_USER"),
+                   help="coco-annotator user name (default: ANNOTATOR_USER)")
+    p.add_argument("--annotator-dataset", default=os.environ.get("ANNOTATOR_DATASET"),
+                   help="coco-annotator dataset id or name (default: ANNOTATOR_DATASET, else the dataset's folder name)")
+    p.add_argument("--annotator-timeout", type=_positive_float, default=600.0,
+                   help="seconds to wait for coco-annotator's import task (default 600)")
+
+
+@_engine_errors
+def cmd_prelabel(args) -> int:
+    from pipelines.annotator.prelabel import prelabel, summary_lines
+
+    if args.upload:
+        path = Path(args.upload)
+        if not path.is_file():
+            raise UserError(args.upload, "no such file")
+    else:
+        if args.dataset == SAMPLE_NAME:
+            _ensure_sample()
+        result = prelabel(args.run, args.dataset, only_unlabelled=not args.all_images, annotations=args.annotations,
+                          log=_log, score_threshold=args.score_threshold, max_detections=args.max_detections,
+                          min_area=args.min_area)
+        for line in summary_lines(result):
+            print(line, flush=True)
+        path = result.path
+    if args.annotator_url and path is not None:
+        from pipelines.annotator.client import upload_drafts
+
+        upload_drafts(path, args.annotator_url, args.annotator_user, os.environ.get("ANNOTATOR_PASSWORD"),
+                      args.annotator_dataset or Path(args.dataset).name, timeout=args.annotator_timeout, log=_log)
+    elif path is not None:
+        print("import it in coco-annotator (the dataset's Import COCO button), or upload it: the same command with "
+              "ANNOTATOR_URL, ANNOTATOR_USER, ANNOTATOR_PASSWORD (make prelabel ... UPLOAD=file to send this one)",
+              flush=True)
+    return 0
+
+
 def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate the bundled sample dataset (coco-annotator layout)",
                        description="Write a deterministic coco-annotator dataset folder of shapes, with the "
@@ -419,13 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_parser(sub)
     add_import_parser(sub)
     add_run_parsers(sub)
+    add_prelabel_parser(sub)
     add_demo_parser(sub)
     return parser
 
 
 COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "import": cmd_import,
             "train": cmd_train, "eval": cmd_eval,
-            "export": cmd_export, "predict": cmd_predict, "report": cmd_report, "demo": cmd_demo}
+            "export": cmd_export, "predict": cmd_predict, "report": cmd_report, "prelabel": cmd_prelabel,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,17 @@ def tag_name(text: str, fallback: str) -> str:
     return name or fallback
 
 
+def export_identity(folder: Path) -> tuple[str, str]:
+    """(name, version) of an export folder: its run's name and the first 12 hex digits of its
+    saved_model.pb's SHA-256 (what /detect answers as "model" and drafts carry in their metadata)."""
+    import hashlib
+
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / "saved_model" / "saved_model.pb").read_bytes()).hexdigest()[:12]
+    name = folder.resolve().parent.name if folder.name == "export" else folder.resolve().name
+    return name, digest
+
+
 def model_store():
     """BentoML's model store under $BENTOML_HOME (read at each call, so tests can point it elsewhere)."""
     from bentoml._internal.models import ModelStore

@@ -18,7 +18,9 @@ Every part takes the same arguments in every task:
                                                    serving_function(checkpoint), draw, format (engine/evaluate.py)
     exporter(params)                               save(checkpoint, saved_model_dir, folder) -> model, check,
                                                    describe_check, metadata, signature_notes (engine/export.py)
-    predict(labels, **options)                     per image: (image, outputs, out stem) -> its JSON, pictures
+    predict(labels, metadata, **options)           per image: (image, outputs, out stem) -> its JSON, pictures;
+                                                   run(serve, image) -> outputs, drafts(image, outputs, model)
+                                                   -> coco-annotator annotations (make prelabel)
     service                                        the BentoML service class serving its exports
     report(metrics, eval_dir)                      `make report`'s evaluation section
 """
@@ -54,6 +56,7 @@ class Task:
     # Host memory of training on a CPU: (fixed bytes, bytes per input pixel of each training image).
     train_memory: tuple[float, float] = (1.2e9, 2000.0)
     predict_options: tuple[str, ...] = field(default=())  # the predict command's options it takes
+    draft_options: tuple[str, ...] = field(default=())  # make prelabel's options it takes (its predict part's)
 
     def load(self, part: str) -> Any:
         """The named part ("train", "evaluate", ...), imported now."""
@@ -78,7 +81,8 @@ register(Task(
     exporter="pipelines.detection.export:Exporter", predict="pipelines.detection.predict:Predictions",
     service="pipelines.serving.service:Detector", report="pipelines.report:detection_metrics_html", metric="AP",
     init_fields=("fine_tune_checkpoint", "fine_tune_checkpoint_type"), path_fields=("fine_tune_checkpoint",),
-    train_memory=(1.2e9, 1600.0), predict_options=("score_threshold",)))
+    train_memory=(1.2e9, 1600.0), predict_options=("score_threshold",),
+    draft_options=("score_threshold", "max_detections")))
 register(Task(
     name="segmentation", config_block="segmentation", params="pipelines.segmentation.params:SegmenterParams",
     translate="pipelines.config.segmentation:translate",
@@ -87,7 +91,8 @@ register(Task(
     exporter="pipelines.segmentation.export:Exporter", predict="pipelines.segmentation.predict:Predictions",
     service="pipelines.serving.service:Segmenter", report="pipelines.report:segmentation_metrics_html",
     metric="mean_iou",
-    path_fields=("encoder_weights",), not_paths=("imagenet",), train_memory=(1.2e9, 3700.0)))
+    path_fields=("encoder_weights",), not_paths=("imagenet",), train_memory=(1.2e9, 3700.0),
+    draft_options=("min_area",)))
 
 
 def get(name: str) -> Task:

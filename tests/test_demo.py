@@ -23,19 +23,6 @@ SECTIONS = ("dataset", "config", "training", "evaluation", "predictions")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
-def demo(sample_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    workspace = root / "ws"
-    env = {"BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
-    # The detector trains enough to find shapes (150 steps at 128x128: AP50 about 0.26 on these 40 images,
-    # its threshold chosen on their val images); the segmenter only a few steps.
-    proc = run_cli("demo", "--dataset", sample_dir, "--detector-steps", "150", "--detector-size", "128",
-                   "--segmenter-steps", "6", "--batch-size", "8", workspace=workspace, env=env, timeout=1500)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    return workspace, proc.stdout
-
-
 def test_demo_prints_every_stage_command(demo):
     _, out = demo
     for command in ("make data DATASET=", "make config DATASET=", "MODEL=ssd_mobilenet_v2_fpnlite_320x320",

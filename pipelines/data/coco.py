@@ -8,6 +8,8 @@ What a coco-annotator export looks like, and what this reader does about it:
 - `iscrowd` is a JSON boolean; extra fields are ignored;
 - a bbox-only annotation is a 4-corner polygon with `isbbox: true`;
 - keypoint-only annotations (`segmentation: []`, `bbox: [0,0,0,0]`) carry no region: dropped;
+- an annotation's polygons are one compound path there: a polygon inside the first is a hole in it;
+- a model's draft that nobody has reviewed (`make prelabel`: the draft colour) is marked as one;
 - polygons with fewer than 3 points are dropped, polygon points outside the image are clipped and
   the box is recomputed from the region (its stored `bbox` may be stale).
 Plain COCO adds RLE crowd annotations (compressed and uncompressed), a `_background_` category
@@ -20,6 +22,7 @@ import json
 import posixpath
 from pathlib import Path, PurePosixPath
 
+from pipelines.annotator.drafts import is_draft
 from pipelines.common import UserError, display_path
 from pipelines.data.checks import finite_reason, is_finite, is_number, numbers_in, show
 from pipelines.data.items import Category, Report, SourceDataset, SourceImage, SourceObject
@@ -286,7 +289,7 @@ def load_coco(json_path: Path, root: Path, image_dirs: list[Path], format_name: 
         bbox = _bbox(ann.get("bbox"))
         crowd = bool(ann.get("iscrowd", False))
         obj = SourceObject(item=where, label_id=label_of[cid], bbox=bbox, is_crowd=crowd,
-                           box_only=bool(ann.get("isbbox", False)))
+                           box_only=bool(ann.get("isbbox", False)), draft=is_draft(ann))
         if isinstance(segmentation, dict):
             if "counts" not in segmentation or "size" not in segmentation:
                 invalid.append(Report(file, where, "RLE segmentation needs 'counts' and 'size'"))
@@ -297,6 +300,7 @@ def load_coco(json_path: Path, root: Path, image_dirs: list[Path], format_name: 
             if polygons is None:
                 continue
             obj.polygons = polygons
+            obj.compound = format_name == "coco-annotator" and len(polygons) > 1
         elif segmentation not in (None, []):
             invalid.append(Report(file, where, "'segmentation' is neither polygons nor RLE"))
             continue

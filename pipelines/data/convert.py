@@ -42,6 +42,7 @@ class DataOptions:
     out: str | None = None
     max_pixels: int | None = None  # None: PIPELINES_MAX_PIXELS, else 40 million (as the server)
     allow_outside_images: bool = False  # read image paths that lead out of the dataset/--images folder
+    skip_drafts: bool = False  # leave out images that still hold a model's unreviewed drafts
 
 
 def _first_problem(invalid: list[Report]) -> UserError:
@@ -104,6 +105,26 @@ def output_lock(out: Path):
                     folder.rmdir()
 
 
+def _drafts(sources: list, skip: bool) -> dict:
+    """Count the model drafts nobody has reviewed (make prelabel's; pipelines/annotator/drafts.py) and say
+    so; with `skip`, leave out every image holding one (its other annotations too: a half-reviewed image
+    would teach the model that what its dropped drafts cover is background)."""
+    from pipelines.annotator.drafts import DRAFT_COLOR
+
+    held = [(s, im, sum(o.draft for o in im.objects)) for s in sources for im in s.images]
+    held = [(s, im, n) for s, im, n in held if n]
+    count, images = sum(n for _, _, n in held), len(held)
+    if count and skip:
+        for source in sources:
+            source.images = [im for im in source.images if not any(o.draft for o in im.objects)]
+        print(f"left out {images} image(s) that hold {count} unreviewed model draft(s) (SKIP_DRAFTS=1)")
+    elif count:
+        print(f"warning: {count} annotation(s) on {images} image(s) are model drafts nobody has reviewed (make "
+              f"prelabel's colour {DRAFT_COLOR}) and are used as truth: review them in coco-annotator (give each "
+              "checked draft another colour) and export again, or leave their images out with SKIP_DRAFTS=1")
+    return {"annotations": count, "images": images, "left_out": bool(count and skip)}
+
+
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
@@ -128,6 +149,7 @@ def run(opts: DataOptions) -> Path:
     invalid = [r for s in sources for r in s.invalid]
     if invalid and not opts.skip_invalid:
         raise _first_problem(invalid)
+    drafts = _drafts(sources, opts.skip_drafts)
     categories = train_src.categories
     if not categories:
         raise UserError(train_src.annotation_files[0], "no categories: nothing to learn")
@@ -208,6 +230,7 @@ def run(opts: DataOptions) -> Path:
             "dropped": reports_json(dropped),
             "repaired": reports_json(repaired),
             "skipped_invalid": reports_json(skipped),
+            "drafts": drafts,
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
                                           errors="backslashreplace")  # a lone surrogate from a JSON name

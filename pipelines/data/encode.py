@@ -191,7 +191,12 @@ def _object_rle(obj: SourceObject, width: int, height: int, image: SourceImage):
             return mask_utils.frPyObjects(obj.rle, height, width)
         return {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
     if obj.polygons:
-        return mask_utils.merge(mask_utils.frPyObjects(obj.polygons, height, width))
+        parts = mask_utils.frPyObjects(obj.polygons, height, width)
+        if obj.compound:  # coco-annotator's compound path: nonzero winding, the first polygon against the rest
+            masks = mask_utils.decode(parts)
+            winding = masks[..., 0].astype(np.int32) - masks[..., 1:].astype(np.int32).sum(axis=-1)
+            return mask_utils.encode(np.asfortranarray((winding != 0).astype(np.uint8)))
+        return mask_utils.merge(parts)
     return None
 
 

@@ -21,10 +21,15 @@ class SourceObject:
     item: str  # how a user finds it: "annotation id 4711" or "object 3"
     label_id: int
     polygons: list[list[float]] = field(default_factory=list)  # COCO polygons, pixel coords
+    # coco-annotator draws an annotation's polygons as one paper.js compound path: every polygon after the
+    # first is turned against it (nonzero fill), so where it lies inside the first it is a hole. Plain COCO
+    # (pycocotools) takes the union of the polygons.
+    compound: bool = False
     rle: dict | None = None  # COCO RLE ({"size": [h, w], "counts": str|list})
     bbox: tuple[float, float, float, float] | None = None  # x, y, w, h as given by the source
     is_crowd: bool = False
     box_only: bool = False  # a rectangle: coco-annotator's isbbox, or a VOC box
+    draft: bool = False  # a model's draft nobody has reviewed yet (pipelines/annotator/drafts.py)
 
 
 @dataclass

@@ -37,18 +37,34 @@ def detections_of(outputs: dict, width: int, height: int, labels: dict[int, str]
 class Predictions:
     """The detection part of `python -m pipelines predict` (pipelines/engine/predict.py): per image, its
     detections at or above score_threshold (default: the export's, chosen on the val set) and NAME.png with
-    their boxes drawn."""
+    their boxes drawn; for `make prelabel`, its boxes drafted as coco-annotator annotations (at most
+    max_detections, best first)."""
 
     outputs = DETECTION_OUTPUTS
     pictures = "image(s) with boxes"
 
-    def __init__(self, labels: dict[int, str], metadata: dict, score_threshold: float | None = None):
+    def __init__(self, labels: dict[int, str], metadata: dict, score_threshold: float | None = None,
+                 max_detections: int | None = None):
         if score_threshold is None:
             score_threshold = default_score_threshold(metadata)
         if not 0.0 <= score_threshold <= 1.0:
             raise UserError(None, f"--score-threshold {score_threshold} must be between 0 and 1")
+        if max_detections is not None and max_detections < 1:
+            raise UserError(None, f"--max-detections {max_detections} must be 1 or more")
         self.labels = labels
         self.score_threshold = score_threshold
+        self.max_detections = max_detections
+
+    def run(self, serve, image: np.ndarray) -> dict:
+        """The signature's outputs on one image (it resizes to the network's input itself)."""
+        return serve(image[None])
+
+    def drafts(self, image: np.ndarray, outputs: dict, model: str) -> list[dict]:
+        from pipelines.annotator.drafts import box_annotation
+
+        h, w = image.shape[:2]
+        found = detections_of(outputs, w, h, self.labels, self.score_threshold)[:self.max_detections]
+        return [box_annotation(d["box"], d["class_id"], d["score"], model) for d in found]
 
     def __call__(self, image: np.ndarray, outputs: dict, stem: Path) -> dict:
         h, w = image.shape[:2]

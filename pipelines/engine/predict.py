@@ -44,27 +44,32 @@ def load_image(path: Path) -> np.ndarray:
         raise UserError(display_path(path), f"not a readable image ({type(e).__name__}: {e})") from None
 
 
-def predict(model: Path, images: list[Path], out_dir: Path | None = None, log=print, **options) -> list[dict]:
-    """Run an export (folder or its saved_model/) on image files. Pictures go to `out_dir` (default:
-    RUN_DIR/predictions). Returns, per image, {"image", "width", "height"} and what the task's part adds.
-    `options`: the task's own (detection: score_threshold)."""
-    import tensorflow as tf
-
+def predict_part(model: Path, **options):
+    """(the export's task, its saved_model folder or device file, the task's predict part built with
+    `options`); UserError for a missing export or a bad option, before TensorFlow loads anything."""
     from pipelines import tasks
-    from pipelines.model_store import INPUT_NAME, read_metadata
+    from pipelines.model_store import read_metadata
 
     task = tasks.of_export(Path(model))
     saved_model, label_map = find_export(Path(model))
-    part = task.load("predict")(read_label_map(label_map), read_metadata(saved_model.parent if saved_model.is_file()
-                                                                         else saved_model) or {}, **options)
-    arrays = [load_image(Path(p)) for p in images]  # every file checked before the model loads
-    if saved_model.suffix in (".tflite", ".onnx"):
+    metadata = read_metadata(saved_model.parent if saved_model.is_file() else saved_model) or {}
+    return task, saved_model, task.load("predict")(read_label_map(label_map), metadata, **options)
+
+
+def load_serving(model: Path, task, part):
+    """serve(uint8 batch [1, H, W, 3]) -> {output: array} of a SavedModel or a .tflite/.onnx file of an
+    export; UserError when its outputs are not those the task's predict part reads."""
+    import tensorflow as tf
+
+    from pipelines.model_store import INPUT_NAME
+
+    if model.suffix in (".tflite", ".onnx"):
         from pipelines.engine.formats import serving_function
 
-        serve = serving_function(saved_model, task.load("exporter"))
+        serve = serving_function(model, task.load("exporter"))
         produced = list(task.load("exporter").outputs)
     else:
-        signature = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+        signature = tf.saved_model.load(str(model)).signatures["serving_default"]
         produced = list(signature.structured_outputs)
 
         def serve(batch):
@@ -73,11 +78,21 @@ def predict(model: Path, images: list[Path], out_dir: Path | None = None, log=pr
     if missing:
         raise UserError(display_path(model), f"not a {task.name} export: its signature has no {', '.join(missing)} "
                                              "output")
+    return serve
+
+
+def predict(model: Path, images: list[Path], out_dir: Path | None = None, log=print, **options) -> list[dict]:
+    """Run an export (folder or its saved_model/) on image files. Pictures go to `out_dir` (default:
+    RUN_DIR/predictions). Returns, per image, {"image", "width", "height"} and what the task's part adds.
+    `options`: the task's own (detection: score_threshold)."""
+    task, saved_model, part = predict_part(model, **options)
+    arrays = [load_image(Path(p)) for p in images]  # every file checked before the model loads
+    serve = load_serving(saved_model, task, part)
     out_dir = Path(out_dir) if out_dir else saved_model.parent.parent / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for path, array in zip(images, arrays):
-        outputs = serve(array[None])
+        outputs = part.run(serve, array)
         h, w = array.shape[:2]
         results.append({"image": str(path), "width": w, "height": h,
                         **part(array, outputs, out_dir / Path(path).stem)})

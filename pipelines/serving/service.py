@@ -5,7 +5,7 @@ BentoML model tag (`RUN` or `RUN:version`, from the store under $BENTOML_HOME). 
 "task" picks the service: `Detector` (/detect, /detect/base64, /render, /annotate) or `Segmenter`
 (/segment, /segment/mask, /render, /annotate); `Service` is the one for PIPELINES_MODEL.
 
-/annotate answers coco-annotator's "Annotate Image" button (pipelines/drafts.py): the annotator's page
+/annotate answers coco-annotator's "Annotate Image" button (pipelines/annotator/drafts.py): the annotator's page
 posts from another origin, so the services answer CORS requests from the origins PIPELINES_CORS_ORIGINS
 lists (comma-separated; default DEFAULT_CORS_ORIGINS, the annotator of docker/compose.annotator.yml).
 
@@ -20,7 +20,6 @@ gets a 4xx with {"error": "what was wrong"} and the worker goes on serving.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from pipelines.model_store import DETECTION_OUTPUTS, INPUT_NAME, MASK_OUTPUT
+from pipelines.segmentation.predict import DEFAULT_MAX_MASK_SIDE, MAX_MASK_SIDE_ENV, nearest, working_size
 from pipelines.serving.guard import RequestGuard, bound_metric_labels
 from pipelines.serving.images import (BadRequest, base64_image, decode_image, error_response, max_detections_of,
                                       png_bytes, resize_to, score_threshold_of)
@@ -50,13 +50,10 @@ def _env_int(name: str, default: int) -> int:
 
 
 MAX_BATCH_SIZE = _env_int("PIPELINES_MAX_BATCH_SIZE", 8)
-# The segmenter runs at most this many pixels on a side and scales its mask up to the image: its
-# probabilities at full size would take H x W x classes floats (1.9 GB for a 6300x6300 photo).
-MAX_MASK_SIDE = _env_int("PIPELINES_MAX_MASK_SIDE", 2048)
+# The segmenter runs at most this many pixels on a side (pipelines/segmentation/predict.py says why).
+MAX_MASK_SIDE = _env_int(MAX_MASK_SIDE_ENV, DEFAULT_MAX_MASK_SIDE)
 MAX_LATENCY_MS = _env_int("PIPELINES_MAX_LATENCY_MS", 10_000)
 TIMEOUT_S = _env_int("PIPELINES_TIMEOUT_S", 120)
-# Regions smaller than this many pixels are not drafted by the segmenter's /annotate (min_area overrides it).
-ANNOTATE_MIN_AREA = _env_int("PIPELINES_ANNOTATE_MIN_AREA", 16)
 CORS_ENV = "PIPELINES_CORS_ORIGINS"
 DEFAULT_CORS_ORIGINS = ("http://localhost:5000", "http://127.0.0.1:5000")
 
@@ -86,9 +83,9 @@ def resolve_model(spec: str | None = None) -> tuple[Path, str, str]:
         folder = path.parent if (path / "saved_model.pb").is_file() else path
         if not (folder / "saved_model" / "saved_model.pb").is_file():
             raise ModelNotFound(f"{spec}: no saved_model/ here: give workspace/RUN/export (run `make export` first)")
-        digest = hashlib.sha256((folder / "saved_model" / "saved_model.pb").read_bytes()).hexdigest()[:12]
-        name = folder.resolve().parent.name if folder.name == "export" else folder.resolve().name
-        return folder, name, digest
+        from pipelines.model_store import export_identity
+
+        return folder, *export_identity(folder)
     from pipelines.model_store import model_store
 
     try:
@@ -436,7 +433,7 @@ class Detector(ModelService):
         """coco-annotator's "Annotate Image": multipart `image` (query: score_threshold, max_detections) ->
         {"coco": {"images", "categories", "annotations"}}: each detection a box drafted as its 4-corner polygon
         with isbbox, its score in the annotation's metadata; "message" when nothing is found."""
-        from pipelines.drafts import box_annotation, coco_answer
+        from pipelines.annotator.drafts import box_annotation, coco_answer
 
         try:
             query = ctx.request.query_params
@@ -493,13 +490,6 @@ def segments(mask: np.ndarray, labels: dict[int, str]) -> list[dict]:
     return classes
 
 
-def _nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A class mask scaled to size = (height, width), nearest neighbour."""
-    import cv2
-
-    return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
-
-
 @bentoml.service(name="segmenter", traffic={"timeout": TIMEOUT_S})
 class Segmenter(ModelService):
     """Class masks of an exported segmenter: /segment (JSON), /segment/mask (palette PNG), /render (PNG)."""
@@ -510,13 +500,12 @@ class Segmenter(ModelService):
     async def _mask(self, image: Path) -> tuple[np.ndarray, np.ndarray]:
         array = await read_upload(image)
         height, width = array.shape[:2]
-        scale = MAX_MASK_SIDE / max(height, width)
-        if scale >= 1:
+        size = working_size(height, width, MAX_MASK_SIDE)
+        if size is None:
             return array, (await model_outputs(self, array))[MASK_OUTPUT]
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
         small = await asyncio.to_thread(resize_to, array, size)
         mask = (await model_outputs(self, small))[MASK_OUTPUT]
-        return array, await asyncio.to_thread(_nearest, mask, (height, width))
+        return array, await asyncio.to_thread(nearest, mask, (height, width))
 
     @bentoml.api(route="/segment")
     async def segment(self, image: Path) -> dict:
@@ -535,12 +524,12 @@ class Segmenter(ModelService):
         """coco-annotator's "Annotate Image": multipart `image` (query: min_area, pixels) -> {"coco": {"images",
         "categories", "annotations"}}: each connected region of a class of at least min_area pixels (default
         PIPELINES_ANNOTATE_MIN_AREA) drafted as its outline and its holes' polygons; "message" when none is."""
-        from pipelines.drafts import coco_answer, region_annotations
+        from pipelines.annotator.drafts import coco_answer, default_min_area, region_annotations
 
         try:
             min_area = ctx.request.query_params.get("min_area")
             try:
-                min_area = ANNOTATE_MIN_AREA if min_area is None else int(min_area)
+                min_area = default_min_area() if min_area is None else int(min_area)
             except ValueError:
                 raise BadRequest(f"min_area: expected a whole number of pixels, got {min_area[:40]!r}") from None
             if min_area < 0:
