@@ -406,3 +406,50 @@ def test_make_data_counts_unreviewed_drafts_and_skip_drafts_leaves_their_images_
     assert summary["drafts"] == {"annotations": len(unreviewed), "images": left, "left_out": True}
     total = sum(everything["images"][s] for s in ("train", "val"))
     assert sum(summary["images"][s] for s in ("train", "val")) == total - left
+
+
+# ------------------------------------------------------------------------------------------ rules
+
+
+def test_which_images_are_drafted(tmp_path):
+    """As coco-annotator's scan: image extensions only, hidden folders left out; images annotated in the
+    newest export left out by default; two images of one base name (coco-annotator's importer cannot tell
+    them apart) never drafted, and said so."""
+    from pipelines.annotator.prelabel import select_images
+
+    folder = tmp_path / "ds"
+    for name in ("a/same.jpg", "b/same.jpg", "c/new.PNG", "c/done.jpg", "c/notes.txt", ".thumbnail/new.jpg"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+    (folder / ".exports").mkdir()
+    export = folder / ".exports" / "coco-1700000000.json"
+    export.write_text(json.dumps({"images": [{"id": 1, "file_name": "done.jpg"}, {"id": 2, "file_name": "new.PNG"}],
+                                  "categories": [{"id": 1, "name": "x"}],
+                                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1}]}))
+    images, notes = select_images(folder, only_unlabelled=True, annotations=None)
+    assert [p.relative_to(folder).as_posix() for p in images] == ["c/new.PNG"]
+    assert any("2 image(s) share a base name" in n and "a/same.jpg, b/same.jpg" in n for n in notes)
+    assert any("1 image(s) already have annotations" in n and "not drafted" in n for n in notes)
+    images, notes = select_images(folder, only_unlabelled=False, annotations=None)
+    assert [p.relative_to(folder).as_posix() for p in images] == ["c/done.jpg", "c/new.PNG"]
+    assert any("their drafts are added beside them" in n for n in notes)
+    export.unlink()
+    images, notes = select_images(folder, only_unlabelled=True, annotations=None)
+    assert len(images) == 2 and any("every image is drafted" in n for n in notes)
+
+
+@pytest.mark.parametrize("annotation, draft", [
+    ({"color": DRAFT_COLOR}, True),
+    ({"color": DRAFT_COLOR.upper()}, True),
+    ({"color": "#3fa9f5", "metadata": {}}, False),  # recoloured by the person: reviewed
+    ({"color": "#3fa9f5", "metadata": {"draft": True}}, True),  # a tool that keeps metadata
+    ({"metadata": {"draft": "true"}}, True),
+    ({"metadata": {"draft": 1}}, True),  # the annotator's metadata editor turns "1" into 1
+    ({"metadata": {"draft": False}}, False),
+    ({"metadata": {"draft": "false"}}, False),
+    ({"metadata": {"draft": 0}}, False),
+    ({"metadata": "draft"}, False),
+    ({}, False),
+])
+def test_the_reviewed_or_draft_rule(annotation, draft):
+    assert is_draft(annotation) is draft
