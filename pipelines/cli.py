@@ -405,7 +405,6 @@ def add_annotator_arguments(p) -> None:
                    help="seconds to wait for coco-annotator's import task (default 600)")
 
 
-@_engine_errors
 def cmd_prelabel(args) -> int:
     from pipelines.annotator.prelabel import prelabel, summary_lines
 

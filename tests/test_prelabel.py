@@ -211,7 +211,7 @@ def test_detector_drafts_read_back_by_make_data_within_a_pixel(detector_drafts, 
         source = next(p for p in image_files(shapes[0]) if p.name == image["file_name"])
         shutil.copy(source, folder / image["file_name"])
     shutil.copy(path, folder / ".exports" / "coco-1800000000.json")
-    proc = run_cli("data", "--dataset", folder, "--val-ratio", "0", "--out", tmp_path / "data")
+    proc = run_cli("data", "--dataset", folder, "--val-ratio", "0", "--workers", "1", "--out", tmp_path / "data")
     assert proc.returncode == 0, proc.stderr
     count = len(coco["annotations"])
     assert f"warning: {count} annotation(s) on {len(coco['images'])} image(s) are model drafts nobody has " \
@@ -256,7 +256,8 @@ def test_region_drafts_read_back_as_the_class_mask_with_their_holes(tmp_path):
             "categories": [{"id": i, "name": n} for i, n in ((1, "circle"), (2, "square"), (3, "triangle"))],
             "annotations": [{"id": n, "image_id": 1, **a} for n, a in enumerate(drafts, 1)]}
     (folder / ".exports" / "coco-1800000000.json").write_text(json.dumps(coco))
-    proc = run_cli("data", "--dataset", folder, "--task", "segmentation", "--val-ratio", "0", "--out", tmp_path / "d")
+    proc = run_cli("data", "--dataset", folder, "--task", "segmentation", "--val-ratio", "0", "--workers", "1",
+                   "--out", tmp_path / "d")
     assert proc.returncode == 0, proc.stderr
     written = read_records(tmp_path / "d", "train")[0]["class_mask"]
     assert written[60, 50] == 0 and written[100, 121] == 0, "a hole was filled"
@@ -361,6 +362,18 @@ def test_an_import_with_errors_exits_1_and_lists_them(detector_drafts, shapes):
         assert "completed with errors" in proc.stderr
 
 
+def test_drafts_of_images_the_annotator_has_not_scanned_yet_are_pointed_out(detector_drafts, shapes):
+    path, _ = detector_drafts
+    first = json.loads(path.read_text())["images"][0]["file_name"]
+    with _standin(shapes[0]) as standin:
+        standin.images[7] = [im for im in standin.images[7] if im["file_name"] != first]
+        proc = run_cli("prelabel", "--run", "demo-detector", "--dataset", shapes[0], "--upload", path,
+                       env=_upload_env(standin))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"warning: Could not find image {first}" in proc.stdout
+        assert "1 drafted image(s) are not in the dataset yet: let coco-annotator scan the folder" in proc.stdout
+
+
 # ------------------------------------------------------------------------------- reviewed vs drafted
 
 
@@ -393,12 +406,12 @@ def test_make_data_counts_unreviewed_drafts_and_skip_drafts_leaves_their_images_
     (copy / ".exports" / "coco-1900000000.json").write_text(json.dumps(coco))
     unreviewed = [a for a in drafts["annotations"] if files[a["image_id"]] not in reviewed]
     left = len(drafted_files) - 2
-    proc = run_cli("data", "--dataset", copy, "--out", tmp_path / "all")
+    proc = run_cli("data", "--dataset", copy, "--workers", "1", "--out", tmp_path / "all")
     assert proc.returncode == 0, proc.stderr
     assert f"warning: {len(unreviewed)} annotation(s) on {left} image(s) are model drafts nobody has reviewed" \
            in proc.stdout
     everything = json.loads((tmp_path / "all" / "summary.json").read_text())
-    proc = run_cli("data", "--dataset", copy, "--skip-drafts", "--out", tmp_path / "reviewed")
+    proc = run_cli("data", "--dataset", copy, "--skip-drafts", "--workers", "1", "--out", tmp_path / "reviewed")
     assert proc.returncode == 0, proc.stderr
     assert f"left out {left} image(s) that hold {len(unreviewed)} unreviewed model draft(s) (SKIP_DRAFTS=1)" \
            in proc.stdout

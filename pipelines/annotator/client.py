@@ -38,11 +38,12 @@ class ImportUnfinished(UserError):
     exit_code = 1
 
 
-def _json(response, url: str):
+def _json(response, url: str, what: str):
     try:
         return response.json()
     except ValueError:
-        raise AnnotatorError(url, f"HTTP {response.status_code}, not JSON: {response.text[:200]!r}") from None
+        raise AnnotatorError(url, f"cannot {what}: HTTP {response.status_code}, not JSON (is this coco-annotator's "
+                                  f"address?): {response.text[:120]!r}") from None
 
 
 def _message(body) -> str:
@@ -77,7 +78,7 @@ class CocoAnnotator:
             response = self.session.request(method, url, timeout=TIMEOUT_S, **kwargs)
         except requests.RequestException as e:
             raise AnnotatorError(self.url, f"cannot {what}: {type(e).__name__}: {str(e)[:200]}") from None
-        body = _json(response, url)
+        body = _json(response, url, what)
         if response.status_code >= 400 or (isinstance(body, dict) and body.get("success") is False):
             raise AnnotatorError(url, f"cannot {what}: HTTP {response.status_code}: {_message(body)}")
         return body
@@ -128,16 +129,18 @@ class CocoAnnotator:
             raise AnnotatorError(self.url, f"the import started no task: {_message(body)}")
         return body["id"]
 
-    def wait(self, task_id: int, timeout: float, log=print, poll: float = 1.0) -> tuple[dict | None, list[str]]:
-        """Poll the task until it is completed and its log stops growing; (task, log lines). The task is
-        None when it was not found, and not completed when the timeout came first."""
+    def wait(self, task_id: int, timeout: float, log=print, poll: float = 0.25) -> tuple[dict | None, list[str]]:
+        """Poll the task (every `poll` seconds at first, then less often, up to every 2 s) until it is completed
+        and its log stops growing; (task, log lines). The task is None when it was not found, and not
+        completed when the timeout came first."""
         deadline = time.monotonic() + timeout
         shown, previous = -1, None
         while True:
             tasks = self._request("GET", "/api/tasks/", what="read the import task")
             task = next((t for t in tasks if isinstance(t, dict) and t.get("id") == task_id), None) \
                 if isinstance(tasks, list) else None
-            lines = self._request("GET", f"/api/tasks/{task_id}/logs", what="read the import log").get("logs") or []
+            body = self._request("GET", f"/api/tasks/{task_id}/logs", what="read the import log")
+            lines = (body.get("logs") if isinstance(body, dict) else None) or []
             progress = int(task.get("progress") or 0) if task else 0
             if progress != shown:
                 log(f"import task {task_id}: {progress}%")
@@ -149,7 +152,8 @@ class CocoAnnotator:
                 previous = len(lines)
             if time.monotonic() >= deadline:
                 return task, lines
-            time.sleep(poll)
+            time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+            poll = min(2.0, poll * 1.5)
 
 
 def log_counts(lines: list[str]) -> dict:
@@ -195,6 +199,10 @@ def upload_drafts(path: Path, url: str, user: str, password: str, dataset: str, 
             log(f"  {kind[:-1]}: {text}")
         if len(counts[kind]) > 10:
             log(f"  ... and {len(counts[kind]) - 10} more {kind} (coco-annotator's Tasks page lists them)")
+    missing = sum(1 for text in counts["warnings"] if text.startswith("Could not find image"))
+    if missing:
+        log(f"  {missing} drafted image(s) are not in the dataset yet: let coco-annotator scan the folder (its file "
+            "watcher, or Scan on the dataset's page), then upload again (UPLOAD=...)")
     summary = (f"{counts['created']} draft(s) created, {counts['existing']} already there (undeleted), "
                f"{len(counts['warnings'])} warning(s), {len(counts['errors'])} error(s)")
     if task is None or not task.get("completed"):
