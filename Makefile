@@ -39,6 +39,10 @@ MIN_AREA ?=
 UPLOAD  ?=
 SKIP_DRAFTS ?= 0
 
+# $(call q,VALUE): VALUE as one single-quoted shell word, whatever it holds (spaces, quotes, $, ;, parentheses).
+# Every user variable reaches the shell through it; the $(if $(X),...) tests stay as they were.
+q = '$(subst ','\'',$(1))'
+
 .PHONY: help setup browser lock sample data config import train eval report export prelabel serve bento containerize test bench bench-data bench-train-detection \
         bench-train-segmentation bench-serve bench-export bench-prelabel serve-spectrogram demo clean
 
@@ -71,9 +75,9 @@ help:
 	@echo "                                   bench-train-segmentation, bench-serve, bench-export, bench-prelabel)"
 
 $(STAMP): requirements.lock
-	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
+	@$(call q,$(PYTHON)) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
 	  || { echo "error: set PYTHON=/path/to/python3.11"; exit 2; }
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(call q,$(PYTHON)) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check pip==24.3.1
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
 	$(PY) -m pip check
@@ -83,7 +87,7 @@ setup: $(STAMP)
 
 # Re-resolve the direct pins of pyproject.toml into requirements.lock (needs the registry).
 lock:
-	rm -rf /tmp/pipelines-lock && $(PYTHON) -m venv /tmp/pipelines-lock
+	rm -rf /tmp/pipelines-lock && $(call q,$(PYTHON)) -m venv /tmp/pipelines-lock
 	/tmp/pipelines-lock/bin/pip install --quiet pip==24.3.1
 	/tmp/pipelines-lock/bin/pip install --quiet ".[test]"
 	{ echo "# Exact, fully resolved dependency set for Python 3.11 (Linux). Installed with --no-deps by 'make setup'."; \
@@ -91,25 +95,28 @@ lock:
 	  /tmp/pipelines-lock/bin/pip freeze --all --exclude-editable | grep -v -E '^(pip|setuptools|annotator-pipelines)[=@ ]'; } > requirements.lock
 
 sample: $(STAMP)
-	$(PY) -m pipelines sample --out datasets/sample --num-images $(IMAGES)
+	$(PY) -m pipelines sample --out datasets/sample --num-images $(call q,$(IMAGES))
 
 data: $(STAMP)
-	$(PY) -m pipelines data --dataset $(DATASET) --task $(TASK) --val-ratio $(VAL_RATIO) $(if $(SEED),--seed $(SEED)) \
-	  $(if $(filter 1,$(MASKS)),--masks) $(if $(filter 1,$(SKIP_INVALID)),--skip-invalid) \
-	  $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(if $(SHARDS),--shards $(SHARDS)) \
-	  $(if $(WORKERS),--workers $(WORKERS)) $(if $(MAX_PIXELS),--max-pixels $(MAX_PIXELS)) \
+	$(PY) -m pipelines data --dataset $(call q,$(DATASET)) --task $(call q,$(TASK)) --val-ratio $(call q,$(VAL_RATIO)) \
+	  $(if $(SEED),--seed $(call q,$(SEED))) $(if $(filter 1,$(MASKS)),--masks) $(if $(filter 1,$(SKIP_INVALID)),--skip-invalid) \
+	  $(if $(ANNOTATIONS),--annotations $(call q,$(ANNOTATIONS))) $(if $(SHARDS),--shards $(call q,$(SHARDS))) \
+	  $(if $(WORKERS),--workers $(call q,$(WORKERS))) $(if $(MAX_PIXELS),--max-pixels $(call q,$(MAX_PIXELS))) \
 	  $(if $(filter 1,$(ALLOW_OUTSIDE_IMAGES)),--allow-outside-images) $(if $(filter 1,$(SKIP_DRAFTS)),--skip-drafts)
 
 config: $(STAMP)
-	$(PY) -m pipelines config --dataset $(DATASET) --model $(MODEL) $(if $(RUN),--run $(RUN)) \
-	  $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--num-steps $(STEPS)) \
-	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(CHECKPOINT_TYPE),--checkpoint-type $(CHECKPOINT_TYPE)) \
-	  $(if $(LR),--learning-rate $(LR)) $(if $(SIZE),--image-size $(SIZE)) $(if $(FREEZE),--freeze $(FREEZE)) $(if $(OPTIMIZER),--optimizer $(OPTIMIZER)) \
-	  $(if $(SEED),--seed $(SEED))
+	$(PY) -m pipelines config --dataset $(call q,$(DATASET)) --model $(call q,$(MODEL)) $(if $(RUN),--run $(call q,$(RUN))) \
+	  $(if $(BATCH),--batch-size $(call q,$(BATCH))) $(if $(STEPS),--num-steps $(call q,$(STEPS))) \
+	  $(if $(CHECKPOINT),--checkpoint $(call q,$(CHECKPOINT))) \
+	  $(if $(CHECKPOINT_TYPE),--checkpoint-type $(call q,$(CHECKPOINT_TYPE))) \
+	  $(if $(LR),--learning-rate $(call q,$(LR))) $(if $(SIZE),--image-size $(call q,$(SIZE))) \
+	  $(if $(FREEZE),--freeze $(call q,$(FREEZE))) $(if $(OPTIMIZER),--optimizer $(call q,$(OPTIMIZER))) \
+	  $(if $(SEED),--seed $(call q,$(SEED)))
 
 import: $(STAMP)
-	@test -n "$(ZOO)" || { echo "error: give ZOO=path/to/extracted_zoo_model_folder"; exit 2; }
-	$(PY) -m pipelines import --zoo $(ZOO) $(if $(RUN),--run $(RUN)) $(if $(LABEL_MAP),--label-map $(LABEL_MAP))
+	@test -n $(call q,$(ZOO)) || { echo "error: give ZOO=path/to/extracted_zoo_model_folder"; exit 2; }
+	$(PY) -m pipelines import --zoo $(call q,$(ZOO)) $(if $(RUN),--run $(call q,$(RUN))) \
+	  $(if $(LABEL_MAP),--label-map $(call q,$(LABEL_MAP)))
 
 RUN_OR_DATASET = $(if $(RUN),$(RUN),$(notdir $(DATASET)))
 PORT ?= 3000
@@ -117,47 +124,48 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 # make serve: MODEL given on the command line (or in the environment) is a BentoML model tag; else RUN's export.
 SERVE_MODEL = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),workspace/$(RUN_OR_DATASET)/export)
-BENTO_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL),--run $(RUN_OR_DATASET))
+BENTO_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(call q,$(MODEL)),--run $(call q,$(RUN_OR_DATASET)))
 BENTO   ?=
 
 train: $(STAMP)
-	$(PY) -m pipelines train --run $(RUN_OR_DATASET) $(if $(SEED),--seed $(SEED))
+	$(PY) -m pipelines train --run $(call q,$(RUN_OR_DATASET)) $(if $(SEED),--seed $(call q,$(SEED)))
 
 eval: $(STAMP)
-	$(PY) -m pipelines eval --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
-	  $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL))
+	$(PY) -m pipelines eval --run $(call q,$(RUN_OR_DATASET)) $(if $(CHECKPOINT),--checkpoint $(call q,$(CHECKPOINT))) \
+	  $(if $(filter command line environment,$(origin MODEL)),--model $(call q,$(MODEL)))
 
 report: $(STAMP)
-	$(PY) -m pipelines report --run $(RUN_OR_DATASET)
+	$(PY) -m pipelines report --run $(call q,$(RUN_OR_DATASET))
 
 export: $(STAMP)
-	$(PY) -m pipelines export --run $(RUN_OR_DATASET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
-	  $(if $(FORMAT),--format $(FORMAT)) $(if $(QUANT),--quant $(QUANT))
+	$(PY) -m pipelines export --run $(call q,$(RUN_OR_DATASET)) $(if $(CHECKPOINT),--checkpoint $(call q,$(CHECKPOINT))) \
+	  $(if $(FORMAT),--format $(call q,$(FORMAT))) $(if $(QUANT),--quant $(call q,$(QUANT)))
 
 prelabel: $(STAMP)
-	@test -n "$(RUN)" || { echo "error: give RUN=NAME (a run with an export) and DATASET=NAME"; exit 2; }
-	$(PY) -m pipelines prelabel --run $(RUN) --dataset $(DATASET) $(if $(filter 0,$(ONLY_UNLABELLED)),--all-images) \
-	  $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(if $(SCORE),--score-threshold $(SCORE)) \
-	  $(if $(MAX_DETECTIONS),--max-detections $(MAX_DETECTIONS)) $(if $(MIN_AREA),--min-area $(MIN_AREA)) \
-	  $(if $(UPLOAD),--upload $(UPLOAD))
+	@test -n $(call q,$(RUN)) || { echo "error: give RUN=NAME (a run with an export) and DATASET=NAME"; exit 2; }
+	$(PY) -m pipelines prelabel --run $(call q,$(RUN)) --dataset $(call q,$(DATASET)) \
+	  $(if $(filter 0,$(ONLY_UNLABELLED)),--all-images) $(if $(ANNOTATIONS),--annotations $(call q,$(ANNOTATIONS))) \
+	  $(if $(SCORE),--score-threshold $(call q,$(SCORE))) $(if $(MAX_DETECTIONS),--max-detections $(call q,$(MAX_DETECTIONS))) \
+	  $(if $(MIN_AREA),--min-area $(call q,$(MIN_AREA))) $(if $(UPLOAD),--upload $(call q,$(UPLOAD)))
 
 serve: $(STAMP)
-	PIPELINES_MODEL=$(SERVE_MODEL) $(PY) -m pipelines.serving.serve pipelines.serving.service:Service --host $(HOST) --port $(PORT)
+	PIPELINES_MODEL=$(call q,$(SERVE_MODEL)) $(PY) -m pipelines.serving.serve pipelines.serving.service:Service \
+	  --host $(call q,$(HOST)) --port $(call q,$(PORT))
 
 serve-spectrogram: $(STAMP)
-	$(PY) -m pipelines.serving.serve pipelines.serving.audio:Spectrogram --host $(HOST) --port $(PORT)
+	$(PY) -m pipelines.serving.serve pipelines.serving.audio:Spectrogram --host $(call q,$(HOST)) --port $(call q,$(PORT))
 
 bento: $(STAMP)
 	$(PY) -m pipelines.serving.bento $(BENTO_MODEL)
 
 containerize: $(STAMP)
-	@test -n "$(BENTO)" || { echo "error: give BENTO=name:version (printed by make bento; bentoml list)"; exit 2; }
+	@test -n $(call q,$(BENTO)) || { echo "error: give BENTO=name:version (printed by make bento; bentoml list)"; exit 2; }
 	@command -v docker >/dev/null || { echo "error: bentoml containerize needs Docker (docker not found)"; exit 2; }
-	$(VENV)/bin/bentoml containerize $(BENTO)
+	$(VENV)/bin/bentoml containerize $(call q,$(BENTO))
 
 # make demo: both models; TASK=detection or TASK=segmentation (given on the command line) for one.
 demo: $(STAMP)
-	$(PY) -m pipelines demo $(if $(filter command line environment,$(origin TASK)),--task $(TASK))
+	$(PY) -m pipelines demo $(if $(filter command line environment,$(origin TASK)),--task $(call q,$(TASK)))
 
 test: $(STAMP) browser
 	$(PY) -m pytest tests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -11,25 +12,39 @@ from pipelines.common import DATASETS_DIR, UserError, display_path, eprint
 SAMPLE_NAME = "sample"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def _number_option(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+                   high_open: bool = False):
+    """An argparse `type` for every numeric option: `kind` (int or float) within the bounds, refusing what
+    float() reads but is no usable number (nan, inf, 1e400) with the same message as a value out of range:
+    "must be a finite number above 0, got nan"."""
+    bounds = ([f"{'above' if low_open else 'at least'} {low:g}"] if low is not None else []) + \
+             ([f"{'below' if high_open else 'at most'} {high:g}"] if high is not None else [])
+    if low is not None and high is not None and not (low_open or high_open):
+        bounds = [f"from {low:g} to {high:g}"]
+    requirement = f"must be {'a whole number' if kind is int else 'a finite number'}" + \
+                  (" " + " and ".join(bounds) if bounds else "")
+
+    def parse(text: str):
+        shown = text.strip()[:40] or repr(text)
+        try:
+            value = int(text) if kind is int else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{requirement}, got {shown}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {shown}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
 
 
-def _seed(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be a non-negative integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # also refuses NaN
-        raise argparse.ArgumentTypeError("must be above 0")
-    return value
+_positive_int = _number_option(int, low=1)
+_seed = _number_option(int, low=0)
+_positive_float = _number_option(float, low=0, low_open=True)
+_ratio = _number_option(float, low=0, high=1, high_open=True)
+_score = _number_option(float, low=0, high=1)
+_non_negative_int = _number_option(int, low=0)
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -57,13 +72,6 @@ def _quantizations(text: str) -> tuple[str, ...]:
     return names
 
 
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError("must be at least 0 and below 1")
-    return value
-
-
 def add_data_parser(sub) -> None:
     p = sub.add_parser(
         "data", help="annotator export -> label map, TFRecord shards, summary, preview",
@@ -77,7 +85,7 @@ def add_data_parser(sub) -> None:
                    help="segmentation also writes a class-id PNG per image (default: detection)")
     p.add_argument("--masks", action="store_true", help="write one instance mask PNG per object")
     p.add_argument("--val-ratio", type=_ratio, default=0.2, help="share of images for validation (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument("--seed", type=_number_option(int), default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--annotations", help="annotation file to use instead of the newest export / auto-detected one")
     p.add_argument("--val-annotations", help="a separate annotation file for validation (no random split)")
     p.add_argument("--images", help="extra folder to look for images in")
@@ -218,7 +226,7 @@ def add_run_parsers(sub) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", required=True, help="an export folder (workspace/RUN/export), its saved_model folder or "
                                                    "one of its .tflite or .onnx files")
-    p.add_argument("--score-threshold", type=float,
+    p.add_argument("--score-threshold", type=_score,
                    help="detection: drop detections below this score (default: the export's, chosen on the val set "
                         "by make eval; 0.5 for an export without one)")
     p.add_argument("--out", help="folder for the drawn images (default: workspace/RUN/predictions)")
@@ -384,10 +392,10 @@ def add_prelabel_parser(sub) -> None:
                    help="draft every image, also those that already have annotations (default: only unlabelled ones)")
     p.add_argument("--annotations", help="the COCO file that says which images are labelled (default: the newest "
                                          "export, .exports/coco-*.json)")
-    p.add_argument("--score-threshold", type=float,
+    p.add_argument("--score-threshold", type=_score,
                    help="detection: draft boxes at or above this score (default: the export's, as /detect)")
     p.add_argument("--max-detections", type=_positive_int, help="detection: at most this many boxes per image")
-    p.add_argument("--min-area", type=int, help="segmentation: draft regions of at least this many pixels "
+    p.add_argument("--min-area", type=_non_negative_int, help="segmentation: draft regions of at least this many pixels "
                                                 "(default: PIPELINES_ANNOTATE_MIN_AREA, else 16)")
     p.add_argument("--upload", metavar="FILE", help="upload this prelabel file instead of drafting a new one")
     add_annotator_arguments(p)
@@ -439,7 +447,7 @@ def add_sample_parser(sub) -> None:
                                    "export quirks of the real tool.")
     p.add_argument("--out", default=str(DATASETS_DIR / SAMPLE_NAME), help="folder to write (replaced)")
     p.add_argument("--num-images", type=_positive_int, default=300, help="number of images (default 300)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
 
 
 def cmd_sample(args) -> int:
@@ -464,7 +472,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--segmenter-steps", type=_positive_int, help="training steps of the segmenter (default 1400)")
     p.add_argument("--detector-size", type=_positive_int, help="input size of the detector (default 256)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size of both models (default 8)")
-    p.add_argument("--port", type=int, help="port of the demo's server (default: a free one)")
+    p.add_argument("--port", type=_number_option(int, low=1, high=65535),
+                   help="port of the demo's server (default: a free one)")
 
 
 def cmd_demo(args) -> int:

@@ -186,6 +186,46 @@ def test_killed_run_resumes_from_its_checkpoint(data_dir, tmp_path):
     assert latest_step(run_dir / "train") == params.num_steps
 
 
+def test_training_removes_what_a_killed_one_left_and_runs_alone(tmp_path, monkeypatch):
+    """What a training killed mid-save leaves in train/ (TensorFlow's PREFIX_temp/ folders and
+    checkpoint.tmp<hex> state files, our .evals.json.tmp-*) goes at the next training of the run, which
+    holds RUN_DIR/.train.lock meanwhile: a second training of the same run is refused. (The engine's
+    loop itself is replaced here: nothing trains.)"""
+    import fcntl
+
+    from pipelines.common import UserError, owner_tag
+    from pipelines.engine import train as engine
+
+    model_dir = tmp_path / "run" / "train"
+    (model_dir / "best").mkdir(parents=True)
+    kept = ["ckpt-4.index", "ckpt-4.data-00000-of-00001", "checkpoint", "evals.json", "params.yaml"]
+    for name in kept:
+        (model_dir / name).write_text("x")
+    (model_dir / "best" / "best_ckpt-1.index").write_text("x")
+    (model_dir / "ckpt-6_temp").mkdir()
+    (model_dir / "ckpt-6_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"\0" * 4096)
+    (model_dir / "best" / "best_ckpt-2_temp").mkdir()
+    (model_dir / ("checkpoint.tmp" + "0123456789abcdef" * 2)).write_text("x")
+    (model_dir / f".evals.json.tmp-{owner_tag()}-k3j2").write_text("[")
+    calls = []
+    monkeypatch.setattr(engine, "_run", lambda *args: calls.append(args) or {"final_step": 0})
+    lines = []
+    engine.run(None, None, model_dir, "train", lines.append)
+    assert len(calls) == 1
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(kept + ["best"])
+    assert [p.name for p in (model_dir / "best").iterdir()] == ["best_ckpt-1.index"]
+    assert len(lines) == 1 and lines[0].startswith("removed 2 temporary folder(s) and 2 temporary file(s) left in ")
+    assert not (tmp_path / "run" / ".train.lock").exists()
+
+    with open(tmp_path / "run" / ".train.lock", "w") as lock:
+        lock.write("4242\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=r"another training \(pid 4242\) is writing this folder"):
+            engine.run(None, None, model_dir, "train", lines.append)
+    assert len(calls) == 1
+
+
 # ---------------------------------------------------------------------------------------------- fine-tune
 
 

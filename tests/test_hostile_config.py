@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import random
 import re
+import subprocess
 
 import pytest
 
@@ -197,3 +199,64 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(tmp_path):
     assert line.startswith("error: ") and f"training batch {batch} at 320x320" in line
     assert re.search(r"\(BATCH=\d+ fits\)", line) and "PIPELINES_SKIP_MEMORY_CHECK=1" in line
     assert not (ws / "huge" / "train").exists()
+
+
+# --- numbers that are not numbers, and make variables that are not shell words --------------------
+
+@pytest.mark.parametrize("args, says", [
+    (["config", "--dataset", "x", "--learning-rate", "nan"], "--learning-rate: must be a finite number above 0, got nan"),
+    (["config", "--dataset", "x", "--learning-rate", "inf"], "--learning-rate: must be a finite number above 0, got inf"),
+    (["config", "--dataset", "x", "--learning-rate", "1e400"], "must be a finite number above 0, got 1e400"),
+    (["config", "--dataset", "x", "--learning-rate", "0"], "must be a finite number above 0, got 0"),
+    (["config", "--dataset", "x", "--num-steps", "nan"], "--num-steps: must be a whole number at least 1, got nan"),
+    (["config", "--dataset", "x", "--batch-size", "inf"], "--batch-size: must be a whole number at least 1, got inf"),
+    (["data", "--dataset", "x", "--val-ratio", "nan"], "--val-ratio: must be a finite number at least 0 and below 1"),
+    (["predict", "a.jpg", "--model", "m", "--score-threshold", "nan"],
+     "--score-threshold: must be a finite number from 0 to 1, got nan"),
+    (["prelabel", "--run", "r", "--dataset", "d", "--score-threshold=-inf"], "from 0 to 1, got -inf"),
+    (["prelabel", "--run", "r", "--dataset", "d", "--annotator-timeout", "NaN"],
+     "--annotator-timeout: must be a finite number above 0, got NaN"),
+    (["prelabel", "--run", "r", "--dataset", "d", "--min-area", "-1"], "--min-area: must be a whole number at least 0"),
+    (["sample", "--seed", "-1"], "--seed: must be a whole number at least 0, got -1"),
+])
+def test_numeric_options_refuse_nan_and_inf_by_name(args, says, capsys):
+    from pipelines.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(args)
+    assert exit_.value.code == 2
+    assert says in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_numeric_options_still_take_numbers():
+    from pipelines.cli import build_parser
+
+    args = build_parser().parse_args(["config", "--dataset", "x", "--learning-rate", "3e-3", "--num-steps", "800"])
+    assert (args.learning_rate, args.num_steps) == (0.003, 800)
+    args = build_parser().parse_args(["predict", "a.jpg", "--model", "m", "--score-threshold", "0"])
+    assert args.score_threshold == 0.0
+
+
+def test_make_passes_variables_to_the_cli_as_single_words(tmp_path):
+    """`make config FREEZE='(a+)+$'` was a bash syntax error; a backquote in RUN= ran a command. Every make
+    variable reaches the CLI as one word, so the CLI's own message comes out (and nothing runs)."""
+    ws = _workspace_with_data(tmp_path)
+    marker = tmp_path / "ran"
+    proc = subprocess.run(["make", "--no-print-directory", "config", "DATASET=shapes", "FREEZE=(a+)+$",
+                           f"RUN=`touch {marker}`"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PIPELINES_WORKSPACE": str(ws)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "syntax error" not in proc.stderr
+    assert "argument --freeze: invalid choice: '(a+)+$'" in proc.stderr
+    assert not marker.exists()
+    # make -n: each value one quoted word; the optional flags still come and go with their variables.
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "config", "export", "prelabel", "DATASET=my data",
+                           "RUN=it's", "LR=nan", "QUANT=none,float16", "FORMAT=all", "SCORE=0.5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    text = " ".join(proc.stdout.replace("\\\n", " ").split())
+    assert "pipelines config --dataset 'my data' --model 'ssd_mobilenet_v2_fpnlite_320x320' --run 'it'\\''s' " \
+           "--learning-rate 'nan'" in text
+    assert "pipelines export --run 'it'\\''s' --format 'all' --quant 'none,float16'" in text
+    assert "pipelines prelabel --run 'it'\\''s' --dataset 'my data' --score-threshold '0.5'" in text
+    for unset in ("--freeze", "--checkpoint", "--all-images", "--seed", "--annotations"):
+        assert unset not in text, unset

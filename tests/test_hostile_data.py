@@ -389,6 +389,46 @@ item { id: 4 name: "split " 'string' }
             read_label_map(path)
 
 
+@pytest.mark.parametrize("name, says", [("", "empty name"), ("   ", "blank name '   '"),
+                                         ("\u200b", "blank name '\\u200b'"), (" \ufeff\t", "blank name")])
+def test_a_category_without_a_name_is_refused(tmp_path, name, says):
+    """Once a class named '' (or ' ') went through make data into the label map. Raw names are checked:
+    '   ' is refused before the reader strips it."""
+    categories = [{"id": 1, "name": "thing"}, {"id": 2, "name": name}]
+    folder = make_dataset(tmp_path, [ann(7), {**ann(8), "category_id": 2}], categories=categories)
+    proc, out = convert(folder, tmp_path)
+    one_error_line(proc, EXPORT, "category id 2:", says, "every class needs a name")
+    assert not out.exists()
+
+    proc, out = convert(folder, tmp_path, "--skip-invalid")  # the category and its annotations dropped, listed
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["name"] for c in summary["classes"]] == ["thing"]
+    assert any(d["item"] == "annotation id 8" and "has no name" in d["reason"] for d in summary["dropped"])
+
+
+@pytest.mark.parametrize("name, says", [("  ", "object has no <name>"), ("\u200b\u200b", "blank name")])
+def test_a_voc_object_without_a_name_is_refused(tmp_path, name, says):
+    folder = _voc(tmp_path, f"""<annotation><filename>a.jpg</filename>
+<object><name>{name}</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object>
+</annotation>""")
+    proc, out = convert(folder, tmp_path)
+    one_error_line(proc, "a.xml", "object 1", "image 'a.jpg'", says)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("item", ["item { id: 2 name: '' }", "item { id: 2 name: ' \\t ' }",
+                                  "item { id: 2 display_name: '' }"])
+def test_a_users_label_map_without_a_name_is_refused(tmp_path, item):
+    from pipelines.common import UserError
+    from pipelines.data.label_map import read_label_map
+
+    path = tmp_path / "label_map.pbtxt"
+    path.write_text("item { id: 1 name: 'cat' }\n" + item + "\n")
+    with pytest.raises(UserError, match=r"label_map.pbtxt: item 2 \(id 2\): (empty|blank) name"):
+        read_label_map(path)
+
+
 # --- 6: a run killed mid-way -----------------------------------------------------------------------
 
 def _slow_dataset(tmp_path: Path, count: int) -> Path:
@@ -470,6 +510,51 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     proc = run_data("--dataset", folder, "--workers", "1", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / ".out.lock").exists()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_the_next_run_removes_what_killed_runs_left_and_nothing_else(tmp_path):
+    """atomic_output_dir (every stage's output: data, eval, export, import, sample) first removes the
+    temporary folders of dead runs of the same output: by the PID@HOST in the name, else by age."""
+    from pipelines.common import LEFTOVER_AGE_S, atomic_output_dir, owner_tag
+
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "kept.txt").write_text("the previous output")
+    dead, alive = _dead_pid(), os.getppid()  # (our parent runs as long as we do)
+    names = {"dead": f".export.tmp-{owner_tag(dead)}-k3j2", "alive": f".export.tmp-{owner_tag(alive)}-x9y8",
+             "old": f".export.old-{owner_tag(dead)}", "legacy": ".export.tmp-a1b2c3d4",
+             "legacy_stale": ".export.tmp-e5f6g7h8", "other_host": f".export.tmp-{dead}@elsewhere-q1w2",
+             "other_output": f".eval.tmp-{owner_tag(dead)}-z0z0"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "saved_model.pb").write_bytes(b"x" * 2048)
+    stale = time.time() - LEFTOVER_AGE_S - 60
+    for path in (tmp_path / names["legacy_stale"], tmp_path / names["legacy_stale"] / "saved_model.pb"):
+        os.utime(path, (stale, stale))
+    lines = []
+    with atomic_output_dir(final, log=lines.append) as tmp:
+        assert tmp.name.startswith(f".export.tmp-{owner_tag()}-")
+        (tmp / "new.txt").write_text("new")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["export", names["alive"], names["legacy"], names["other_host"], names["other_output"]])
+    assert (final / "new.txt").is_file() and not (final / "kept.txt").exists()
+    assert len(lines) == 1 and lines[0].startswith("removed 3 temporary folder(s) left in "), lines
+    for key in ("dead", "old", "legacy_stale"):
+        assert names[key] in lines[0]
+
+    # Killed between its two renames: the output is missing and the previous one is put back.
+    final.rename(tmp_path / f".export.old-{owner_tag(dead)}")
+    lines = []
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(final, log=lines.append):
+            raise RuntimeError("a failed run")
+    assert (final / "new.txt").is_file() and lines == [f"put back {final}: a run was killed while it replaced it"]
 
 
 def test_the_data_stage_imports_no_tensorflow():

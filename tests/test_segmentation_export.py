@@ -225,6 +225,42 @@ def test_failed_check_keeps_the_previous_export(run, exported, monkeypatch):
     assert len(bentoml.models.list("shapes-segmenter", _model_store=model_store())) == versions
 
 
+def test_the_next_export_removes_what_a_killed_one_left(run, monkeypatch):
+    """`make export FORMAT=all` killed mid-way left its `.export.tmp-*` folder beside the export; the next
+    export removes it (its process is gone, by the PID@HOST in the name), says so, and leaves the folder of
+    an export still running alone. The export is stopped right after (its save refused): the clean-up
+    comes before."""
+    import shutil
+
+    from pipelines.common import owner_tag
+    from pipelines.engine.export import export
+    from pipelines.segmentation import export as export_mod
+
+    params, run_dir, _ = run
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    killed = run_dir / f".export.tmp-{owner_tag(child.pid)}-k3j2"
+    running = run_dir / f".export.tmp-{owner_tag(os.getppid())}-x9y8"  # (our parent lives as long as we do)
+    try:
+        for folder in (killed, running):
+            (folder / "saved_model").mkdir(parents=True)
+            (folder / "model_int8.tflite").write_bytes(b"\0" * 4096)
+
+        def stop(*args, **kwargs):
+            raise RuntimeError("stopped after the clean-up")
+
+        monkeypatch.setattr(export_mod.Exporter, "save", stop)
+        lines = []
+        with pytest.raises(RuntimeError, match="stopped after the clean-up"):
+            export(params, run_dir, params.label_map_path, name="shapes-segmenter", log=lines.append)
+        assert not killed.exists() and running.is_dir()
+        removed = [line for line in lines if line.startswith("removed ")]
+        assert len(removed) == 1 and "removed 1 temporary folder(s)" in removed[0] and killed.name in removed[0]
+    finally:
+        shutil.rmtree(running, ignore_errors=True)
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".export.tmp")]
+
+
 def test_metadata_and_bentoml_store(run, exported, monkeypatch, tmp_path):
     import bentoml
 

@@ -51,6 +51,19 @@ def max_pixels(value: int | None = None) -> int:
     return limit
 
 
+# What shows nothing besides whitespace (str.isspace): the zero-width characters str.strip() keeps.
+_INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff\u180e\u00ad")
+
+
+def blank_name(name: str) -> str | None:
+    """Why a class name is no name (empty, or only spaces and invisible characters), else None."""
+    if name == "":
+        return "empty name"
+    if all(c.isspace() or c in _INVISIBLE for c in name):
+        return f"blank name {name!r} (only spaces or invisible characters)"
+    return None
+
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from pipelines.annotator.drafts import is_draft
 from pipelines.common import UserError, display_path
-from pipelines.data.checks import finite_reason, is_finite, is_number, numbers_in, show
+from pipelines.data.checks import blank_name, finite_reason, is_finite, is_number, numbers_in, show
 from pipelines.data.items import Category, Report, SourceDataset, SourceImage, SourceObject
 
 BACKGROUND_NAMES = {"_background_", "__background__", "__ignore__"}
@@ -193,6 +193,12 @@ def load_coco(json_path: Path, root: Path, image_dirs: list[Path], format_name: 
             raise UserError(file, f"categories[{i}]: id {show(cat['id']) if is_number(cat['id']) else repr(cat['id'])[:40]} "
                                   "is not an integer or a string")
         cid, name = cat["id"], cat["name"].strip()
+        blank = blank_name(cat["name"])
+        if blank:  # a class nobody can tell apart: refused (or, with --skip-invalid, dropped with its annotations)
+            invalid.append(Report(file, f"category id {cid}", f"{blank}: every class needs a name (name it in "
+                                                              "the annotator)"))
+            dropped_category_ids[cid] = "its category has no name"
+            continue
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but no text

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines.common import (UserError, atomic_output_dir, dataset_name, display_path, make_parents,
-                              ordered_parallel_map, resolve_dataset, workspace_dir)
+from pipelines.common import (UserError, atomic_output_dir, dataset_name, display_path, ordered_parallel_map,
+                              output_lock, resolve_dataset, workspace_dir)
 from pipelines.data.checks import max_pixels
 from pipelines.data.encode import EncodedImage, EncodeOptions, apply_pixel_limit, encode_or_report
 from pipelines.data.items import Report
@@ -50,59 +48,6 @@ def _first_problem(invalid: list[Report]) -> UserError:
     more = f" (and {len(invalid) - 1} more problem(s); --skip-invalid drops such items)" if len(invalid) > 1 \
         else " (--skip-invalid drops such items)"
     return UserError(first.file, f"{first.item}: {first.reason}{more}")
-
-
-@contextlib.contextmanager
-def output_lock(out: Path):
-    """Hold `.NAME.lock` beside the output folder for the run: one data run per output at a time.
-
-    Holding it, the run removes the `.NAME.tmp-*` folders that runs killed before they could clean
-    up left behind (only that kind, only this output's), and yields how many it removed. The lock
-    file goes when the run ends; parent folders made for it go too when the run fails.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking, no clean-up of other runs' folders
-        yield 0
-        return
-    created = make_parents(out)
-    path = out.parent / f".{out.name}.lock"
-    fd = None
-    done = False
-    try:
-        while fd is None:
-            candidate = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.read(candidate, 32).decode(errors="replace").strip()
-                os.close(candidate)
-                raise UserError(display_path(out), "another data run" + (f" (pid {holder})" if holder else "")
-                                + " is writing this folder: wait for it to end, or stop it") from None
-            try:  # a run that just ended unlinked the file we opened: lock the new one
-                same = os.stat(path).st_ino == os.fstat(candidate).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                fd = candidate
-            else:
-                os.close(candidate)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        stale = [p for p in out.parent.glob(f".{out.name}.tmp-*") if p.is_dir() and not p.is_symlink()]
-        for folder in stale:
-            shutil.rmtree(folder, ignore_errors=True)
-        yield len(stale)
-        done = True
-    finally:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            os.close(fd)
-        if not done:
-            for folder in created:  # innermost first
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
 
 
 def _drafts(sources: list, skip: bool) -> dict:
@@ -177,9 +122,8 @@ def run(opts: DataOptions) -> Path:
     skipped = list(invalid)
     preview: list[tuple[str, EncodedImage]] = []
     preview_empty: list[tuple[str, EncodedImage]] = []
-    with output_lock(out) as stale, atomic_output_dir(out) as tmp:
-        if stale:
-            print(f"removed {stale} temporary folder(s) left in {display_path(out.parent)} by interrupted runs")
+    # Holding the lock, the run removes every `.NAME.tmp-*` folder killed data runs left (printed).
+    with output_lock(out), atomic_output_dir(out) as tmp:
         write_label_map(tmp, categories)
         writers = {s: tfrecords.ShardWriter(tmp, s, tfrecords.shard_count(n, opts.shards))
                    for s, n in counts.items() if n}

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from pipelines.common import UserError, display_path
+from pipelines.data.checks import blank_name
 from pipelines.data.items import Category
 
 
@@ -88,6 +89,9 @@ def parse_label_map(text: str, source: str = "<label map>") -> dict[int, str]:
         name = item.name if item.HasField("name") else item.display_name if item.HasField("display_name") else None
         if not item.HasField("id") or name is None:
             raise UserError(source, f"item {n} needs an id and a name")
+        blank = blank_name(name)
+        if blank:
+            raise UserError(source, f"item {n} (id {item.id}): {blank}: every class needs a name")
         if item.id < 1 or item.id in labels:
             raise UserError(source, f"item {n}: id {item.id} is " +
                             ("reserved for the background" if item.id < 1 else "used twice"))

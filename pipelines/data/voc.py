@@ -13,7 +13,7 @@ from pathlib import Path
 from lxml import etree
 
 from pipelines.common import UserError, display_path
-from pipelines.data.checks import is_finite
+from pipelines.data.checks import blank_name, is_finite
 from pipelines.data.coco import BACKGROUND_NAMES, OutsideImage, find_file, image_key, outside_reason
 from pipelines.data.items import Category, Report, SourceDataset, SourceImage, SourceObject
 
@@ -53,7 +53,7 @@ def class_names_file(root: Path) -> list[str] | None:
         names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError as e:
         raise UserError(display_path(path), f"not UTF-8 text: {e.reason} at byte {e.start}") from None
-    return [n for n in names if n and n not in BACKGROUND_NAMES]
+    return [n for n in names if not blank_name(n) and n not in BACKGROUND_NAMES]
 
 
 def load_voc(root: Path, xml_files: list[Path], image_dirs: list[Path], allow_outside: bool = False) -> SourceDataset:
@@ -99,8 +99,10 @@ def load_voc(root: Path, xml_files: list[Path], image_dirs: list[Path], allow_ou
         for n, obj in enumerate(tree.iterfind("object"), start=1):
             name = _text(obj, "name")
             item = f"object {n} ('{name}') of {where}"
-            if not name:
-                invalid.append(Report(file, item, "object has no <name>"))
+            blank = blank_name(name)  # (the text is stripped: spaces alone read as no name)
+            if blank:
+                invalid.append(Report(file, item, "object has no <name>" if not name else
+                                      f"<name> is a {blank}: every class needs a name"))
                 continue
             try:
                 box = [_number(obj, f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]

@@ -372,7 +372,7 @@ def import_zoo(zoo_dir: Path, run: str | None = None, label_map: Path | None = N
             doc.set(f"{reader}.label_map_path", _portable(target / "label_map.pbtxt"))
     for name in ("fine_tune_checkpoint", "fine_tune_checkpoint_type", "fine_tune_checkpoint_version"):
         doc.remove(f"train_config.{name}")
-    with atomic_output_dir(target) as tmp:
+    with atomic_output_dir(target, log=log) as tmp:
         label_path = tmp / "label_map.pbtxt"
         shutil.copyfile(label_map, label_path)
         (tmp / "pipeline.config").write_text(doc.text, encoding="utf-8")

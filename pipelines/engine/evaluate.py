@@ -79,7 +79,7 @@ def evaluate(params, run_dir: str | Path, checkpoint: str | None = None, model: 
     metrics = {"task": task.name, "checkpoint": checkpoint, "step": step,
                "images": images, **({"model": display_path(model)} if model is not None else {}),
                **evaluator.evaluate()}
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, log=log) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         pictures = evaluator.draw(tmp, samples)
     log(evaluator.format(metrics))

@@ -61,7 +61,7 @@ def export(params, run_dir: str | Path, label_map_path: str | Path, name: str | 
     calibration = (formats.calibration_images(params, exporter) if formats.QUANTIZATIONS["int8"] in device_files
                    else None)
     final = run_dir / "export"
-    with float32_policy(), atomic_output_dir(final) as tmp:
+    with float32_policy(), atomic_output_dir(final, log=log) as tmp:
         model = exporter.save(checkpoint, tmp / "saved_model", tmp)
         shutil.copyfile(label_map_path, tmp / "label_map.pbtxt")
         if (run_dir / "pipeline.config").is_file():

@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import tensorflow as tf
 import tf_keras
 
 from pipelines import checkpoints
-from pipelines.common import duration, write_text_atomic
+from pipelines.common import duration, output_lock, write_text_atomic
 
 from official.common import distribute_utils  # isort: skip
 from official.core import train_lib, train_utils  # isort: skip
@@ -253,6 +254,37 @@ def run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None] = 
     'elapsed_s'}."""
     if mode not in ("train", "train_and_eval"):
         raise ValueError(f"mode {mode!r}: expected 'train' or 'train_and_eval'")
+    # One training per run at a time (RUN_DIR/.train.lock); holding the lock, what killed trainings left in
+    # train/ is removed (printed): no other training can be writing there.
+    with output_lock(model_dir, what="training", log=log, leftovers=train_leftovers):
+        return _run(exp, job, model_dir, mode, log)
+
+
+# TensorFlow's own temporary names: a sharded checkpoint save writes PREFIX_temp/ and moves its files out
+# (functional_saver.py); the `checkpoint` state file is written as checkpoint.tmp<32 hex> and renamed
+# (file_io.atomic_write_string_to_file). Ours: write_text_atomic's .NAME.tmp-PID@HOST-XXXX (evals.json),
+# and .evals.json.XXXXXXXX of versions before it.
+_TF_TEMP_FILE = re.compile(r".+\.tmp[0-9a-f]{32}$")
+_OUR_TEMP_FILE = re.compile(r"^\..+\.tmp-.+$|^\." + re.escape(EVALS_JSON) + r"\.[a-z0-9_]{8}$")
+
+
+def train_leftovers(model_dir: Path) -> list[Path]:
+    """The temporary checkpoint folders and files a killed training left in RUN_DIR/train/ and its best/."""
+    found = []
+    for folder in (Path(model_dir), Path(model_dir) / checkpoints.BEST_DIR):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.is_symlink():
+                continue
+            if path.is_dir() and path.name.endswith("_temp"):
+                found.append(path)
+            elif path.is_file() and (_TF_TEMP_FILE.match(path.name) or _OUR_TEMP_FILE.match(path.name)):
+                found.append(path)
+    return found
+
+
+def _run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None]) -> dict:
     started = time.perf_counter()
     total = exp.trainer.train_steps
     run_dir = model_dir.parent
