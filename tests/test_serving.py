@@ -116,6 +116,7 @@ class Server:
 
 
 STORED_THRESHOLD = 0.0105
+SLOW_LIMIT_S = 2  # the locked server's header and body time limits
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +141,14 @@ def servers(tmp_path_factory):
     seg = Server("tiny-segmenter", bento_home, root / "segmenter.log", PIPELINES_MAX_MASK_SIDE="100")
     # The same detector behind a bearer token and a 1 MB body limit.
     (root / "locked-tmp").mkdir()
+    # Short time limits for slow clients there too.
     locked = Server(str(detector_export), bento_home, root / "locked.log", PIPELINES_API_TOKEN=TOKEN,
-                    PIPELINES_MAX_BODY_MB="1", TMPDIR=str(root / "locked-tmp"))
+                    PIPELINES_MAX_BODY_MB="1", TMPDIR=str(root / "locked-tmp"),
+                    PIPELINES_HEADER_TIMEOUT_S=str(SLOW_LIMIT_S), PIPELINES_BODY_TIMEOUT_S=str(SLOW_LIMIT_S))
     try:
         ready = {"detector": det.wait_ready(), "segmenter": seg.wait_ready(), "locked": locked.wait_ready()}
-        yield {"detector": det, "segmenter": seg, "locked": locked, "ready": ready}
+        yield {"detector": det, "segmenter": seg, "locked": locked, "ready": ready, "detector_export": detector_export,
+               "bento_home": bento_home}
     finally:
         det.stop()
         seg.stop()
@@ -794,3 +798,246 @@ def test_region_drafts_keep_holes_and_drop_small_regions():
     ring = drafts[0]
     assert len(ring["segmentation"]) == 2 and ring["bbox"] == [5, 5, 20, 20]  # its outline and its hole's
     assert len(region_annotations(mask, min_area=0, model="m:1")) == 3
+
+
+# ------------------------------------------------------------------- hostile input: bodies, slow clients, SIGTERM
+
+FILE_ROUTES = {"detector": ("/detect", "/render", "/annotate"),
+               "segmenter": ("/segment", "/segment/mask", "/render", "/annotate")}
+
+
+def _fields(count: int, filename: bool) -> bytes:
+    part = b'--B\r\nContent-Disposition: form-data; name="%s"%s\r\n\r\nv\r\n'
+    return b"".join(part % ((b"image", b'; filename="a%d.jpg"' % i) if filename else (b"f%d" % i, b""))
+                    for i in range(count)) + b"--B--\r\n"
+
+
+def _two_images() -> bytes:
+    one = b'--B\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    return one + JPEG + b"\r\n" + one + JPEG + b"\r\n--B--\r\n"
+
+
+HOSTILE_BODIES = {  # name: (content type, body, what the error says)
+    "wrong boundary": ("multipart/form-data; boundary=zz", b"--x\r\ngarbage", "malformed multipart body"),
+    "no boundary": ("multipart/form-data", b"--x\r\ngarbage", "Missing boundary"),
+    "random bytes": ("multipart/form-data; boundary=x", np.random.default_rng(5).bytes(5000), "multipart"),
+    "5000 fields": ("multipart/form-data; boundary=B", _fields(5000, False), "Too many fields"),
+    "2000 file parts": ("multipart/form-data; boundary=B", _fields(2000, True), "Too many files"),
+    "two files in the field": ("multipart/form-data; boundary=B", _two_images(), '2 files in the field "image"'),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("server", ["detector", "segmenter"])
+def test_malformed_multipart_is_a_quick_4xx_on_every_file_route(servers, server):
+    """Each of these got no answer at all (the client gave up), and kept the server from stopping."""
+    with httpx.Client(base_url=servers[server].url, timeout=10) as client:
+        for route in FILE_ROUTES[server]:
+            for name, (content_type, body, expected) in HOSTILE_BODIES.items():
+                started = time.monotonic()
+                r = client.post(route, content=body, headers={"content-type": content_type})
+                took = time.monotonic() - started
+                assert r.status_code == 400, (route, name, r.status_code, r.text[:300])
+                assert expected in r.json()["error"], (route, name, r.json())
+                assert took < 2, (route, name, took)
+            assert client.post(route, files=upload(encoded(picture(), "PNG"), "a.png", "image/png")).status_code == 200
+
+
+def _slow_socket(url: str):
+    import socket
+
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=SLOW_LIMIT_S * 5)
+    return sock
+
+
+def _answer_after_trickle(sock, data: bytes, delay: float = 0.3, limit: float = 15) -> tuple[bytes, float]:
+    """Send `data` a byte at a time until the server answers or closes; (what it sent, seconds)."""
+    started, answer = time.monotonic(), b""
+    try:
+        for i in range(len(data)):
+            sock.sendall(data[i:i + 1])
+            sock.settimeout(delay)
+            try:
+                answer += sock.recv(65536)
+                break  # an answer (or b"": closed)
+            except TimeoutError:
+                pass
+            if time.monotonic() - started > limit:
+                break
+        sock.settimeout(5)
+        while True:
+            more = sock.recv(65536)
+            if not more:
+                break
+            answer += more
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return answer, time.monotonic() - started
+
+
+@pytest.mark.timeout(120)
+def test_slow_clients_are_cut_off(servers):
+    """Headers or a body that trickle a byte at a time, and a connection that sends nothing, are answered 408
+    and closed after the limits (2 s on this server); an ordinary upload goes on meanwhile."""
+    url = servers["locked"].url
+    head = (b"POST /detect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
+            b"\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 5000\r\n\r\n")
+    answer, took = _answer_after_trickle(_slow_socket(url), head * 3)
+    assert answer.startswith(b"HTTP/1.1 408") and b"PIPELINES_HEADER_TIMEOUT_S" in answer, answer
+    assert SLOW_LIMIT_S - 0.5 < took < SLOW_LIMIT_S + 4, took
+
+    sock = _slow_socket(url)
+    sock.sendall(head)
+    answer, took = _answer_after_trickle(sock, b"x" * 5000)
+    assert answer.startswith(b"HTTP/1.1 408") and b"the request body came too slowly" in answer, answer
+    assert b"connection: close" in answer.lower()
+    assert took < SLOW_LIMIT_S + 5, took
+
+    silent = _slow_socket(url)
+    started = time.monotonic()
+    answer = silent.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert silent.recv(65536) == b"" and time.monotonic() - started < SLOW_LIMIT_S + 4
+    silent.close()
+
+
+@pytest.mark.timeout(120)
+def test_many_hung_connections_do_not_exhaust_the_worker(servers):
+    url = servers["locked"].url
+    hung = []
+    try:
+        for i in range(150):
+            sock = _slow_socket(url)
+            sock.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\n" if i % 2 else
+                         b"POST /detect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
+                         b"\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 9000\r\n\r\n--B")
+            hung.append(sock)
+        started = time.monotonic()
+        with httpx.Client(base_url=url, timeout=30) as client:
+            r = client.post("/detect", files=upload(JPEG), headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200 and time.monotonic() - started < SLOW_LIMIT_S + 5
+        deadline = time.monotonic() + SLOW_LIMIT_S + 10
+        closed = 0
+        for sock in hung:
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            try:
+                data = sock.recv(65536)
+                while data and not data.endswith(b"}"):
+                    data += sock.recv(65536)
+                closed += data.startswith(b"HTTP/1.1 408")
+            except OSError:
+                pass
+        assert closed == len(hung), f"{closed} of {len(hung)} hung connections answered 408"
+    finally:
+        for sock in hung:
+            sock.close()
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_stops_the_server_after_hostile_requests(servers, tmp_path):
+    """After malformed uploads, a client that left mid-body, and connections still trickling headers and a
+    body, SIGTERM stops the server as fast as one that served only good requests."""
+    import signal
+    import socket
+
+    server = Server(str(servers["detector_export"]), servers["bento_home"], tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            for content_type, body, _ in HOSTILE_BODIES.values():
+                assert client.post("/detect", content=body, headers={"content-type": content_type}).status_code == 400
+        host, port = server.url.rsplit("/", 1)[-1].split(":")
+        head = b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+        gone = socket.create_connection((host, int(port)))
+        gone.sendall(head + b"Content-Length: 100\r\n\r\n--x\r\ngar")
+        gone.close()
+        headers_trickling = socket.create_connection((host, int(port)))
+        headers_trickling.sendall(b"POST /detect HTTP/1.1\r\nHo")
+        body_trickling = socket.create_connection((host, int(port)))
+        body_trickling.sendall(head + b"Content-Length: 100000\r\n\r\n--zz")
+        time.sleep(1)
+        started = time.monotonic()
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        server.proc.wait(20)  # raises TimeoutExpired when it does not stop
+        assert time.monotonic() - started < 10
+        headers_trickling.close()
+        body_trickling.close()
+    finally:
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(10)
+
+
+def test_an_app_that_fails_before_answering_ends_its_request_at_once():
+    """BentoML's TimeoutMiddleware waited out its whole timeout for an app that raised before answering (no
+    answer, and a shutdown that waited too). With the fix the error reaches the handler above at once."""
+    import asyncio
+
+    from bentoml._internal.server.http import traffic
+
+    from pipelines.serving import hardening
+
+    hardening.finishing_timeouts()
+
+    async def failing(scope, receive, send):
+        raise ValueError("before answering")
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def call():
+        middleware = traffic.TimeoutMiddleware(failing, timeout=30)
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="before answering"):
+            await asyncio.wait_for(middleware({"type": "http"}, receive, send), timeout=5)
+        return time.monotonic() - started
+
+    assert asyncio.run(call()) < 1 and sent == []
+
+    async def slow(scope, receive, send):
+        await asyncio.sleep(10)
+
+    async def times_out():
+        await traffic.TimeoutMiddleware(slow, timeout=0.2)({"type": "http"}, receive, send)
+
+    asyncio.run(times_out())
+    assert sent[0]["status"] == 504
+
+
+def test_every_route_through_bentomls_own_client(servers):
+    """bentoml.SyncHTTPClient builds each call from the service's schema: /detect/base64 declares its JSON
+    body there, so the function-style route works from it too, with the same answer as plain HTTP."""
+    import bentoml
+
+    path = Path(servers["detector"].log).parent / "client-photo.jpg"
+    path.write_bytes(JPEG)
+    b64 = base64.b64encode(JPEG).decode()
+    with bentoml.SyncHTTPClient(servers["detector"].url, server_ready_timeout=30) as client:
+        found = client.detect(image=path, score_threshold=0.0)
+        plain = httpx.post(servers["detector"].url + "/detect", files=upload(JPEG), data={"score_threshold": "0"},
+                           timeout=60).json()
+        assert found == plain and found["detections"]
+        listed = client.detect_base64(image=b64, score_threshold=0.0, max_detections=3)
+        assert len(listed) == 3
+        assert [d["class"] for d in listed] == [d["label"] for d in plain["detections"][:3]]
+        assert listed[0]["confidence"] == plain["detections"][0]["score"]
+        assert client.render(image=path).size == (120, 90)  # the PNG, decoded by the client
+        assert "coco" in client.annotate(image=path)
+        with pytest.raises(bentoml.exceptions.BentoMLException, match="not valid base64"):
+            client.detect_base64(image="!!!")
+    schema = httpx.get(servers["detector"].url + "/docs.json", timeout=30).json()
+    body = schema["paths"]["/detect/base64"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["image"] and body["properties"]["image"]["type"] == "string", body
+    with bentoml.SyncHTTPClient(servers["segmenter"].url, server_ready_timeout=30) as client:
+        segmented = client.segment(image=path)
+        assert segmented["width"] == 120 and segmented["classes"]
+        assert client.segment_mask(image=path).size == client.render(image=path).size == (120, 90)
+        assert "coco" in client.annotate(image=path)

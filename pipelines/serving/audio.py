@@ -25,7 +25,7 @@ import numpy as np
 from starlette.responses import Response
 
 from pipelines.common import env_number
-from pipelines.serving.guard import RequestGuard, bound_metric_labels
+from pipelines.serving import guard
 from pipelines.serving.images import BadRequest, error_response
 
 N_FFT = 2048
@@ -161,5 +161,4 @@ class Spectrogram:
         return Response(png, media_type="image/png")
 
 
-bound_metric_labels()
-Spectrogram.add_asgi_middleware(RequestGuard, file_fields={"/spectrogram": "audio"})
+guard.install(Spectrogram, {"/spectrogram": "audio"})

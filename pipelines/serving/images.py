@@ -83,11 +83,12 @@ def decode_image(data: bytes, what: str = "the uploaded image") -> np.ndarray:
 _DATA_URL = re.compile(r"^data:[^,]*?;base64,", re.IGNORECASE)
 
 
-def base64_image(body: bytes, content_type: str = "") -> bytes:
-    """The image bytes of a /detect/base64 body: base64 text (a data: URL too), or JSON {"image": "<base64>"}."""
+def base64_image(body: bytes, content_type: str = "") -> tuple[bytes, dict]:
+    """The image bytes of a /detect/base64 body, and the other fields of a JSON body: base64 text (a data:
+    URL too), or JSON {"image": "<base64>", ...} (what BentoML's client sends from the route's schema)."""
     if not body or not body.strip():
         raise BadRequest("empty body: send the image as base64 text, or JSON {\"image\": \"<base64>\"}")
-    text = body.strip()
+    text, fields = body.strip(), {}
     if content_type.startswith("application/json") or text.startswith(b"{") or text.startswith(b'"'):
         try:
             payload = json.loads(text)
@@ -98,6 +99,7 @@ def base64_image(body: bytes, content_type: str = "") -> bytes:
         if isinstance(payload, dict):
             if "image" not in payload:
                 raise BadRequest('JSON body has no "image" field (expected {"image": "<base64>"})')
+            fields = {k: v for k, v in payload.items() if k != "image"}
             payload = payload["image"]
         if not isinstance(payload, str):
             raise BadRequest('"image" must be a base64 string')
@@ -108,8 +110,8 @@ def base64_image(body: bytes, content_type: str = "") -> bytes:
         raise BadRequest("image is empty")
     try:
         if "-" in text or "_" in text:  # the URL-safe alphabet
-            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), fields
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True), fields
     except (binascii.Error, ValueError) as e:
         raise BadRequest(f"image is not valid base64 ({e})") from None
 

@@ -24,18 +24,20 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pipelines  # noqa: F401  (sets the TensorFlow environment before TF is imported)
 
 import bentoml
 import numpy as np
 from PIL import Image
+from pydantic import Field
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from pipelines.model_store import DETECTION_OUTPUTS, INPUT_NAME, MASK_OUTPUT
 from pipelines.segmentation.predict import DEFAULT_MAX_MASK_SIDE, MAX_MASK_SIDE_ENV, nearest, working_size
-from pipelines.serving.guard import RequestGuard, bound_metric_labels
+from pipelines.serving import guard
 from pipelines.serving.images import (BadRequest, base64_image, decode_image, error_response, max_detections_of,
                                       png_bytes, resize_to, score_threshold_of)
 
@@ -268,13 +270,18 @@ async def model_outputs(service, array: np.ndarray) -> dict[str, np.ndarray]:
         raise BadRequest(str(e), status=503) from None
 
 
-class RawBody(bentoml.IODescriptor):
-    """An input spec that leaves the body to the API (read from ctx.request): /detect/base64 takes base64
-    text or JSON, which BentoML's own parsing would refuse before our error messages could."""
+class Base64Body(bentoml.IODescriptor):
+    """/detect/base64's body as its schema declares it (JSON; what BentoML's client and generated clients
+    send). The route itself reads the raw body (ctx.request), so that it also takes plain base64 text, and
+    answers a body it cannot use with our own error messages instead of BentoML's validation report."""
+
+    image: str = Field(description="the image file's bytes as base64 (standard or URL-safe; a data: URL too)")
+    score_threshold: Optional[float] = Field(None, description="the export's threshold when not given")
+    max_detections: Optional[int] = Field(None, description="at most this many detections, best first")
 
     @classmethod
     async def from_http_request(cls, request, serde):  # noqa: ARG003
-        return cls()
+        return cls.model_construct(image="", score_threshold=None, max_detections=None)
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -412,17 +419,18 @@ class Detector(ModelService):
         return json_response({"detections": found, "width": int(array.shape[1]), "height": int(array.shape[0]),
                               "score_threshold": threshold, "model": self.model.info})
 
-    @bentoml.api(route="/detect/base64", input_spec=RawBody)
-    async def detect_base64(self, ctx: bentoml.Context) -> list:
-        """Body: the image as base64 text, or JSON {"image": "<base64>"} (query: score_threshold,
-        max_detections) -> [{"class", "confidence", "xmin", "ymin", "xmax", "ymax"}] in pixels."""
+    @bentoml.api(route="/detect/base64", input_spec=Base64Body)
+    async def detect_base64(self, ctx: bentoml.Context, **_declared) -> list:
+        """Body: the image as base64 text, or JSON {"image": "<base64>", "score_threshold", "max_detections"}
+        (or those two in the query) -> [{"class", "confidence", "xmin", "ymin", "xmax", "ymax"}] in pixels."""
         request = ctx.request
         try:
             body = await request.body()
-            data = base64_image(body, request.headers.get("content-type", ""))
+            data, fields = base64_image(body, request.headers.get("content-type", ""))
             array = await asyncio.to_thread(decode_image, data, "the decoded base64 image")
-            query = request.query_params
-            found = await self._find(array, self.threshold(query.get("score_threshold")), query.get("max_detections"))
+            options = {**request.query_params, **{k: v for k, v in fields.items() if v is not None}}
+            found = await self._find(array, self.threshold(options.get("score_threshold")),
+                                     options.get("max_detections"))
         except BadRequest as e:
             ctx.response.status_code = e.status  # BentoML gives a ctx route's response the ctx's status
             return error_response(e)
@@ -566,15 +574,13 @@ class Segmenter(ModelService):
         return png_response(Image.fromarray(await asyncio.to_thread(overlay, array, mask)))
 
 
-bound_metric_labels()
 for _service in (Detector, Segmenter):
     # Outside the guard (the first middleware added is the outermost), so that a browser's preflight, which
     # carries no credentials, is answered, and the guard's refusals carry the CORS headers the page needs.
     _service.add_asgi_middleware(CORSMiddleware, allow_origins=cors_origins(), allow_methods=["GET", "POST"],
                                  allow_headers=["authorization", "content-type"], max_age=600)
-Detector.add_asgi_middleware(RequestGuard, file_fields={"/detect": "image", "/render": "image", "/annotate": "image"})
-Segmenter.add_asgi_middleware(RequestGuard, file_fields={"/segment": "image", "/segment/mask": "image",
-                                                         "/render": "image", "/annotate": "image"})
+guard.install(Detector, {"/detect": "image", "/render": "image", "/annotate": "image"})
+guard.install(Segmenter, {"/segment": "image", "/segment/mask": "image", "/render": "image", "/annotate": "image"})
 
 # The service for PIPELINES_MODEL's task (its `service` in pipelines/tasks.py):
 # `bentoml serve pipelines.serving.service:Service`.
