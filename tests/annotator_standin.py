@@ -9,6 +9,11 @@ exact file_name in the dataset; annotations without polygons or keypoints skippe
 undeleted instead of added; the new annotation's metadata replaced by the dataset's default, as
 AnnotationModel.save() does). `export()` writes what coco-annotator's export would. It is not
 coco-annotator: only what the upload needs, as its source reads.
+
+For the tests of the client against answers coco-annotator does not give (a hostile or broken server at
+ANNOTATOR_URL), two hooks, both keyed by (method, path): `rewrites[...] = fn(body) -> body` changes the JSON
+the stand-in would answer, `overrides[...] = fn(handler)` answers the request itself (after it was read and
+recorded), e.g. with `send_raw`. `stopping` is set when the stand-in closes, for answers that take their time.
 """
 
 from __future__ import annotations
@@ -37,15 +42,19 @@ class StandIn:
         self.polls_to_complete = polls_to_complete
         self.sessions: set[str] = set()
         self.lock = threading.Lock()
+        self.rewrites: dict[tuple[str, str], object] = {}  # (method, path) -> fn(body) -> body
+        self.overrides: dict[tuple[str, str], object] = {}  # (method, path) -> fn(handler)
+        self.stopping = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -130,6 +139,9 @@ class StandIn:
                 pass
 
             def _send(self, status: int, body, cookie: str | None = None):
+                rewrite = standin.rewrites.get((self.command, self.path))
+                if rewrite is not None:
+                    body = rewrite(body)
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -138,6 +150,23 @@ class StandIn:
                     self.send_header("Set-Cookie", f"session={cookie}; HttpOnly; Path=/")
                 self.end_headers()
                 self.wfile.write(data)
+
+            def send_raw(self, status: int, headers: dict[str, str], data: bytes = b"") -> None:
+                """An answer of the test's making (Content-Length added when not given)."""
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _overridden(self) -> bool:
+                override = standin.overrides.get((self.command, self.path))
+                if override is None:
+                    return False
+                override(self)
+                return True
 
             def _record(self, **extra) -> dict:
                 entry = {"method": self.command, "path": self.path, "headers": dict(self.headers), **extra}
@@ -151,6 +180,8 @@ class StandIn:
 
             def do_GET(self):
                 self._record()
+                if self._overridden():
+                    return
                 if not self._logged_in():
                     return self._send(401, {"success": False, "message": "Authorization required"})
                 with standin.lock:
@@ -179,7 +210,10 @@ class StandIn:
                         data = json.loads(body)
                     except ValueError:
                         data = None
+                    self.body = body
                     self._record(json=data)
+                    if self._overridden():
+                        return
                     if not isinstance(data, dict) or "username" not in data or "password" not in data:
                         return self._send(400, {"message": "Input payload validation failed"})
                     user = next((u for u in standin.users if u.lower() == str(data["username"]).lower()), None)
@@ -189,7 +223,10 @@ class StandIn:
                     standin.sessions.add(token)
                     return self._send(200, {"success": True, "user": {"username": user}}, cookie=token)
                 fields = self._form(body)
+                self.body = body
                 self._record(form=fields)
+                if self._overridden():
+                    return
                 if not self._logged_in():
                     return self._send(401, {"success": False, "message": "Authorization required"})
                 match = re.fullmatch(r"/api/dataset/(\d+)/coco", self.path)
