@@ -111,3 +111,16 @@ def test_stft_columns_are_bounded_and_keep_the_peaks():
     np.testing.assert_allclose(bounded, pooled, atol=1e-3)
     click = int(np.argmax(bounded[-50:].max(axis=0)))  # high frequencies: only the click has them
     assert abs(times_b[click] - 10.0) < 30.0 / 100 * 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("content_type,body,message", [
+    ("multipart/form-data; boundary=zz", b"--x\r\ngarbage", "malformed multipart body"),
+    ("multipart/form-data", b"--x\r\ngarbage", "Missing boundary"),
+    ("multipart/form-data; boundary=B",
+     b"".join(b'--B\r\nContent-Disposition: form-data; name="audio"; filename="a%d.wav"\r\n\r\nv\r\n' % i
+              for i in range(2)) + b"--B--\r\n", '2 files in the field "audio"'),
+])
+def test_malformed_uploads_are_a_quick_400(server, content_type, body, message):
+    r = server.post("/spectrogram", content=body, headers={"content-type": content_type}, timeout=5)
+    assert r.status_code == 400 and message in r.json()["error"], r.text

@@ -364,21 +364,29 @@ class CocoAnnotator:
                                                            f"(datasets: {names})", UserError)
         return found[0]
 
-    def _datasets(self) -> list[dict]:
-        path = "/api/dataset/"
-        datasets = self._request("GET", path, what="list the datasets")
+    def _named_list(self, path: str, what: str, one: str, plural: str) -> tuple[str, list[tuple[int, str, dict]]]:
+        """GET `path`, which must answer a list of objects with a whole-number id and a name:
+        (where, [(id, name, object)])."""
+        items = self._request("GET", path, what=what)
         where = self.url + path
-        if not isinstance(datasets, list):
-            raise self._error(where, f"expected a list of datasets, got {self._message(datasets)}")
+        if not isinstance(items, list):
+            raise self._error(where, f"expected a list of {plural}, got {self._message(items)}")
         checked = []
-        for n, dataset in enumerate(datasets):
-            if not isinstance(dataset, dict):
-                raise self._error(where, f"expected a list of datasets (objects with an id and a name), item {n} is "
-                                         f"{self._shown(dataset)}")
-            number, name = _int_id(dataset.get("id")), dataset.get("name")
+        for n, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise self._error(where, f"expected a list of {plural} (objects with an id and a name), item {n} "
+                                         f"is {self._shown(item)}")
+            number, name = _int_id(item.get("id")), item.get("name")
             if number is None or not isinstance(name, str):
-                raise self._error(where, f"expected each dataset with a whole-number id and a name, item {n} is "
-                                         f"{self._shown(dataset)}")
+                raise self._error(where, f"expected each {one} with a whole-number id"
+                                         f" and a name, item {n} is {self._shown(item)}")
+            checked.append((number, name, item))
+        return where, checked
+
+    def _datasets(self) -> list[dict]:
+        where, listed = self._named_list("/api/dataset/", "list the datasets", "dataset", "datasets")
+        checked = []
+        for number, name, dataset in listed:
             categories = dataset.get("categories")
             categories = [] if categories is None else categories
             ids = [_int_id(c) for c in categories] if isinstance(categories, list) else [None]
@@ -391,21 +399,8 @@ class CocoAnnotator:
     def check_categories(self, dataset: dict, names: list[str]) -> list[str]:
         """Refuse names the importer would give to a category outside the dataset; returns the names it
         will create (none exists yet)."""
-        path = "/api/category/"
-        categories = self._request("GET", path, what="list the categories")
-        where = self.url + path
-        if not isinstance(categories, list):
-            raise self._error(where, f"expected a list of categories, got {self._message(categories)}")
-        checked = []
-        for n, category in enumerate(categories):
-            if not isinstance(category, dict):
-                raise self._error(where, f"expected a list of categories (objects with an id and a name), item {n} "
-                                         f"is {self._shown(category)}")
-            number, name = _int_id(category.get("id")), category.get("name")
-            if number is None or not isinstance(name, str):
-                raise self._error(where, f"expected each category with a whole-number id and a name, item {n} is "
-                                         f"{self._shown(category)}")
-            checked.append((number, name))
+        _, listed = self._named_list("/api/category/", "list the categories", "category", "categories")
+        checked = [(number, name) for number, name, _ in listed]
         mine = {_int_id(c) for c in dataset.get("categories") or []}
         created = []
         for name in names:
