@@ -254,11 +254,21 @@ def png_response(image: Image.Image) -> Response:
     return Response(png_bytes(image), media_type="image/png")
 
 
-async def read_upload(image: Path) -> np.ndarray:
+def _load(image: Path | bytes, what: str, fit) -> tuple[np.ndarray, np.ndarray]:
+    """(the image as a person sees it, the array the model takes: stretched to fit(height, width) unless
+    that is None); read, decode and resize in one worker thread, one hop from the event loop."""
+    data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+    array = decode_image(data, what)
+    size = fit(*array.shape[:2])
+    return array, (array if size is None else resize_to(array, size))
+
+
+async def load_image(image: Path | bytes | None, fit=lambda height, width: None,
+                     what: str = "the uploaded image") -> tuple[np.ndarray, np.ndarray]:
+    """An upload (its temporary file) or decoded bytes -> (image, model input); see _load."""
     if image is None:
         raise BadRequest('no image: send it as the multipart file field "image"')
-    data = await asyncio.to_thread(Path(image).read_bytes)
-    return await asyncio.to_thread(decode_image, data)
+    return await asyncio.to_thread(_load, image, what, fit)
 
 
 async def model_outputs(service, array: np.ndarray) -> dict[str, np.ndarray]:
@@ -394,15 +404,18 @@ class Detector(ModelService):
             return default_score_threshold(self.ready_model().metadata)
         return score_threshold_of(score_threshold)
 
-    async def _find(self, array: np.ndarray, threshold: float, max_detections) -> list[dict]:
+    async def _find(self, image: Path | bytes | None, threshold: float, max_detections,
+                    what: str = "the uploaded image") -> tuple[np.ndarray, list[dict]]:
+        """(the decoded image, its detections)."""
         count = max_detections_of(max_detections)
         # The detector's signature stretches any image to its input size (bilinear) and answers boxes in
         # [0, 1] of the image: stretching it here the same way first gives the same boxes, while every
         # request then has the same shape (one forward pass per batch, not per distinct photo size) and
         # crosses the inner API as input-size pixels instead of the full photo.
-        small = await asyncio.to_thread(resize_to, array, self.ready_model().input_size)
+        input_size = self.ready_model().input_size
+        array, small = await load_image(image, lambda height, width: input_size, what)
         outputs = await model_outputs(self, small)
-        return _detections(self.model, outputs, array.shape[1], array.shape[0], threshold, count)
+        return array, _detections(self.model, outputs, array.shape[1], array.shape[0], threshold, count)
 
     @bentoml.api(route="/detect")
     async def detect(self, image: Path, score_threshold: float | None = None,
@@ -412,8 +425,7 @@ class Detector(ModelService):
         image's pixels. score_threshold: the export's (chosen on the val set) unless the request gives one."""
         try:
             threshold = self.threshold(score_threshold)
-            array = await read_upload(image)
-            found = await self._find(array, threshold, max_detections)
+            array, found = await self._find(image, threshold, max_detections)
         except BadRequest as e:
             return error_response(e)
         return json_response({"detections": found, "width": int(array.shape[1]), "height": int(array.shape[0]),
@@ -427,10 +439,9 @@ class Detector(ModelService):
         try:
             body = await request.body()
             data, fields = base64_image(body, request.headers.get("content-type", ""))
-            array = await asyncio.to_thread(decode_image, data, "the decoded base64 image")
             options = {**request.query_params, **{k: v for k, v in fields.items() if v is not None}}
-            found = await self._find(array, self.threshold(options.get("score_threshold")),
-                                     options.get("max_detections"))
+            _, found = await self._find(data, self.threshold(options.get("score_threshold")),
+                                        options.get("max_detections"), "the decoded base64 image")
         except BadRequest as e:
             ctx.response.status_code = e.status  # BentoML gives a ctx route's response the ctx's status
             return error_response(e)
@@ -446,8 +457,7 @@ class Detector(ModelService):
         try:
             query = ctx.request.query_params
             threshold = self.threshold(query.get("score_threshold"))
-            array = await read_upload(image)
-            found = await self._find(array, threshold, query.get("max_detections"))
+            array, found = await self._find(image, threshold, query.get("max_detections"))
         except BadRequest as e:
             ctx.response.status_code = e.status
             return error_response(e)
@@ -464,8 +474,7 @@ class Detector(ModelService):
 
         try:
             threshold = self.threshold(score_threshold)
-            array = await read_upload(image)
-            found = await self._find(array, threshold, max_detections)
+            array, found = await self._find(image, threshold, max_detections)
         except BadRequest as e:
             return error_response(e)
         return png_response(await asyncio.to_thread(draw, array, found))
@@ -506,14 +515,11 @@ class Segmenter(ModelService):
     outputs = (MASK_OUTPUT,)
 
     async def _mask(self, image: Path) -> tuple[np.ndarray, np.ndarray]:
-        array = await read_upload(image)
-        height, width = array.shape[:2]
-        size = working_size(height, width, MAX_MASK_SIDE)
-        if size is None:
-            return array, (await model_outputs(self, array))[MASK_OUTPUT]
-        small = await asyncio.to_thread(resize_to, array, size)
+        array, small = await load_image(image, lambda height, width: working_size(height, width, MAX_MASK_SIDE))
         mask = (await model_outputs(self, small))[MASK_OUTPUT]
-        return array, await asyncio.to_thread(nearest, mask, (height, width))
+        if small is array:
+            return array, mask
+        return array, await asyncio.to_thread(nearest, mask, array.shape[:2])
 
     @bentoml.api(route="/segment")
     async def segment(self, image: Path) -> dict:
