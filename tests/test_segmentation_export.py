@@ -300,7 +300,7 @@ def test_evaluate_matches_the_savedmodel(run, exported, serve, data_dir):
     from PIL import Image
 
     from pipelines.engine.evaluate import evaluate
-    from pipelines.segmentation.evaluate import confusion_matrix, iou_metrics
+    from pipelines.segmentation.metric import confusion_matrix, iou_metrics
 
     params, run_dir, best = run
     lines = []

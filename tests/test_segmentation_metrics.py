@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.segmentation.evaluate import (class_names, confusion_matrix, draw_predictions, format_metrics,
-                                             iou_metrics, plot_confusion_matrix)
+from pipelines.segmentation.evaluate import draw_predictions, format_metrics, plot_confusion_matrix
+from pipelines.segmentation.metric import (MeanIoU, class_names, confusion_matrix, confusion_matrix_tf, iou_metrics,
+                                           mean_iou, out_of_range_pixels)
 
 NAMES = ["background", "cat", "dog", "bird"]
 
@@ -84,9 +85,29 @@ def test_images_add_up_and_match_a_pixel_loop():
     assert total.dtype == np.int64
 
 
-def test_bad_ids_and_shapes_are_errors():
-    with pytest.raises(ValueError, match="truth has class id 7"):
-        confusion_matrix(np.array([[0, 7]]), np.array([[0, 1]]), 4)
+def test_out_of_range_truth_is_left_out_and_counted_the_same_in_training_and_evaluation():
+    """One rule for ids the model does not have (a mask from another label map): training's metric (in the
+    graph) and evaluation's (NumPy) both leave them out like 255 and give the same counts and mean IoU;
+    evaluation reports how many pixels it left out."""
+    import tensorflow as tf
+
+    truth = np.array([[0, 7, 1, 255], [3, 3, 9, 1]], dtype=np.uint8)
+    pred = np.array([[0, 1, 1, 3], [3, 2, 1, 0]])
+    counts = confusion_matrix(truth, pred, 4)
+    assert counts.sum() == 5 and out_of_range_pixels(truth, 4) == 2
+    in_graph = confusion_matrix_tf(tf.constant(truth), tf.one_hot(pred, 4), 4).numpy()
+    assert (in_graph == counts).all()
+    metric = MeanIoU(4)
+    metric.update_state(tf.constant(truth), tf.one_hot(pred, 4))
+    assert float(metric.result()) == pytest.approx(mean_iou(counts), abs=1e-6)
+    assert mean_iou(counts) == pytest.approx(iou_metrics(counts, NAMES)["mean_iou"])
+    text = format_metrics({"images": 1, "pixels": 5, "ignored_pixels": 1, "step": 1, "out_of_range_pixels": 2,
+                           "first_out_of_range": "a.png", "metrics": iou_metrics(counts, NAMES),
+                           "per_class": iou_metrics(counts, NAMES)["per_class"]})
+    assert "warning: 2 pixel(s) of the val masks have class ids the model does not have (first in a.png)" in text
+
+
+def test_bad_predictions_and_shapes_are_errors():
     with pytest.raises(ValueError, match="prediction has class id 4"):
         confusion_matrix(np.array([[0, 1]]), np.array([[0, 4]]), 4)
     with pytest.raises(ValueError, match="shape"):

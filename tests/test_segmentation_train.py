@@ -25,7 +25,9 @@ from pipelines.segmentation.model import build_model
 from pipelines.segmentation.params import SegmenterParams
 from pipelines import checkpoints
 from pipelines.segmentation.model import loss_fn
-from pipelines.segmentation.train import MeanIoU, build_experiment, confusion_matrix, mean_iou, train
+from pipelines.segmentation.metric import MeanIoU, mean_iou
+from pipelines.segmentation.metric import confusion_matrix_tf as confusion_matrix
+from pipelines.segmentation.train import build_experiment, train
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,71 +20,13 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines import examples
-from pipelines.common import UserError
 from pipelines.examples import IGNORE_LABEL
 from pipelines.model_store import MASK_OUTPUT
+from pipelines.segmentation.metric import class_names, confusion_matrix, iou_metrics, out_of_range_pixels
 from pipelines.segmentation.params import SegmenterParams
 
 DRAW_IMAGES = 6  # val images shown in predictions.png
 ANNOTATE_UP_TO = 25  # classes (with background) up to which the confusion matrix's cells are written in
-
-
-# ------------------------------------------------------------------------------------------ metrics
-
-
-def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """int64 [num_classes, num_classes] pixel counts, rows = true class, columns = predicted class.
-
-    Pixels whose truth is IGNORE_LABEL (255) are left out; any other id outside 0..num_classes - 1
-    is a ValueError."""
-    truth, pred = np.asarray(truth), np.asarray(pred)
-    if truth.shape != pred.shape:
-        raise ValueError(f"truth of shape {truth.shape} and prediction of shape {pred.shape}")
-    keep = truth != IGNORE_LABEL
-    truth, pred = truth[keep].astype(np.int64), pred[keep].astype(np.int64)
-    for what, ids in (("truth", truth), ("prediction", pred)):
-        bad = ids[(ids < 0) | (ids >= num_classes)]
-        if bad.size:
-            raise ValueError(f"{what} has class id {int(bad[0])}, outside 0..{num_classes - 1} "
-                             f"(and {IGNORE_LABEL} for ignored pixels)")
-    counts = np.bincount(truth * num_classes + pred, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
-
-
-def iou_metrics(cm: np.ndarray, names: list[str]) -> dict:
-    """Metrics of a confusion matrix (rows = truth) whose classes are `names` (index 0 = background).
-
-    IoU of a class = true positives / (true + predicted - true positives) pixels. A class absent
-    from both the truth and the predictions has no IoU (None) and is left out of the means, so an
-    evaluation set without some class is not penalised for it; a class predicted but absent from
-    the truth counts with IoU 0. Returns {"mean_iou" (all classes present, background included),
-    "mean_iou_foreground" (classes 1..K present), "pixel_accuracy", "per_class": {name: {"class_id",
-    "iou", "true_pixels", "predicted_pixels"}}}; means and accuracy are None when nothing is there."""
-    cm = np.asarray(cm, dtype=np.int64)
-    if cm.shape != (len(names), len(names)):
-        raise ValueError(f"confusion matrix of shape {cm.shape} for {len(names)} class names")
-    hits = np.diag(cm)
-    true, predicted = cm.sum(axis=1), cm.sum(axis=0)
-    union = true + predicted - hits
-    ious = [float(hits[c] / union[c]) if union[c] else None for c in range(len(names))]
-    present = [iou for iou in ious if iou is not None]
-    present_foreground = [iou for iou in ious[1:] if iou is not None]
-    total = int(cm.sum())
-    return {
-        "mean_iou": float(np.mean(present)) if present else None,
-        "mean_iou_foreground": float(np.mean(present_foreground)) if present_foreground else None,
-        "pixel_accuracy": float(hits.sum() / total) if total else None,
-        "per_class": {name: {"class_id": c, "iou": ious[c], "true_pixels": int(true[c]),
-                             "predicted_pixels": int(predicted[c])} for c, name in enumerate(names)},
-    }
-
-
-def class_names(labels: dict[int, str], num_classes: int) -> list[str]:
-    """Names of the model's classes 0..K: "background", then the label map's (the id where it has none)."""
-    names = ["background"] + [labels.get(i, str(i)) for i in range(1, num_classes + 1)]
-    if names.count("background") > 1:  # a label-map class named so: keep the names distinct keys
-        names[0] = "(background)"
-    return names
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -174,6 +116,10 @@ def format_metrics(metrics: dict) -> str:
         lines.append(f"  {name:<{width}}  {pct(v['iou']):>6}  {v['true_pixels']:>9}  {v['predicted_pixels']:>9}")
     lines.append(f"  mean IoU {pct(m['mean_iou']).strip()}% (foreground {pct(m['mean_iou_foreground']).strip()}%), "
                  f"pixel accuracy {pct(m['pixel_accuracy']).strip()}%")
+    if metrics.get("out_of_range_pixels"):
+        lines.append(f"  warning: {metrics['out_of_range_pixels']} pixel(s) of the val masks have class ids the model "
+                     f"does not have (first in {metrics.get('first_out_of_range') or '?'}): left out, as training "
+                     "leaves them out; were these TFRecords written with another label map?")
     return "\n".join(lines)
 
 
@@ -206,20 +152,25 @@ class Evaluator:
     def reset(self) -> None:
         num = self.params.output_classes
         self.cm = np.zeros((num, num), dtype=np.int64)
-        self.ignored = 0
+        self.ignored = self.out_of_range = 0
+        self.first_out_of_range = ""
 
     def process(self, record: examples.Example, outputs: dict) -> None:
-        try:
-            self.cm += confusion_matrix(record.class_mask, outputs[MASK_OUTPUT], self.params.output_classes)
-        except ValueError as e:  # a mask with ids the model does not have: another label map's data
-            raise UserError(record.filename, f"{e}; the model has {self.params.num_classes} classes") from None
+        num = self.params.output_classes
+        self.cm += confusion_matrix(record.class_mask, outputs[MASK_OUTPUT], num)
         self.ignored += int(np.sum(record.class_mask == IGNORE_LABEL))
+        outside = out_of_range_pixels(record.class_mask, num)
+        if outside:  # a mask with ids the model does not have (another label map's data): left out, as in training
+            self.out_of_range += outside
+            self.first_out_of_range = self.first_out_of_range or record.filename
 
     def evaluate(self) -> dict:
         scores = iou_metrics(self.cm, self.names)
         return {
             "pixels": int(self.cm.sum()),
             "ignored_pixels": self.ignored,
+            "out_of_range_pixels": self.out_of_range,
+            **({"first_out_of_range": self.first_out_of_range} if self.out_of_range else {}),
             "metrics": {key: scores[key] for key in ("mean_iou", "mean_iou_foreground", "pixel_accuracy")},
             "per_class": scores["per_class"],
             "confusion_matrix": {"classes": self.names, "rows": "true class", "columns": "predicted class",

@@ -20,78 +20,20 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from pipelines import checkpoints, tasks
+from pipelines import checkpoints
 from pipelines.engine import train as engine
 from pipelines.segmentation.data import check_inputs, train_dataset, val_dataset
+from pipelines.segmentation import metric
 from pipelines.segmentation.model import build_model, loss_fn
 from pipelines.segmentation.params import SegmenterParams
 
 from official.core import base_task, task_factory  # isort: skip
 from official.core import config_definitions as cfg  # isort: skip
 
-METRIC = tasks.get("segmentation").metric  # mean IoU: the validation metric that picks the best checkpoint
-
-
-# ---------------------------------------------------------------------------------------------- metric
-
-
-def confusion_matrix(labels: tf.Tensor, logits: tf.Tensor, num_classes: int) -> tf.Tensor:
-    """float32 [C, C] pixel counts, rows truth, columns prediction (argmax of the logits).
-
-    Pixels labelled 255 are left out, and so is any id >= C (a mask from another label map), which the
-    loss cannot learn either. float32 counts are exact while a call sees fewer than 2**24 pixels
-    (64 images of 512x512); MeanIoU adds them up in float64."""
-    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-    predictions = tf.reshape(tf.argmax(logits, axis=-1, output_type=tf.int32), [-1])
-    valid = labels < num_classes  # also excludes IGNORE_LABEL (255): masks are uint8, so C <= 255
-    index = tf.where(valid, labels * num_classes + predictions, 0)
-    counts = tf.math.bincount(index, weights=tf.cast(valid, tf.float32), minlength=num_classes * num_classes,
-                              maxlength=num_classes * num_classes)
-    return tf.reshape(counts, [num_classes, num_classes])
-
-
-def mean_iou(confusion) -> float:
-    """Mean intersection over union of the classes present in the truth or the predictions (0 if none)."""
-    confusion = np.asarray(confusion, np.float64)
-    hits = np.diag(confusion)
-    union = confusion.sum(axis=0) + confusion.sum(axis=1) - hits
-    present = union > 0
-    return float(np.mean(hits[present] / union[present])) if present.any() else 0.0
-
-
-class MeanIoU(tf_keras.metrics.Metric):
-    """Mean IoU over a confusion matrix of (masks, logits) batches: `mean_iou` of `confusion_matrix`.
-    reset_state / update_state / result, summed over replicas by Keras."""
-
-    def __init__(self, num_classes: int, name: str = METRIC, **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.num_classes = num_classes
-        self.confusion = self.add_weight(name="confusion", shape=(num_classes, num_classes), dtype=tf.float64,
-                                         initializer="zeros")
-
-    def update_state(self, labels, logits, sample_weight=None):
-        del sample_weight
-        self.confusion.assign_add(tf.cast(confusion_matrix(labels, logits, self.num_classes), tf.float64))
-
-    def result(self):
-        confusion = tf.convert_to_tensor(self.confusion)
-        hits = tf.linalg.diag_part(confusion)
-        union = tf.reduce_sum(confusion, 0) + tf.reduce_sum(confusion, 1) - hits
-        present = union > 0
-        ious = tf.where(present, hits / tf.where(present, union, 1.0), 0.0)
-        count = tf.reduce_sum(tf.cast(present, tf.float64))
-        return tf.cast(tf.math.divide_no_nan(tf.reduce_sum(ious), count), tf.float32)
-
-    def reset_state(self):
-        self.confusion.assign(tf.zeros_like(self.confusion))
-
-    def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes}
-
+METRIC = metric.METRIC
 
 # ---------------------------------------------------------------------------------------------- task
 
@@ -128,7 +70,7 @@ class SegmentationTask(base_task.Task):
         return loss
 
     def build_metrics(self, training: bool = True) -> list[tf_keras.metrics.Metric]:
-        return [MeanIoU(self.segmenter.output_classes)]
+        return [metric.MeanIoU(self.segmenter.output_classes)]
 
 
 def default_eval_every(params: SegmenterParams) -> int:
