@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.common import REPO_ROOT, UserError, display_path, workspace_dir
+from pipelines.data.geometry import box_iou
 from pipelines.serving.process import ServerProcess, free_port
 
 DETECTOR_TEMPLATE = "ssd_mobilenet_v2_fpnlite_320x320"
@@ -223,14 +224,6 @@ def val_example(data_dir: Path) -> tuple[str, bytes, str, list[tuple[str, tuple[
     return example["image/filename"][0].decode(), example["image/encoded"][0], _counted(names) or "no objects", objects
 
 
-def _iou(a, b) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(0.0, w) * max(0.0, h)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def compare_line(objects: list[tuple[str, tuple]], detections: list[dict]) -> str:
     """The served boxes against the image's labels: each detection, best score first, takes the unmatched
     object of its class it overlaps most (IoU >= 0.5, as COCO's AP50 counts a hit)."""
@@ -238,7 +231,7 @@ def compare_line(objects: list[tuple[str, tuple]], detections: list[dict]) -> st
     extra = []
     for d in sorted(detections, key=lambda d: -d["score"]):
         box = tuple(d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax"))
-        scored = [(_iou(box, objects[i][1]), i) for i in left if objects[i][0] == d["label"]]
+        scored = [(box_iou(box, objects[i][1]), i) for i in left if objects[i][0] == d["label"]]
         best = max(scored, default=(0.0, None))
         if best[0] >= 0.5:
             left.remove(best[1])

@@ -5,6 +5,13 @@ from __future__ import annotations
 Box = tuple[float, float, float, float]  # xmin, ymin, xmax, ymax in pixels
 
 
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes (0 when both are empty)."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def polygon_points(flat: list[float]) -> list[tuple[float, float]]:
     return [(float(flat[i]), float(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
 

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from pipelines.common import atomic_output_dir
+from pipelines.data.geometry import box_iou
 
 CATEGORIES = [(19, "triangle", "#e6194b"), (7, "circle", "#3cb44b"), (23, "star", "#4363d8"), (12, "square", "#f58231")]
 SIZES = [(320, 240), (384, 288), (400, 300), (352, 352), (448, 336), (300, 400)]
@@ -92,7 +93,7 @@ def _draw_image(rng: np.random.Generator, w: int, h: int, empty: bool):
             cy = float(rng.uniform(margin, h - margin))
             boxes = [o["extent"] for o in objects]
             extent = (cx - r, cy - r, cx + r, cy + r)
-            if any(_iou(extent, b) > 0.25 for b in boxes):
+            if any(box_iou(extent, b) > 0.25 for b in boxes):
                 continue
             points = _shape(CATEGORIES[kind_index][1], cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
             objects.append({"kind": kind_index, "points": points, "extent": extent, "r": r,
@@ -102,14 +103,6 @@ def _draw_image(rng: np.random.Generator, w: int, h: int, empty: bool):
     for obj in sorted(objects, key=lambda o: -o["r"]):  # larger first: smaller ones lie on top
         draw.polygon(obj["points"], fill=obj["color"])
     return image, objects
-
-
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _annotation(rng, ann_id, image_id, category_id, color, polygon, w, h, isbbox=False):
