@@ -34,6 +34,15 @@ def env_number(name: str, default: float) -> float:
     return value if math.isfinite(value) else default
 
 
+def env_int(name: str, default: int) -> int:
+    """A whole-number setting of at least 1 from the environment, read once; the default when unset or not
+    a whole number."""
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
 class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit code 2, no traceback."""
 
@@ -107,7 +116,8 @@ def owner_tag(pid: int | None = None) -> str:
     return f"{os.getpid() if pid is None else pid}@{_host()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs (this process: yes)."""
     if pid == os.getpid():
         return True
     if os.name != "posix":  # os.kill would end the process there: treat it as alive (the age decides)
@@ -138,7 +148,7 @@ def is_leftover(path: Path, owner: str) -> bool:
     process that is gone; see the comment above."""
     match = _OWNER.match(owner)
     if match and match["host"] == _host():
-        return not _pid_alive(int(match["pid"]))
+        return not pid_alive(int(match["pid"]))
     try:
         return time.time() - _newest_change(path) >= LEFTOVER_AGE_S
     except OSError:

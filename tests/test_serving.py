@@ -644,7 +644,7 @@ def test_a_burst_is_refused_only_after_a_real_wait():
 
     from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
-    from pipelines.serving import service
+    from pipelines.serving import batcher
 
     class SleepingModel:  # stand-in for the network: 50 ms per image, in the batcher's worker thread
         def run(self, arrays):
@@ -657,7 +657,7 @@ def test_a_burst_is_refused_only_after_a_real_wait():
             try:
                 await call(np.full(1, i))
                 return ("ok", time.monotonic() - start, "")
-            except service.Overloaded as e:
+            except batcher.Overloaded as e:
                 return ("refused", time.monotonic() - start, str(e))
             except asyncio.CancelledError:
                 return ("refused", time.monotonic() - start, "cancelled")
@@ -670,14 +670,14 @@ def test_a_burst_is_refused_only_after_a_real_wait():
 
     async def raw_dispatcher():
         def refuse():
-            raise service.Overloaded("refused by estimate")
+            raise batcher.Overloaded("refused by estimate")
         model = SleepingModel()
         dispatcher = CorkDispatcher(max_latency_in_ms=1000, max_batch_size=8, fallback=refuse,
                                     get_batch_size=lambda _: 1)(lambda arrays: model.run(list(arrays)))
         return await traffic_then_burst(dispatcher)
 
     async def ours():
-        return await traffic_then_burst(service.Batcher(SleepingModel(), max_batch_size=8, max_latency_ms=1000))
+        return await traffic_then_burst(batcher.Batcher(SleepingModel(), max_batch_size=8, max_latency_ms=1000))
 
     before = asyncio.run(raw_dispatcher())
     early = [t for status, t, _ in before if status == "refused" and t < 0.3]

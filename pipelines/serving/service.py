@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -37,25 +36,19 @@ from starlette.responses import JSONResponse, Response
 
 from pipelines.model_store import DETECTION_OUTPUTS, INPUT_NAME, MASK_OUTPUT
 from pipelines.segmentation.predict import DEFAULT_MAX_MASK_SIDE, MAX_MASK_SIDE_ENV, nearest, working_size
+from pipelines.common import env_int
 from pipelines.serving import guard
+from pipelines.serving.batcher import MAX_BATCH_SIZE, MAX_LATENCY_MS, Batcher, Overloaded
+from pipelines.serving.workers import worker_temp_dir
 from pipelines.serving.images import (BadRequest, base64_image, decode_image, error_response, max_detections_of,
                                       png_bytes, resize_to, score_threshold_of)
 
 MODEL_ENV = "PIPELINES_MODEL"
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return max(1, int(os.environ.get(name, default)))
-    except ValueError:
-        return default
-
-
-MAX_BATCH_SIZE = _env_int("PIPELINES_MAX_BATCH_SIZE", 8)
 # The segmenter runs at most this many pixels on a side (pipelines/segmentation/predict.py says why).
-MAX_MASK_SIDE = _env_int(MAX_MASK_SIDE_ENV, DEFAULT_MAX_MASK_SIDE)
-MAX_LATENCY_MS = _env_int("PIPELINES_MAX_LATENCY_MS", 10_000)
-TIMEOUT_S = _env_int("PIPELINES_TIMEOUT_S", 120)
+MAX_MASK_SIDE = env_int(MAX_MASK_SIDE_ENV, DEFAULT_MAX_MASK_SIDE)
+TIMEOUT_S = env_int("PIPELINES_TIMEOUT_S", 120)
 CORS_ENV = "PIPELINES_CORS_ORIGINS"
 DEFAULT_CORS_ORIGINS = ("http://localhost:5000", "http://127.0.0.1:5000")
 
@@ -183,64 +176,6 @@ class LoadedModel:
 
 
 
-class Overloaded(RuntimeError):
-    pass
-
-
-class Batcher:
-    """Adaptive batching of one worker's model calls with BentoML's CorkDispatcher: batches hold at most
-    PIPELINES_MAX_BATCH_SIZE images, one batch runs at a time, in a thread, while the event loop goes on
-    taking requests, and the dispatcher waits for more requests to join a batch only while that pays.
-
-    At most one batch's worth of requests is in the dispatcher (waiting or running); the others wait
-    for a place. The dispatcher refuses a request when it estimates the request's latency as its wait
-    plus the time of the *whole* queue in one batch (a*n + b, fitted on past batches): under a burst of
-    32 or more requests that estimate charged the first request for every other one and refused
-    requests that had waited ~0.1 s, a storm of 503s whose message blamed the queue's wait (two
-    batches' worth still let it refuse requests that had waited 0.4 s of a 1 s limit). With one batch
-    in it, its estimate is one batch's time, and a refusal comes from a real wait: a request that has
-    not reached the model within PIPELINES_MAX_LATENCY_MS is answered 503 saying how long it waited."""
-
-    def __init__(self, model: LoadedModel | None, max_batch_size: int = MAX_BATCH_SIZE,
-                 max_latency_ms: int = MAX_LATENCY_MS) -> None:
-        from bentoml._internal.marshal.dispatcher import CorkDispatcher
-
-        def overloaded():
-            raise Overloaded(f"the model is overloaded: its queue would take longer than {max_latency_ms} ms "
-                             "(PIPELINES_MAX_LATENCY_MS), estimated from the batches so far")
-
-        self.model = model
-        self.max_latency_ms = max_latency_ms
-        self.places = asyncio.Semaphore(max_batch_size)
-        self.call = CorkDispatcher(max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size,
-                                   fallback=overloaded, get_batch_size=lambda _: 1)(self._run)
-
-    def _run(self, arrays) -> list[dict[str, np.ndarray]]:  # in a worker thread
-        BATCH_SIZES.observe(len(arrays))
-        return self.model.run(list(arrays))
-
-    async def __call__(self, array: np.ndarray) -> dict[str, np.ndarray]:
-        started = time.monotonic()
-        try:
-            await asyncio.wait_for(self.places.acquire(), timeout=self.max_latency_ms / 1000)
-        except asyncio.TimeoutError:
-            raise Overloaded(f"the model is overloaded: this request waited {1000 * (time.monotonic() - started):.0f} "
-                             f"ms without reaching it (PIPELINES_MAX_LATENCY_MS is {self.max_latency_ms})") from None
-        try:
-            return await self.call(array)
-        finally:
-            self.places.release()
-
-
-def _batch_histogram():
-    sizes = [2 ** i for i in range(max(1, MAX_BATCH_SIZE.bit_length()) + 1)]
-    return bentoml.metrics.Histogram(name="pipelines_inference_batch_size", buckets=sizes,
-                                     documentation="Images per forward pass of the served model")
-
-
-BATCH_SIZES = _batch_histogram()
-
-
 # ------------------------------------------------------------------------------------------- helpers
 
 
@@ -295,42 +230,6 @@ class Base64Body(bentoml.IODescriptor):
 
 
 # ------------------------------------------------------------------------------------------- workers
-
-
-WORKER_DIR_PREFIX = "pipelines-worker-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def worker_temp_dir() -> Path:
-    """This worker's own temporary folder ($TMPDIR/pipelines-worker-PID), where BentoML keeps the
-    uploads of its requests; made the process's temporary folder. The folders of workers that ended
-    without removing theirs (killed) are removed here, and the crash is logged."""
-    import atexit
-    import shutil
-    import tempfile
-
-    root = Path(tempfile.gettempdir())
-    for folder in root.glob(WORKER_DIR_PREFIX + "*"):
-        pid = folder.name[len(WORKER_DIR_PREFIX):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            files = sum(1 for p in folder.rglob("*") if p.is_file())
-            shutil.rmtree(folder, ignore_errors=True)
-            print(f"worker {pid} ended without stopping (killed or crashed): its requests in flight were "
-                  f"cut off; removed its {files} temporary upload file(s)", file=sys.stderr, flush=True)
-    mine = root / f"{WORKER_DIR_PREFIX}{os.getpid()}"
-    mine.mkdir(exist_ok=True)
-    tempfile.tempdir = str(mine)
-    atexit.register(shutil.rmtree, mine, True)  # and the service's shutdown hook, which runs first
-    return mine
 
 
 class ModelService:
