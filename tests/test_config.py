@@ -315,7 +315,7 @@ def test_fine_tune_checkpoint_set_and_checked(workspace, tmp_path):
     import tensorflow as tf
 
     from pipelines.config import read as tr
-    from pipelines.detection.train import build_model
+    from pipelines.detection.model import build_model
 
     # A checkpoint of this model, as training writes it (model plus backbone/decoder/head at the root).
     make_config(workspace, "--run", "ft0")

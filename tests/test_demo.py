@@ -251,14 +251,15 @@ def test_float_tflite_detections_agree_with_the_checkpoint_model(tflite_export, 
 
     from pipelines import checkpoints
     from pipelines.detection import ssd
-    from pipelines.detection.export import _experiment, compare
+    from pipelines.detection.export import compare
+    from pipelines.detection.model import inference_experiment
     from pipelines.runs import load_run
 
     workspace, _ = demo
     export_dir, _ = tflite_export
     monkeypatch.setenv("PIPELINES_WORKSPACE", str(workspace))
     params, run_dir, _ = load_run("demo-detector", need_data=False)
-    exp = _experiment(params)
+    exp = inference_experiment(params)
     model = ssd.build_model(exp.task)
     checkpoints.restore(model, json.loads((export_dir / "metadata.json").read_text())["checkpoint"])
     size = (params.image_height, params.image_width)

@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from pipelines.detection.experiment import FIELDS, build_experiment
 from pipelines.detection.params import DetectorParams
-from pipelines.detection.train import build_model, latest_step, train
+from pipelines.detection.model import build_model
+from pipelines.detection.train import latest_step, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -525,8 +526,8 @@ def test_evaluate_scores_what_the_export_serves(trained, exported, data_dir):
     assert metrics["metrics"]["AP50"] == pytest.approx(coco.stats[1], abs=1e-3)
 
     # The default score threshold: chosen on these detections, printed, stored by the export, used by predict.
-    from pipelines.detection.evaluate import DEFAULT_SCORE_THRESHOLD, choose_threshold
-    from pipelines.detection.predict import Predictions
+    from pipelines.detection.evaluate import choose_threshold
+    from pipelines.detection.predict import DEFAULT_SCORE_THRESHOLD, Predictions
     from pipelines.engine.export import export
 
     point = metrics["operating_point"]

@@ -22,7 +22,7 @@ def make_detector(run_dir: Path) -> Path:
 
     from pipelines.engine.export import export
     from pipelines.detection.params import DetectorParams
-    from pipelines.detection.train import build_model
+    from pipelines.detection.model import build_model
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tf_keras.utils.set_random_seed(3)

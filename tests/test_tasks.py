@@ -102,3 +102,56 @@ def test_quiet_orbit_drops_orbits_prints_only():
         print("eval at step 3: val mean IoU 0.5")
         print("a", "train | b", sep=" | ")
     assert out.getvalue() == "step 3/6  loss 1.0\neval at step 3: val mean IoU 0.5\na | train | b\n"
+
+
+def _pipelines_imports() -> dict[str, set[str]]:
+    """{module: the pipelines modules it imports}, counting imports inside functions."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    modules = {}
+    for path in (root / "pipelines").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rsplit(".", 1)[0] if "." in target else ""
+                if target and target not in (name, "pipelines"):
+                    found.add(target)
+        graph[name] = found
+    return graph
+
+
+def test_no_import_cycles_in_the_package():
+    """No module of pipelines/ reaches itself through imports, those inside functions included."""
+    graph = _pipelines_imports()
+    assert "pipelines.detection.model" in graph["pipelines.detection.export"]  # the walk sees imports at all
+
+    def reaches(start: str) -> list[str] | None:
+        seen, todo = set(), [(start, [start])]
+        while todo:
+            module, path = todo.pop()
+            for nxt in graph.get(module, ()):
+                if nxt == start:
+                    return path + [start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append((nxt, path + [nxt]))
+        return None
+
+    cycles = [cycle for cycle in map(reaches, sorted(graph)) if cycle]
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles[:5])

@@ -25,9 +25,10 @@ import tf_keras
 from conftest import EXTERNAL, run_cli
 from pipelines.config import translate as tr
 from pipelines.config.textproto import TextProto
-from pipelines.detection import ssd, zoo
+from pipelines.detection import od_names, ssd, zoo
 from pipelines.detection.export import reference_detections
-from pipelines.detection.train import build_model, train
+from pipelines.detection.model import build_model
+from pipelines.detection.train import train
 
 ZOO = EXTERNAL / "od_zoo" / "ssd_mobilenet_v2_fpnlite_320x320_coco17_tpu-8"
 PHOTOS = ["tf_od_image1_1024x636.jpg", "voc_000342.jpg"]
@@ -70,8 +71,8 @@ def test_every_zoo_checkpoint_entry_has_a_place_in_our_network():
         pytest.skip(f"the zoo sample is not present at {ZOO}")
     model = build_model(zoo_params(ZOO / "pipeline.config"))
     shapes = dict(tf.train.list_variables(str(ZOO / "checkpoint" / "ckpt-0")))  # the index alone
-    table = zoo.od_api_table(model)
-    weights = {name for name in shapes if name.endswith(zoo.SUFFIX) and not name.startswith("save_counter")}
+    table = od_names.od_api_table(model)
+    weights = {name for name in shapes if name.endswith(od_names.SUFFIX) and not name.startswith("save_counter")}
     assert len(shapes) == 386 and len(weights) == 384
     assert set(table) == weights  # every weight of the zoo has exactly one variable of ours, and back
     for name, var in table.items():
@@ -79,7 +80,7 @@ def test_every_zoo_checkpoint_entry_has_a_place_in_our_network():
     assert len({id(v) for v in table.values()}) == len(model.weights)
     parts = {}
     for name in table:
-        parts[zoo.part_of(name)] = parts.get(zoo.part_of(name), 0) + 1
+        parts[od_names.part_of(name)] = parts.get(od_names.part_of(name), 0) + 1
     assert parts == {"backbone": 260, "FPN": 30, "box predictor tower": 88, "box predictor": 3, "class predictor": 3}
 
 
@@ -226,17 +227,17 @@ def test_fine_tune_from_the_zoo_checkpoint(oracle, tmp_path, sample_dir):
     params = zoo_params(ws / "ft" / "pipeline.config", train_files=[], eval_files=[])
     model = build_model(params)
     tf.train.Checkpoint(model=model).read(tf.train.latest_checkpoint(str(ws / "ft" / "train"))).expect_partial()
-    table = zoo.od_api_table(model)
+    table = od_names.od_api_table(model)
     compared = 0
     for name, var in table.items():
-        part = zoo.part_of(name)
+        part = od_names.part_of(name)
         if part in ("backbone", "FPN") and "moving_" not in name:
             np.testing.assert_allclose(var.numpy(), reader.get_tensor(name), rtol=1e-5, atol=1e-6, err_msg=name)
             compared += 1
     assert compared > 150
     # The box predictor starts fresh: its kernels are not the checkpoint's (same shapes where classes don't count).
-    for name in (zoo.PREDICTOR + "_box_prediction_head/_box_encoder_layers/0/depthwise_kernel" + zoo.SUFFIX,
-                 zoo.PREDICTOR + "_head_scope_conv_layers/PredictionTower/0/depthwise_kernel" + zoo.SUFFIX):
+    for name in (od_names.PREDICTOR + "_box_prediction_head/_box_encoder_layers/0/depthwise_kernel" + od_names.SUFFIX,
+                 od_names.PREDICTOR + "_head_scope_conv_layers/PredictionTower/0/depthwise_kernel" + od_names.SUFFIX):
         assert table[name].shape == reader.get_variable_to_shape_map()[name]
         assert not np.allclose(table[name].numpy(), reader.get_tensor(name), atol=1e-3), name
 
@@ -258,7 +259,7 @@ def test_classification_restores_a_keras_mobilenet_v2_weights_file(tmp_path):
     model = build_model(params)
     zoo.restore(model, path, "classification")
     source = [layer for layer in keras_model.layers if layer.weights]
-    for src, dst in zip(source, zoo.backbone_layers(model), strict=True):
+    for src, dst in zip(source, od_names.backbone_layers(model), strict=True):
         for a, b in zip(sorted(src.weights, key=lambda v: v.name.split("/")[-1]),
                         sorted(dst.weights, key=lambda v: v.name.split("/")[-1]), strict=True):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -308,8 +309,8 @@ def test_the_640_template_builds_the_zoo_layout_too():
     model = build_model(params)
     if ZOO.is_dir():
         shapes = dict(tf.train.list_variables(str(ZOO / "checkpoint" / "ckpt-0")))
-        assert {n: list(s) for n, s in shapes.items() if n.endswith(zoo.SUFFIX) and "save_counter" not in n} == {
-            n: v.shape.as_list() for n, v in zoo.od_api_table(model).items()}
+        assert {n: list(s) for n, s in shapes.items() if n.endswith(od_names.SUFFIX) and "save_counter" not in n} == {
+            n: v.shape.as_list() for n, v in od_names.od_api_table(model).items()}
     anchors = ssd.anchor_boxes(3, 7, 2, params.aspect_ratios, params.anchor_size, (640, 640))
     assert sum(int(np.prod(a.shape)) // 4 for a in anchors.values()) == 6 * (80 * 80 + 40 * 40 + 20 * 20 + 10 * 10 + 5 * 5)
     out = model(tf.zeros([1, 640, 640, 3]), training=False)

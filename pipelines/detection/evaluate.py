@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from pipelines import checkpoints, examples
 from pipelines.detection.params import DetectorParams
+from pipelines.detection.predict import DEFAULT_SCORE_THRESHOLD
 
 COCO_STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 DRAW_SCORE = 0.3  # predictions drawn in predictions.png
@@ -56,7 +57,6 @@ def coco_eval(gt_images: list[dict], gt_annotations: list[dict], detections: lis
 
 
 THRESHOLD_IOU = 0.5  # a detection is right when it overlaps an unclaimed true box of its class this much
-DEFAULT_SCORE_THRESHOLD = 0.5  # when the validation set cannot choose one (no detection or no object)
 
 
 def choose_threshold(evaluator, labels: dict[int, str]) -> dict | None:
@@ -187,10 +187,11 @@ class Evaluator:
 
     def serving_function(self, checkpoint: str):
         """uint8 [1, H, W, 3] -> the serving outputs (NumPy): the export's module on the checkpoint's weights."""
-        from pipelines.detection.export import ODAPIDetectionModule, _experiment
+        from pipelines.detection.export import ODAPIDetectionModule
+        from pipelines.detection.model import inference_experiment
 
         params = self.params
-        module = ODAPIDetectionModule(_experiment(params), batch_size=None,
+        module = ODAPIDetectionModule(inference_experiment(params), batch_size=None,
                                       input_image_size=[params.image_height, params.image_width],
                                       input_type="image_tensor")
         checkpoints.restore(module.model, checkpoint)

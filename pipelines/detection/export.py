@@ -32,7 +32,6 @@ compared with the checkpoint model's own; a mismatch raises ExportCheckError.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -42,10 +41,9 @@ import tf_keras
 
 from pipelines import checkpoints
 from pipelines.common import display_path
-from pipelines.detection.experiment import build_experiment
+from pipelines.detection.model import build_model, inference_experiment
 from pipelines.detection import ssd
 from pipelines.detection.params import DetectorParams
-from pipelines.detection.train import build_model
 from pipelines.engine.export import ExportCheckError
 from pipelines.model_store import DETECTION_OUTPUTS, INPUT_NAME, check_images
 
@@ -78,11 +76,6 @@ class ODAPIDetectionModule(detection.DetectionModule):
     def serve(self, images):
         outputs = super().serve(images)
         return {key: outputs[key] for key in DETECTION_OUTPUTS}
-
-
-def _experiment(params: DetectorParams):
-    params = dataclasses.replace(params, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None)
-    return build_experiment(params, gpus=0)
 
 
 def save_signature(module: ODAPIDetectionModule, folder: Path) -> None:
@@ -173,7 +166,7 @@ class Exporter:
 
     def __init__(self, params: DetectorParams):
         self.params = params
-        self.exp = _experiment(params)
+        self.exp = inference_experiment(params)
 
     def save(self, checkpoint: str, saved_model_dir: Path, folder: Path) -> tf_keras.Model:
         params = self.params
@@ -194,7 +187,7 @@ class Exporter:
     def metadata(self, run_dir: Path, checkpoint: str, log=print) -> dict:
         """The default score threshold of the served detections: the one `make eval` chose on the val set
         for this checkpoint (eval/metrics.json), else DEFAULT_SCORE_THRESHOLD, saying why."""
-        from pipelines.detection.evaluate import DEFAULT_SCORE_THRESHOLD
+        from pipelines.detection.predict import DEFAULT_SCORE_THRESHOLD
 
         path = Path(run_dir) / "eval" / "metrics.json"
         metrics = json.loads(path.read_text()) if path.is_file() else {}

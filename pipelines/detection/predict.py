@@ -12,11 +12,15 @@ from pipelines.model_store import DETECTION_OUTPUTS
 from pipelines.viz import draw_detections
 
 
+DEFAULT_SCORE_THRESHOLD = 0.5  # when the validation set cannot choose one (no detection or no object)
+
+
 def default_score_threshold(metadata: dict) -> float:
-    """The export's default score threshold (metadata.json, chosen on the val set by make eval), or 0.5
-    for an export written before it was stored."""
+    """The export's default score threshold (metadata.json, chosen on the val set by make eval), or
+    DEFAULT_SCORE_THRESHOLD for an export written before it was stored."""
     value = metadata.get("score_threshold")
-    return float(value) if isinstance(value, (int, float)) and 0.0 <= value <= 1.0 else 0.5
+    ok = isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+    return float(value) if ok else DEFAULT_SCORE_THRESHOLD
 
 
 def detections_of(outputs: dict, width: int, height: int, labels: dict[int, str], score_threshold: float) -> list[dict]:

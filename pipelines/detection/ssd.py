@@ -341,7 +341,7 @@ class SSDModel(retinanet_model.RetinaNetModel):
     def frozen_variables(self) -> list[tf.Variable]:
         if not self._freeze and not self._train_only:
             return []
-        from pipelines.detection.zoo import od_api_names
+        from pipelines.detection.od_names import od_api_names
 
         names = od_api_names(self)
         for part in ("backbone", "decoder", "head"):  # ours: the part, then the Keras variable name

@@ -11,19 +11,18 @@ it (or, when there is none, calls RetinaNetTask.initialize, which loads fine_tun
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Callable
 
 import tensorflow as tf
-import tf_keras
 
 from pipelines import checkpoints
 from pipelines.detection.experiment import build_experiment
 from pipelines.engine import train as engine
 from pipelines.detection import ssd
+from pipelines.detection.model import network
 from pipelines.detection.params import DetectorParams
 
 from official.common import dataset_fn  # isort: skip
@@ -43,9 +42,7 @@ class DetectionTask(retinanet_task.RetinaNetTask):
     coco_dataset passes to int(), a TypeError under NumPy 2."""
 
     def build_model(self):
-        decay = self.task_config.losses.l2_weight_decay
-        # Divided by 2 as Model Garden does: Keras' l2 has no 1/2, tf.nn.l2_loss has.
-        return ssd.build_model(self.task_config, tf_keras.regularizers.l2(decay / 2.0) if decay else None)
+        return network(self.task_config)
 
     def initialize(self, model):
         if not self.task_config.init_checkpoint:
@@ -82,16 +79,6 @@ class DetectionTask(retinanet_task.RetinaNetTask):
             return images, dict(labels, groundtruths=truth)
 
         return dataset.map(flat_counts)
-
-
-def build_model(params: DetectorParams) -> tf_keras.Model:
-    """The float32 Keras RetinaNet for `params` (weights initialised, not restored).
-
-    Restore a training checkpoint with `tf.train.Checkpoint(model=model).read(prefix)`.
-    """
-    params = dataclasses.replace(params, fine_tune_checkpoint=None, fine_tune_checkpoint_type=None)
-    exp = build_experiment(params, gpus=0)
-    return DetectionTask(exp.task).build_model()
 
 
 def latest_step(model_dir: str | Path) -> int:

@@ -1,12 +1,5 @@
-"""Object Detection API checkpoints <-> our SSD network, and fine-tuning restores of every layout.
-
-The OD API's TF2 checkpoints (the model zoo's `checkpoint/ckpt-0`, or one written by its
-model_main_tf2.py) name variables by object path: `model/_feature_extractor/classification_backbone/
-layer_with_weights-N/...` (MobileNetV2, Keras-application layer order), `model/_feature_extractor/
-_fpn_features_generator/...` and `_coarse_feature_layers/...` (FPNLite), `model/_box_predictor/...`
-(the weight-shared head). `od_api_table` gives, for each of our network's variables, that name;
-the backbone's layers map in order (both are the Keras-application MobileNetV2: same layers, same
-order, same shapes), the rest by structure.
+"""Object Detection API checkpoints <-> our SSD network: fine-tuning restores of every layout, the check
+`make config` runs, and `make import` (a zoo model folder as a run). The variable names are od_names.py's.
 
 `restore` initialises a model from any supported fine-tuning source, as the OD API's
 `SSDMetaArch.restore_from_objects` selects for each `fine_tune_checkpoint_type`:
@@ -28,92 +21,15 @@ import tensorflow as tf
 import tf_keras
 
 from pipelines import checkpoints
+from pipelines.detection.od_names import SUFFIX, backbone_layers, od_api_table, part_of, short_name
 
-SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
-BACKBONE = "model/_feature_extractor/classification_backbone/"
-FPN = "model/_feature_extractor/_fpn_features_generator/"
-COARSE = "model/_feature_extractor/_coarse_feature_layers/"
-PREDICTOR = "model/_box_predictor/"
 KINDS = ("classification", "detection", "full")
-
-# Which part of the network each OD API name belongs to (for summaries), in network order.
-PARTS = [(BACKBONE, "backbone"), (FPN, "FPN"), (COARSE, "FPN"),
-         (PREDICTOR + "_head_scope_conv_layers/", "box predictor tower"),
-         (PREDICTOR + "_base_tower_layers_for_heads/", "box predictor tower"),
-         (PREDICTOR + "_box_prediction_head/", "box predictor"),
-         (PREDICTOR + "_prediction_heads/", "class predictor")]
 RESTORED_PARTS = {"classification": {"backbone"}, "detection": {"backbone", "FPN"},
                   "full": {"backbone", "FPN", "box predictor tower", "box predictor", "class predictor"}}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot initialise this model (message names the file and the reason)."""
-
-
-def part_of(name: str) -> str:
-    for prefix, part in PARTS:
-        if name.startswith(prefix):
-            return part
-    return "other"
-
-
-def _leaf_layers(layer) -> list:
-    """Layers holding variables, in build order (nested blocks flattened)."""
-    # Layers that own variables themselves (not through sublayers), in Keras' tracking order.
-    return [sub for sub in layer._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001
-            if sub._trainable_weights or sub._non_trainable_weights]  # noqa: SLF001
-
-
-def _short(var) -> str:
-    return var.name.split("/")[-1].split(":")[0]
-
-
-def _layer_vars(prefix: str, layer) -> dict[str, tf.Variable]:
-    return {f"{prefix}/{_short(v)}{SUFFIX}": v for v in layer.weights}
-
-
-def backbone_layers(model) -> list:
-    """Our backbone's weighted layers, in the Keras-application MobileNetV2 order."""
-    return _leaf_layers(model.backbone)
-
-
-def od_api_table(model) -> dict[str, tf.Variable]:
-    """{OD API checkpoint name: our variable} for every variable of our SSD network."""
-    table: dict[str, tf.Variable] = {}
-    for n, layer in enumerate(backbone_layers(model)):
-        table.update(_layer_vars(f"{BACKBONE}layer_with_weights-{n}", layer))
-    fpn = model.decoder
-    table.update(_layer_vars(f"{FPN}top_layers/0", fpn.top))
-    for i, (lateral, conv, norm) in enumerate(zip(fpn.laterals, fpn.smoothing, fpn.smoothing_norms)):
-        table.update(_layer_vars(f"{FPN}residual_blocks/{i}/0", lateral))
-        table.update(_layer_vars(f"{FPN}conv_layers/{i}/0", conv))
-        table.update(_layer_vars(f"{FPN}conv_layers/{i}/1", norm))
-    for i, (conv, norm) in enumerate(zip(fpn.coarse, fpn.coarse_norms)):
-        table.update(_layer_vars(f"{COARSE}{i}/0", conv))
-        table.update(_layer_vars(f"{COARSE}{i}/1", norm))
-    head = model.head
-    towers = [("PredictionTower" if head.share else "BoxPredictionTower", "box_encodings", head.box_tower,
-               head.box_tower_norms)]
-    if not head.share:
-        towers.append(("ClassPredictionTower", "class_predictions_with_background", head.class_tower,
-                       head.class_tower_norms))
-    for scope, key, convs, norms in towers:
-        for i, conv in enumerate(convs):
-            table.update(_layer_vars(f"{PREDICTOR}_head_scope_conv_layers/{scope}/{i}", conv))
-        for j, level_norms in enumerate(norms):
-            for i, norm in enumerate(level_norms):
-                # The tower is a list [conv, batch norm, activation] per layer: the norm is at 3i + 1.
-                table.update(_layer_vars(f"{PREDICTOR}_base_tower_layers_for_heads/{key}/{j}/{3 * i + 1}", norm))
-    table.update(_layer_vars(f"{PREDICTOR}_box_prediction_head/_box_encoder_layers/0", head.box_predictor))
-    table.update(_layer_vars(
-        f"{PREDICTOR}_prediction_heads/class_predictions_with_background/_class_predictor_layers/0",
-        head.class_predictor))
-    return table
-
-
-def od_api_names(model) -> dict[int, list[str]]:
-    """{id(our variable): [its OD API checkpoint name, without the '/.ATTRIBUTES...' suffix]}."""
-    return {id(v): [name[:-len(SUFFIX)]] for name, v in od_api_table(model).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +162,9 @@ def restore_keras_h5(model, path: str | Path, alpha: float = 1.0) -> RestoreSumm
         raise CheckpointError(f"{path}: {len(source)} weighted layers, the backbone has {len(target)}")
     pairs = []
     for src, dst in zip(source, target):
-        src_vars = {_short(v): v for v in src.weights}
+        src_vars = {short_name(v): v for v in src.weights}
         for var in dst.weights:
-            value = src_vars.get(_short(var))
+            value = src_vars.get(short_name(var))
             if value is None or tuple(value.shape) != tuple(var.shape):
                 raise CheckpointError(f"{path}: layer {src.name} does not match the backbone's {dst.name}")
             pairs.append((var, value))
@@ -287,7 +203,7 @@ def restore(model, path: str | Path, kind: str = "detection") -> RestoreSummary:
 def check(params, kind: str | None = None) -> RestoreSummary:
     """Whether params.fine_tune_checkpoint can initialise the params' model: builds the model and
     restores into it (nothing is written). Raises CheckpointError naming the problem."""
-    from pipelines.detection.train import build_model
+    from pipelines.detection.model import build_model
 
     return restore(build_model(params), params.fine_tune_checkpoint, kind or params.fine_tune_checkpoint_type)
 
@@ -334,7 +250,7 @@ def import_zoo(zoo_dir: Path, run: str | None = None, label_map: Path | None = N
     from pipelines.config import translate as tr
     from pipelines.config.textproto import TextProto
     from pipelines.data.label_map import read_label_map
-    from pipelines.detection.train import build_model
+    from pipelines.detection.model import build_model
 
     zoo_dir = Path(zoo_dir)
     config_path = zoo_dir / "pipeline.config"
