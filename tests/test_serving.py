@@ -691,6 +691,62 @@ def test_a_burst_is_refused_only_after_a_real_wait():
     assert all("waited" in msg and "PIPELINES_MAX_LATENCY_MS is 1000" in msg for _, msg in refused), refused[:2]
 
 
+def test_an_idle_model_runs_a_request_at_once_and_a_busy_one_batches_the_rest():
+    """Batcher.prepared: a request that finds the model idle reads its input and runs in one worker
+    thread (the same thread for both); requests arriving while it runs wait and then run together in
+    one batch; a request whose caller is cancelled keeps the model busy until its thread is done (no
+    second forward pass beside it). The model is a stand-in that records each call (named here: the
+    batcher is what is tested)."""
+    import asyncio
+    import threading
+
+    from pipelines.serving import batcher
+
+    class RecordingModel:  # stand-in for the network: 50 ms per call, records batch sizes and overlap
+        def __init__(self):
+            self.batches, self.threads, self.active, self.overlap = [], [], 0, 0
+
+        def run(self, arrays):
+            self.active += 1
+            self.overlap = max(self.overlap, self.active)
+            self.batches.append(len(arrays))
+            self.threads.append(threading.get_ident())
+            time.sleep(0.05)
+            self.active -= 1
+            return [{"i": a} for a in arrays]
+
+    async def scenario():
+        model = RecordingModel()
+        b = batcher.Batcher(model, max_batch_size=8, max_latency_ms=5000)
+        prepared_in = []
+
+        def prepare(i):
+            def read():
+                prepared_in.append(threading.get_ident())
+                return f"kept {i}", np.full(1, i)
+            return read
+
+        kept, out = await b.prepared(prepare(0))  # idle: one thread, no dispatcher
+        assert (kept, int(out["i"][0])) == ("kept 0", 0)
+        assert model.batches == [1] and prepared_in == model.threads
+
+        first = asyncio.ensure_future(b.prepared(prepare(1)))
+        await asyncio.sleep(0.01)  # the first one is running alone now
+        rest = await asyncio.gather(*(b.prepared(prepare(i)) for i in range(2, 8)))
+        assert (await first)[0] == "kept 1"
+        assert [int(o["i"][0]) for _, o in rest] == list(range(2, 8))
+        assert model.batches[1] == 1 and sum(model.batches[2:]) == 6 and max(model.batches[2:]) >= 3, model.batches
+
+        cancelled = asyncio.ensure_future(b.prepared(prepare(9)))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        after = await b.prepared(prepare(10))  # must not start while the cancelled one's thread runs
+        assert after[0] == "kept 10"
+        assert model.overlap == 1, "two forward passes ran at once"
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------------------ coco-annotator's "Annotate Image"
 
 ANNOTATOR = "http://localhost:5000"  # the annotator's page by default (PIPELINES_CORS_ORIGINS unset)

@@ -25,7 +25,7 @@ import numpy as np
 from starlette.responses import Response
 
 from pipelines.common import env_number
-from pipelines.serving import guard
+from pipelines.serving import guard, hardening
 from pipelines.serving.images import BadRequest, error_response
 
 N_FFT = 2048
@@ -154,7 +154,7 @@ class Spectrogram:
     async def spectrogram(self, audio: Path):
         """Multipart `audio` file (WAV: PCM 8/16/24/32-bit or float, mono or stereo) -> PNG spectrogram."""
         try:
-            data = await asyncio.to_thread(Path(audio).read_bytes)
+            data = await asyncio.to_thread(hardening.upload_bytes, audio)
             png = await asyncio.to_thread(spectrogram_png, data)
         except BadRequest as e:
             return error_response(e)

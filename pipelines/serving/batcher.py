@@ -5,7 +5,9 @@ This is the one module that depends on BentoML's private dispatcher
 (`bentoml._internal.marshal.dispatcher.CorkDispatcher`, bentoml 1.4.39 as pinned in requirements.lock);
 tests/test_serving.py checks the behaviour relied on here (test_a_burst_is_refused_only_after_a_real_wait).
 The interface: `await Batcher(model)(array) -> outputs`, where `model.run(list of arrays) -> list of
-outputs`; `Overloaded` when a request cannot reach the model in time.
+outputs`, or `await Batcher(model).prepared(prepare)` where `prepare() -> (anything, array)` reads the
+request's input in the same worker thread the model runs in when the model is idle; `Overloaded` when a
+request cannot reach the model in time.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Batcher:
 
     def __init__(self, model, max_batch_size: int = MAX_BATCH_SIZE,
                  max_latency_ms: int = MAX_LATENCY_MS) -> None:
-        from bentoml._internal.marshal.dispatcher import CorkDispatcher
+        from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
 
         def overloaded():
             raise Overloaded(f"the model is overloaded: its queue would take longer than {max_latency_ms} ms "
@@ -50,15 +52,24 @@ class Batcher:
 
         self.model = model
         self.max_latency_ms = max_latency_ms
+        self.inside = 0  # requests in __call__: waiting for a place, in the dispatcher's queue or its batch
         self.places = asyncio.Semaphore(max_batch_size)
+        self.running = NonBlockSema(1)  # the model: one batch at a time, the dispatcher's or the idle path's
         self.call = CorkDispatcher(max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size,
-                                   fallback=overloaded, get_batch_size=lambda _: 1)(self._run)
+                                   shared_sema=self.running, fallback=overloaded, get_batch_size=lambda _: 1)(self._run)
 
     def _run(self, arrays) -> list[dict[str, np.ndarray]]:  # in a worker thread
         BATCH_SIZES.observe(len(arrays))
         return self.model.run(list(arrays))
 
     async def __call__(self, array: np.ndarray) -> dict[str, np.ndarray]:
+        self.inside += 1
+        try:
+            return await self._queued(array)
+        finally:
+            self.inside -= 1
+
+    async def _queued(self, array: np.ndarray) -> dict[str, np.ndarray]:
         started = time.monotonic()
         try:
             await asyncio.wait_for(self.places.acquire(), timeout=self.max_latency_ms / 1000)
@@ -69,6 +80,27 @@ class Batcher:
             return await self.call(array)
         finally:
             self.places.release()
+
+    def _idle(self) -> bool:
+        return self.inside == 0 and not self.running.is_locked()
+
+    async def prepared(self, prepare) -> tuple[object, dict[str, np.ndarray]]:
+        """(what `prepare()` kept, the model's outputs for its array). A request that finds the model idle
+        (nothing running, nothing waiting) reads its input and runs in one worker thread, without the
+        dispatcher's hops (about 1 ms a request at concurrency 1, bench/RESULTS.md); requests arriving
+        meanwhile wait in the dispatcher and run together after it. Otherwise `prepare` runs in a thread
+        and its array joins the dispatcher's queue."""
+        if not self._idle():
+            kept, array = await asyncio.to_thread(prepare)
+            return kept, await self(array)
+        def alone():
+            kept, array = prepare()
+            return kept, self._run([array])[0]
+
+        self.running.acquire()  # no await since the check: nothing else started in between
+        job = asyncio.ensure_future(asyncio.to_thread(alone))
+        job.add_done_callback(lambda _: self.running.release())  # when the thread is done, even if the
+        return await asyncio.shield(job)  # request was cancelled (its client went away) meanwhile
 
 
 def _batch_histogram():

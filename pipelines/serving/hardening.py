@@ -13,13 +13,15 @@ checked by tests/test_serving.py against a real server.
   PIPELINES_HEADER_TIMEOUT_S. On shutdown, a connection whose request body is still arriving is closed
   (its request sees the client go away) instead of being waited for.
 - `parsed_form_handoff`: the guard (pipelines/serving/guard.py) parses a file route's multipart body to
-  check it; BentoML's multipart input then takes that parsed form instead of parsing the body again.
+  check it; BentoML's multipart input then takes that parsed form instead of parsing the body again,
+  and hands the route its file as bytes instead of writing it to a temporary file to be read back.
 - `bound_metric_labels`: one metrics label for every path no route serves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from pipelines.common import env_number
 
@@ -175,6 +177,10 @@ def header_timeouts() -> None:
 
 
 def parsed_form_handoff() -> None:
+    """A route's multipart input built from the guard's parsed form: its file field as the upload's bytes
+    (no temporary file written and read back: a route reads it with `upload_bytes`), its other fields
+    validated as BentoML would (same field names in a 400's report). Without a parsed form (a route the
+    guard does not check) BentoML's own parse runs."""
     from _bentoml_impl.serde import MultipartSerde
 
     original = MultipartSerde.parse_request
@@ -183,12 +189,49 @@ def parsed_form_handoff() -> None:
 
     async def parse_request(self, request, cls):
         form = request.scope.get(PARSED_FORM)
-        if form is not None and request._form is None:
-            request._form = form  # what Starlette's request.form() returns once it has parsed
-        return await original(self, request, cls)
+        if form is None:
+            return await original(self, request, cls)
+        files, values = {}, {}
+        for key in form:
+            uploads = [v for v in form.getlist(key) if not isinstance(v, str)]
+            if key in cls.multipart_fields and len(uploads) == 1:  # the guard let one file through
+                files[key] = await uploads[0].read()
+            elif key in cls.multipart_fields:
+                request._form = form  # what Starlette's request.form() returns once it has parsed
+                return await original(self, request, cls)
+            else:
+                value = form[key]
+                value = await value.read() if not isinstance(value, str) else value
+                try:
+                    values[key] = json.loads(value)
+                except ValueError:
+                    values[key] = value
+        checked = _fields_without_files(cls).model_validate(values)
+        return cls.model_construct(**{**dict(checked), **files})
 
     parse_request.takes_parsed_form = True
     MultipartSerde.parse_request = parse_request
+
+
+_FIELD_MODELS: dict[type, type] = {}
+
+
+def _fields_without_files(cls):
+    """A pydantic model of an input's fields but its file ones (once per input class)."""
+    if cls not in _FIELD_MODELS:
+        import pydantic
+
+        fields = {name: (field.annotation, field) for name, field in cls.model_fields.items()
+                  if name not in cls.multipart_fields}
+        _FIELD_MODELS[cls] = pydantic.create_model(f"{cls.__name__}Fields", **fields)
+    return _FIELD_MODELS[cls]
+
+
+def upload_bytes(value) -> bytes:
+    """A route's file input: the bytes the guard's form handed on, or the temporary file BentoML wrote."""
+    from pathlib import Path
+
+    return value if isinstance(value, (bytes, bytearray)) else Path(value).read_bytes()
 
 
 # ------------------------------------------------------------------------------------ metrics labels
