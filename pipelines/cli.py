@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+from pipelines import tasks
 from pipelines.common import DATASETS_DIR, UserError, display_path, eprint
 
 SAMPLE_NAME = "sample"
@@ -81,8 +82,9 @@ def add_data_parser(sub) -> None:
     p.add_argument("--dataset", required=True,
                    help="a folder name under datasets/, or a path to a dataset folder or annotation file "
                         f"('{SAMPLE_NAME}' is generated on first use)")
-    p.add_argument("--task", choices=("detection", "segmentation"), default="detection",
-                   help="segmentation also writes a class-id PNG per image (default: detection)")
+    p.add_argument("--task", choices=tasks.names(), default=tasks.BEFORE_TASK_FIELD,
+                   help="whose TFRecords to write: segmentation also writes a class-id PNG per image "
+                        f"(default: {tasks.BEFORE_TASK_FIELD})")
     p.add_argument("--masks", action="store_true", help="write one instance mask PNG per object")
     p.add_argument("--val-ratio", type=_ratio, default=0.2, help="share of images for validation (default 0.2)")
     p.add_argument("--seed", type=_number_option(int), default=0, help="seed of the train/val split (default 0)")
@@ -272,7 +274,7 @@ def add_import_parser(sub) -> None:
 
 @_engine_errors
 def cmd_import(args) -> int:
-    from pipelines.detection.zoo import import_zoo
+    from pipelines.detection.zoo_import import import_zoo
 
     import_zoo(Path(args.zoo), args.run, Path(args.label_map) if args.label_map else None, force=args.force, log=_log)
     return 0
@@ -280,7 +282,6 @@ def cmd_import(args) -> int:
 
 @_engine_errors
 def cmd_train(args) -> int:
-    from pipelines import tasks
     from pipelines.runs import check_memory, load_run
 
     if args.seed is not None:
@@ -368,7 +369,6 @@ def cmd_export(args) -> int:
 
 @_engine_errors
 def cmd_predict(args) -> int:
-    from pipelines import tasks
     from pipelines.engine.predict import predict, print_json
 
     options = {name: getattr(args, name) for name in tasks.of_export(Path(args.model)).predict_options}

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines import tasks
 from pipelines.common import REPO_ROOT, UserError, display_path, workspace_dir
 from pipelines.data.geometry import box_iou
 from pipelines.serving.process import ServerProcess, free_port
@@ -84,7 +85,8 @@ class Demo:
         self.log(f"-- {title}: {_duration(elapsed)}", flush=True)
 
     def data(self) -> str:
-        task = "segmentation" if any(p.task == "segmentation" for p in self.plans) else "detection"
+        # One data stage for every plan: with class masks when a plan's task needs them.
+        task = next((p.task for p in self.plans if tasks.get(p.task).class_masks), self.plans[0].task)
         self.stage("data: check the annotator export, write the label map and TFRecords",
                    _make("data", DATASET=self.dataset, TASK=task),
                    ["data", "--dataset", self.dataset, "--task", task])
@@ -164,23 +166,7 @@ def metrics_line(path: Path) -> str:
     if not path.is_file():
         return "no metrics"
     metrics = json.loads(path.read_text())
-    m = metrics.get("metrics", {})
-    if metrics.get("task") == "segmentation":
-        return (f"mean IoU {_pct(m.get('mean_iou'))}, foreground mean IoU {_pct(m.get('mean_iou_foreground'))}, "
-                f"pixel accuracy {_pct(m.get('pixel_accuracy'))} on {metrics.get('images')} val images")
-    point = metrics.get("operating_point")
-    return (f"COCO AP {_num(m.get('AP'))}, AP50 {_num(m.get('AP50'))}, AP75 {_num(m.get('AP75'))}, "
-            f"AR100 {_num(m.get('AR100'))} on {metrics.get('images')} val images ({metrics.get('objects')} objects)"
-            + (f"; default score threshold {point['score_threshold']:.2f} (precision {point['precision']:.2f}, "
-               f"recall {point['recall']:.2f})" if point else ""))
-
-
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _num(value) -> str:
-    return "n/a" if value is None or value < 0 else f"{value:.3f}"
+    return tasks.get(tasks.name_in(metrics)).load("summary")(metrics)
 
 
 def _duration(seconds: float) -> str:
@@ -267,7 +253,7 @@ def run_demo(dataset: str, task: str = "both", steps: dict[str, int] | None = No
     from pipelines.config.rewrite import data_dir as data_output_dir
 
     plans = default_plans()
-    chosen = [plans[t] for t in (("detection", "segmentation") if task == "both" else (task,))]
+    chosen = [plans[t] for t in (list(plans) if task == "both" else (task,))]
     for plan in chosen:
         if steps and steps.get(plan.task):
             plan.steps = steps[plan.task]

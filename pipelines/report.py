@@ -132,7 +132,7 @@ def _img(path: Path, alt: str) -> str:
     return f'<img src="{_png_data_url(path.read_bytes())}" alt="{_esc(alt)}">'
 
 
-def _table(header: list[str] | None, rows: list[list], numeric_from: int = 1) -> str:
+def table(header: list[str] | None, rows: list[list], numeric_from: int = 1) -> str:
     """A table; without a header, a list of facts (name, value)."""
     head = f"<thead><tr>{''.join(f'<th>{_esc(h)}</th>' for h in header)}</tr></thead>" if header else ""
     body = ""
@@ -141,6 +141,15 @@ def _table(header: list[str] | None, rows: list[list], numeric_from: int = 1) ->
                         for i, v in enumerate(row))
         body += f"<tr>{cells}</tr>"
     return f"<table>{head}<tbody>{body}</tbody></table>"
+
+
+def number(value) -> str:
+    """A metric in a line of text: 3 decimals, "n/a" for none or COCO's -1 (no object of that kind)."""
+    return "n/a" if value is None or value < 0 else f"{value:.3f}"
+
+
+def percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _fmt(value) -> str:
@@ -171,8 +180,8 @@ def dataset_section(data_dir: Path | None, run: str) -> str:
     rows = [[c.get("name"), c.get("id"), c.get("objects", {}).get("train", 0), c.get("objects", {}).get("val", 0),
              c.get("images", {}).get("train", 0), c.get("images", {}).get("val", 0), c.get("crowd", 0)]
             for c in summary.get("classes", [])]
-    out = _table(None, facts, numeric_from=9)
-    out += "<h3>Classes</h3>" + _table(["class", "id", "objects train", "objects val", "images train",
+    out = table(None, facts, numeric_from=9)
+    out += "<h3>Classes</h3>" + table(["class", "id", "objects train", "objects val", "images train",
                                         "images val", "crowd"], rows)
     preview = data_dir / summary.get("files", {}).get("preview", "preview.png")
     if preview.is_file():
@@ -217,7 +226,7 @@ def training_section(run_dir: Path) -> str:
             rows.append([f"{split}/{tag}", f"{first[1]:.4g} (step {first[0]})", f"{last[1]:.4g} (step {last[0]})",
                          f"{best[1]:.4g} (step {best[0]})"])
     out = f'<figure><img src="{_png_data_url(png)}" alt="training curves"></figure>'
-    out += _table(["series", "first", "last", "best"], rows)
+    out += table(["series", "first", "last", "best"], rows)
     info = checkpoints.best_info(run_dir)
     if info:
         metric = next((k for k in ("mean_iou", "AP") if k in info), None)
@@ -225,47 +234,6 @@ def training_section(run_dir: Path) -> str:
                + (f" (validation {_esc(metric)} {_esc(_fmt(info.get(metric)))})" if metric else "") \
                + "; evaluation and export use it.</p>"
     return out
-
-
-def segmentation_metrics_html(metrics: dict, eval_dir: Path) -> tuple[str, Path]:
-    """A segmenter's metrics.json as tables, and the plot beside it (the registry's `report` part)."""
-    m = metrics.get("metrics", {})
-    head = [["mean IoU (background included)", m.get("mean_iou")],
-            ["foreground mean IoU", m.get("mean_iou_foreground")], ["pixel accuracy", m.get("pixel_accuracy")],
-            ["images", metrics.get("images")],
-            ["checkpoint", f"{display_path(metrics.get('checkpoint') or '')} (step {metrics.get('step')})"]]
-    rows = [[name, v.get("iou"), v.get("true_pixels"), v.get("predicted_pixels")]
-            for name, v in metrics.get("per_class", {}).items()]
-    out = _table(None, head) + "<h3>IoU per class</h3>" + _table(["class", "IoU", "true pixels",
-                                                                      "predicted pixels"], rows)
-    return out, eval_dir / "confusion_matrix.png"
-
-
-def detection_metrics_html(metrics: dict, eval_dir: Path) -> tuple[str, Path]:
-    """A detector's metrics.json as tables, and the plot beside it (the registry's `report` part)."""
-    m = metrics.get("metrics", {})
-    head = [["images / objects / detections",
-             f"{metrics.get('images')} / {metrics.get('objects')} / {metrics.get('detections')}"],
-            ["checkpoint", f"{display_path(metrics.get('checkpoint', ''))} (step {metrics.get('step')})"]]
-    out = _table(None, head, numeric_from=9)
-    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"]
-    out += "<h3>COCO metrics</h3>" + _table(names, [[m.get(n, float("nan")) for n in names]], numeric_from=0)
-    point = metrics.get("operating_point") or {}
-    at = point.get("per_class", {})
-    rows = [[name, v.get("AP"), v.get("AP50"), at.get(name, {}).get("precision"), at.get(name, {}).get("recall")]
-            for name, v in metrics.get("per_class", {}).items()]
-    if point:
-        out += (f"<h3>At the default score threshold {point['score_threshold']:.3f}</h3>"
-                f"<p>The threshold with the best F1 over all classes on the val set (a detection is right when it "
-                f"overlaps an object of its class with IoU &ge; {point['iou']:.2f}); the export stores it and "
-                f"/detect, /render and predict use it unless a request gives one.</p>"
-                + _table(["precision", "recall", "F1", "kept detections", "objects"],
-                         [[point["precision"], point["recall"], point["f1"], point["detections"], point["objects"]]],
-                         numeric_from=0))
-    heads = ["class", "AP", "AP50"] + ([f"precision @{point['score_threshold']:.2f}",
-                                        f"recall @{point['score_threshold']:.2f}"] if point else [])
-    out += "<h3>Per class</h3>" + _table(heads, [row[:len(heads)] for row in rows])
-    return out, eval_dir / "pr_curve.png"
 
 
 def evaluation_section(run_dir: Path) -> str:
@@ -277,7 +245,7 @@ def evaluation_section(run_dir: Path) -> str:
         return _missing("evaluation", f"make eval RUN={run_dir.name}")
     metrics = json.loads(metrics_path.read_text())
     try:
-        task = tasks.get(metrics.get("task", "detection"))  # detection's metrics.json had no "task" at first
+        task = tasks.get(tasks.name_in(metrics))
     except ValueError as e:
         return f'<p class="missing">{_esc(display_path(metrics_path))}: {_esc(str(e))}</p>'
     out, plot = task.load("report")(metrics, eval_dir)

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, run_cli
 from pipelines.common import UserError
 from pipelines.config.textproto import Enum, TextProto
-from pipelines.config.translate import translate
+from pipelines.detection.config import translate
 
 TEMPLATES = sorted((REPO / "configs").glob("*.config"))
 

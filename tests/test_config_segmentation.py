@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from pipelines.common import UserError
-from pipelines.config import segmentation as seg
+from pipelines.segmentation import config as seg
 from pipelines.config.textproto import TextProto
 from pipelines.config.read import translate_any
 

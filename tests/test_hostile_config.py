@@ -21,7 +21,7 @@ from pipelines.config import schema
 from pipelines.config.rewrite import _LineDiff, unified_diff
 from pipelines.config.textproto import MAX_BYTES, TextProto
 from pipelines.config.read import translate_any
-from pipelines.config.translate import translate
+from pipelines.detection.config import translate
 
 TEMPLATE = (REPO / "configs" / "ssd_mobilenet_v2_fpnlite_320x320.config").read_text()
 TEMPLATES = sorted((REPO / "configs").glob("*.config"))

@@ -16,18 +16,20 @@ from pipelines.detection.params import DetectorParams
 from pipelines.segmentation.params import SegmenterParams
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = [f.name for f in dataclasses.fields(tasks.Task) if f.type == "str" and f.name not in ("name", "config_block",
-                                                                                                  "metric")]
-
-
-@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+@pytest.mark.parametrize("name", tasks.names())
 def test_every_part_of_every_task_resolves(name):
+    """Every part lives in the task's own package, under the same module and name in every task."""
     task = tasks.get(name)
-    assert PARTS and set(PARTS) >= {"params", "translate", "train", "evaluator", "exporter", "predict", "service"}
-    for part in PARTS:
-        assert callable(task.load(part)), f"{name}.{part}: {getattr(task, part)}"
-    params_class = task.load("params")
-    assert all(field in {f.name for f in dataclasses.fields(params_class)}
+    assert set(tasks.PARTS) >= {"translate", "config_rules", "train", "evaluator", "exporter", "predict", "service",
+                                "report", "check_engine"}
+    assert task.package == f"pipelines.{name}"
+    for part, (module, attribute) in tasks.PARTS.items():
+        found = task.load(part)
+        assert callable(found), f"{name}.{part}"
+        defined_in = getattr(found, "inner", found).__module__  # a BentoML service wraps its class
+        assert defined_in == f"{task.package}.{module}", (part, defined_in)
+    assert task.params.__module__ == f"{task.package}.params"
+    assert all(field in {f.name for f in dataclasses.fields(task.params)}
                for field in task.init_fields + task.path_fields), name
 
 
@@ -56,23 +58,68 @@ def test_the_export_names_its_task(tmp_path):
         tasks.of_export(tmp_path)
 
 
-# Ways a module could decide by itself which task it has. The data stage (its --task says which
-# TFRecords to write), the demo (which runs one of each) and the segmentation reader (checking that the
-# data stage wrote class masks) name tasks as inputs, not as a dispatch.
-TASK_TESTS = re.compile(r'isinstance\([^)]*Params\)|[=!]= "(segmentation|detection|ssd)"')
-ALLOWED = {"pipelines/tasks.py", "pipelines/demo.py", "pipelines/data/convert.py", "pipelines/config/segmentation.py"}
+def _task_choices(tree, names: set[str]) -> list[tuple[int, str]]:
+    """Where a module decides by itself which task it has: a task name (or a task's config block) compared
+    with (==, !=, in), given as a default (`d.get(key, "detection")`, a parameter's or a dataclass field's
+    default), or a settings class tested with isinstance."""
+    import ast
+
+    def named(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(named(e) for e in node.elts)
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(named(n) for n in [node.left, *node.comparators]):
+            found.append((node.lineno, "compares with a task name"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" \
+                and len(node.args) >= 2 and named(node.args[1]):
+            found.append((node.lineno, "a task name as the default of a lookup"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" \
+                and "Params" in ast.unparse(node.args[1]):
+            found.append((node.lineno, "tests the settings' class"))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) and any(
+                named(d) for d in [*node.args.defaults, *node.args.kw_defaults] if d is not None):
+            found.append((node.lineno, "a task name as a parameter's default"))
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and item.value is not None and named(item.value):
+                    found.append((item.lineno, "a task name as a field's default"))
+    return found
 
 
-def test_no_module_outside_the_registry_tests_the_task():
+def test_no_module_outside_a_task_decides_which_task_it_has():
+    """Outside a task's own package (and the registry, which reads the layout from before the "task"
+    field: tasks.name_in), no module compares with a task name, defaults to one, or tests the settings'
+    class: it asks the registry or the task object it was given."""
+    import ast
+
+    names = set(tasks.names()) | set(tasks.config_blocks())
+    packages = {tasks.get(name).package.replace(".", "/") for name in tasks.names()}
     found = []
     for path in sorted((REPO / "pipelines").rglob("*.py")):
         rel = path.relative_to(REPO).as_posix()
-        if rel in ALLOWED:
+        if rel == "pipelines/tasks.py" or any(rel.startswith(package + "/") for package in packages):
             continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if TASK_TESTS.search(line):
-                found.append(f"{rel}:{number}: {line.strip()}")
+        for line, what in _task_choices(ast.parse(path.read_text()), names):
+            found.append(f"{rel}:{line}: {what}")
     assert not found, "\n".join(found)
+
+
+def test_the_architecture_check_finds_what_it_looks_for():
+    import ast
+
+    names = {"detection", "segmentation", "ssd"}
+    caught = ['if task == "segmentation": pass', 'x = kind in ("ssd", "faster_rcnn")',
+              'name = metadata.get("task", "detection")', 'def f(task="detection"): pass',
+              'class O:\n    task: str = "detection"', 'ok = isinstance(p, SegmenterParams)']
+    for source in caught:
+        assert _task_choices(ast.parse(source), names), source
+    fine = ['x = ann.get("segmentation")', 'y = ann["segmentation"]', 'plans = {"detection": 1}',
+            'p.add_argument("--kind", choices=("detection", "full"))']
+    for source in fine:
+        assert not _task_choices(ast.parse(source), names), source
 
 
 def test_the_config_layer_imports_no_model_code():

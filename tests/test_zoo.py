@@ -23,7 +23,7 @@ import tensorflow as tf
 import tf_keras
 
 from conftest import EXTERNAL, run_cli
-from pipelines.config import translate as tr
+from pipelines.detection import config as tr
 from pipelines.config.textproto import TextProto
 from pipelines.detection import od_names, ssd, zoo
 from pipelines.detection.export import reference_detections
@@ -270,7 +270,7 @@ def test_classification_restores_a_keras_mobilenet_v2_weights_file(tmp_path):
 def test_freeze_variables_leave_the_backbone_untrained(tmp_path, sample_dir):
     """train_config.freeze_variables (OD API names, as FREEZE=backbone writes them): training from a
     known start, the backbone's weights do not move; the FPN's and the head's do."""
-    from pipelines.config.rewrite import FREEZE_PATTERNS
+    from pipelines.detection.config import FREEZE_PATTERNS
     from pipelines.detection.params import DetectorParams
 
     data = tmp_path / "data"

@@ -1,6 +1,6 @@
 """What the readers of both kinds of pipeline.config share (a leaf: no model code, no TensorFlow).
 
-pipelines/config/translate.py reads a detection config, pipelines/config/segmentation.py a
+pipelines/detection/config.py reads a detection config, pipelines/segmentation/config.py a
 segmentation one, pipelines/config/read.py picks between them; all three use what is here: the
 translation result, paths, the checks of the files a run needs, the learning-rate schedule's place,
 and what training a config will cost in memory.

@@ -19,7 +19,6 @@ from pipelines.config import base, read, schema
 from pipelines.config.base import memory_advice
 from pipelines.config.textproto import TextProto
 from pipelines.data.label_map import read_label_map
-from pipelines.segmentation.params import SegmenterParams
 
 CONFIGS_DIR = REPO_ROOT / "configs"
 
@@ -69,43 +68,6 @@ def portable(path: Path) -> str:
         return Path(path).resolve().relative_to(REPO_ROOT).as_posix()
     except ValueError:
         return str(Path(path).resolve())
-
-
-def detection_rules(doc: TextProto, opts: ConfigOptions) -> list[str]:
-    """The rewrite rules only a detector's config has: batch-norm decay for small runs, the
-    fine-tuning checkpoint (CHECKPOINT=, CHECKPOINT_TYPE=), frozen variables (FREEZE=)."""
-    notes = _batch_norm_decay(doc)
-    if opts.checkpoint:
-        ckpt = portable(Path(opts.checkpoint)) if Path(opts.checkpoint).exists() or Path(
-            str(opts.checkpoint) + ".index").exists() else opts.checkpoint
-        ckpt_type = opts.checkpoint_type or _checkpoint_kind(opts.checkpoint) or \
-            doc.get("train_config.fine_tune_checkpoint_type") or "detection"
-        if not doc.set("train_config.fine_tune_checkpoint", ckpt):
-            doc.add("train_config", "fine_tune_checkpoint", ckpt, after="num_steps")
-        if not doc.set("train_config.fine_tune_checkpoint_type", ckpt_type):
-            doc.add("train_config", "fine_tune_checkpoint_type", ckpt_type, after="fine_tune_checkpoint")
-    else:
-        for name in ("fine_tune_checkpoint", "fine_tune_checkpoint_type", "fine_tune_checkpoint_version"):
-            doc.remove(f"train_config.{name}")
-    if opts.freeze:
-        doc.remove("train_config.freeze_variables")
-        doc.add("train_config", "freeze_variables", FREEZE_PATTERNS[opts.freeze], after="num_steps")
-    return notes
-
-
-def segmentation_rules(doc: TextProto, opts: ConfigOptions) -> list[str]:
-    """The rewrite rules only a segmenter's config has: batch-norm decay for small runs, its encoder
-    weights (CHECKPOINT=)."""
-    notes = _batch_norm_decay(doc, SEGMENTATION_DECAY)
-    if opts.checkpoint:  # a backbone weights file (or 'imagenet', or 'none')
-        value = opts.checkpoint if opts.checkpoint.lower() in ("imagenet", "none") else portable(Path(opts.checkpoint))
-        if not doc.set("model.segmentation.encoder_weights", value):
-            doc.add("model.segmentation", "encoder_weights", value, after="backbone")
-    if opts.checkpoint_type:
-        notes.append("CHECKPOINT_TYPE does not apply to segmentation models: ignored")
-    if opts.freeze:
-        notes.append("FREEZE does not apply to segmentation models (use encoder_freeze): ignored")
-    return notes
 
 
 def rewrite(doc: TextProto, data: Path, opts: ConfigOptions) -> list[str]:
@@ -217,64 +179,39 @@ def _optimizer(doc: TextProto, name: str, notes: list[str]) -> str | None:
     return name
 
 
-# FREEZE=... shortcuts: regexes over the Object Detection API's variable names (also matched against ours).
-FREEZE_PATTERNS = {"backbone": "model/_feature_extractor/classification_backbone/.*",
-                   "feature_extractor": "model/_feature_extractor/.*"}
-
-
 # A batch-norm moving average spans about 1 / (1 - decay) steps; at most this share of the run.
 BN_WINDOW = 1 / 8
 BN_MIN_DECAY = 0.9
 
 
-DETECTION_DECAYS = ("model.ssd.feature_extractor.conv_hyperparams.batch_norm.decay",
-                    "model.ssd.box_predictor.weight_shared_convolutional_box_predictor.conv_hyperparams.batch_norm.decay")
-SEGMENTATION_DECAY = ("model.segmentation.batch_norm_decay",)
-
-
-def _batch_norm_decay(doc: TextProto, paths: tuple[str, ...] = DETECTION_DECAYS) -> list[str]:
+def batch_norm_decay(doc: TextProto, decays: dict[str, tuple[str, float | None]], after: str | None = None) -> list[str]:
     """Lower a batch-norm `decay` too slow for the run's length (a rule with a note, like the others).
+    `decays`: field path -> (its name in the note, the value the task takes when the field is absent, or
+    None: nothing to lower then); a field added goes after the sibling `after`.
 
     The zoo's 0.997 averages over ~333 steps, made for tens of thousands of them. Over a short
     schedule the moving mean and variance, which evaluation and serving use, keep part of their
     initial 0 and 1 (0.997**800 = 9%) and lag the weights: a detector trained from scratch for 800
     steps then scored AP 0.001 (0.9942: 0.09; 0.99: 0.36; bench/RESULTS.md). The decay is set to
     1 - 1 / (BN_WINDOW * num_steps), at least BN_MIN_DECAY, when the config's is slower (0.99 for 800
-    steps). A segmenter's config without the field has the default 0.99 (SegmenterParams): it is added
-    when a short run needs less."""
+    steps)."""
     steps = int(doc.get("train_config.num_steps", 0) or 0)
     notes = []
     if steps <= 0:
         return notes
     # Never below 0.9 (a 10-step window): a few-step run (a smoke test) keeps a sane average.
     target = max(BN_MIN_DECAY, int((1 - 1 / (BN_WINDOW * steps)) * 10000) / 10000)
-    for path in paths:
+    for path, (name, default) in decays.items():
         decay = doc.get(path)
-        if decay is None and path in SEGMENTATION_DECAY:
-            decay = SegmenterParams.batch_norm_decay
+        decay = default if decay is None else decay
         if decay is None or float(decay) <= target or not float(decay) < 1.0:
             continue  # fast enough, or not a decay (the translator names the field)
         if not doc.set(path, target):
-            doc.add(path.rsplit(".", 1)[0], path.rsplit(".", 1)[1], target, after="encoder_freeze")
-        name = path.removeprefix("model.segmentation.") if path in SEGMENTATION_DECAY else \
-            f"{path.split('.')[2]} batch_norm.decay"
+            doc.add(path.rsplit(".", 1)[0], path.rsplit(".", 1)[1], target, after=after)
         notes.append(f"{name} {float(decay):g} -> {target:g}: its moving averages "
                      f"span ~{1 / (1 - float(decay)):.0f} steps, too many for a {steps}-step run (they would keep "
                      f"{float(decay) ** steps:.0%} of their initial values)")
     return notes
-
-
-def _checkpoint_kind(path: str) -> str | None:
-    """'detection' for a detector's checkpoint, 'classification' for a backbone's (None: unreadable,
-    left to the checks that name the problem)."""
-    import tensorflow as tf
-
-    from pipelines.detection import zoo
-
-    try:
-        return zoo.default_kind(path)
-    except (ValueError, OSError, tf.errors.OpError):
-        return None
 
 
 def _round(value: float) -> float:

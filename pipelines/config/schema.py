@@ -29,7 +29,7 @@ from pipelines.config.textproto import Field, Message, TextProto
 SCHEMA_FILE = Path(__file__).with_name("odapi_fields.json")
 SEGMENTATION = "pipelines.SegmentationModel"
 
-# model { segmentation { ... } }: our block (pipelines/config/segmentation.py reads it).
+# model { segmentation { ... } }: our block (pipelines/segmentation/config.py reads it).
 _SEGMENTATION_MESSAGES = {
     SEGMENTATION: {
         "num_classes": [False, "int"], "architecture": [False, "string"], "backbone": [False, "string"],

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipelines import tasks
 from pipelines.common import (UserError, atomic_output_dir, dataset_name, display_path, ordered_parallel_map,
                               output_lock, resolve_dataset, workspace_dir)
 from pipelines.data.checks import max_pixels
@@ -21,13 +22,10 @@ from pipelines.data.report import PREVIEW_IMAGES, Tally, contact_sheet, format_t
 from pipelines.data.sources import discover
 from pipelines.data.split import assign_splits
 
-TASKS = ("detection", "segmentation")
-
-
 @dataclass
 class DataOptions:
     dataset: str
-    task: str = "detection"
+    task: str = tasks.BEFORE_TASK_FIELD  # the one whose TFRecords to write (class masks: tasks.Task.class_masks)
     masks: bool = False
     val_ratio: float = 0.2
     seed: int = 0
@@ -76,8 +74,10 @@ def default_workers() -> int:
 
 def run(opts: DataOptions) -> Path:
     """Run the data stage; returns the output folder. Raises UserError for bad input."""
-    if opts.task not in TASKS:
-        raise UserError(None, f"unknown task '{opts.task}': choose one of {', '.join(TASKS)}")
+    try:
+        task = tasks.get(opts.task)
+    except ValueError as e:
+        raise UserError(None, str(e)) from None
     if not 0.0 <= opts.val_ratio < 1.0:
         raise UserError(None, f"val ratio {opts.val_ratio} must be at least 0 and below 1")
     started = time.monotonic()
@@ -98,7 +98,7 @@ def run(opts: DataOptions) -> Path:
     categories = train_src.categories
     if not categories:
         raise UserError(train_src.annotation_files[0], "no categories: nothing to learn")
-    if len(categories) > 254 and opts.task == "segmentation":
+    if len(categories) > 254 and task.class_masks:
         raise UserError(train_src.annotation_files[0], f"{len(categories)} classes: a class mask holds at most 254")
     names = {c.label_id: c.name for c in categories}
 
@@ -113,7 +113,7 @@ def run(opts: DataOptions) -> Path:
         raise UserError(train_src.annotation_files[0], "no usable images")
     counts = {s: sum(1 for split, _ in items if split == s) for s in ("train", "val")}
     workers = opts.workers or default_workers()
-    options = EncodeOptions(names=names, instance_masks=opts.masks, class_mask=opts.task == "segmentation",
+    options = EncodeOptions(names=names, instance_masks=opts.masks, class_mask=task.class_masks,
                             max_pixels=pixel_limit, parent_pid=os.getpid())
 
     tally = Tally(categories)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from pipelines.detection import TASK
 from pipelines.detection.params import DetectorParams
 from pipelines.detection.ssd import SSDTask
 from pipelines.engine import train as engine
@@ -245,7 +246,7 @@ def build_experiment(params: DetectorParams, steps_per_loop: int | None = None,
     exp.trainer.validation_steps = -1  # the whole val set, as the reader does not repeat it
     exp.trainer.max_to_keep = 5
     # With evaluations during training (`python -m pipelines train --with-eval`), the best by COCO AP is kept.
-    engine.keep_best(exp, "detection")
+    engine.keep_best(exp, TASK)
     exp.validate()
     exp.lock()
     return exp

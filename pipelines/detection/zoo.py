@@ -1,5 +1,5 @@
 """Object Detection API checkpoints <-> our SSD network: fine-tuning restores of every layout, the check
-`make config` runs, and `make import` (a zoo model folder as a run). The variable names are od_names.py's.
+and `make config` runs; `make import` (a zoo model folder as a run) is zoo_import.py. The variable names are od_names.py's.
 
 `restore` initialises a model from any supported fine-tuning source, as the OD API's
 `SSDMetaArch.restore_from_objects` selects for each `fine_tune_checkpoint_type`:
@@ -14,7 +14,6 @@ MobileNetV2 weights file (`..._no_top.h5`, classification only).
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import tensorflow as tf
@@ -215,97 +214,3 @@ def variable_report(model, path: str | Path) -> dict[str, list[str]]:
     ckpt = {n for n in shapes if n.endswith(SUFFIX)}
     return {"mapped": sorted(ckpt & set(table)), "unmapped_checkpoint": sorted(ckpt - set(table)),
             "unmapped_model": sorted(set(table) - ckpt)}
-
-
-# ---------------------------------------------------------------------------------------------
-# make import
-
-COCO_LABEL_MAP = "configs/mscoco_label_map.pbtxt"
-
-
-def _zoo_checkpoint(zoo_dir: Path) -> str:
-    """The zoo folder's checkpoint prefix, with its data files present."""
-    folder = zoo_dir / "checkpoint"
-    if not folder.is_dir():
-        raise CheckpointError(f"{zoo_dir}: no checkpoint/ folder (an extracted zoo model has pipeline.config and "
-                              "checkpoint/ckpt-0.*)")
-    prefix = checkpoints.latest_in(folder) or str(folder / "ckpt-0")
-    if not Path(prefix + ".index").is_file():
-        raise CheckpointError(f"{folder}: no checkpoint (expected ckpt-0.index and ckpt-0.data-*)")
-    data = sorted(Path(prefix).parent.glob(Path(prefix).name + ".data-*"))
-    match = re.search(r"of-(\d+)$", data[0].name) if data else None
-    if not data or (match and len(data) != int(match.group(1))):
-        raise CheckpointError(f"{prefix}.data-00000-of-00001: missing (the index alone holds no weights: extract the "
-                              "whole archive)")
-    return prefix
-
-
-def import_zoo(zoo_dir: Path, run: str | None = None, label_map: Path | None = None, force: bool = False,
-               log=print) -> Path:
-    """An extracted zoo folder -> workspace/RUN/ (pipeline.config, label_map.pbtxt, train/ckpt-0)."""
-    import json
-    import shutil
-
-    from pipelines.common import REPO_ROOT, UserError, atomic_output_dir, display_path, workspace_dir
-    from pipelines.config import translate as tr
-    from pipelines.config.textproto import TextProto
-    from pipelines.data.label_map import read_label_map
-    from pipelines.detection.model import build_model
-
-    zoo_dir = Path(zoo_dir)
-    config_path = zoo_dir / "pipeline.config"
-    if not config_path.is_file():
-        raise UserError(display_path(zoo_dir), "no pipeline.config (give the extracted zoo model's folder)")
-    prefix = _zoo_checkpoint(zoo_dir)
-    if layout(prefix) != "od_api":
-        raise CheckpointError(f"{prefix}: not an Object Detection API checkpoint")
-    run = run or zoo_dir.resolve().name
-    target = workspace_dir() / run
-    if target.exists() and not force:
-        raise UserError(display_path(target), "exists already: choose another RUN= or remove it")
-
-    label_map = Path(label_map) if label_map else REPO_ROOT / COCO_LABEL_MAP
-    labels = read_label_map(label_map)
-    doc = TextProto(config_path.read_text(encoding="utf-8"), display_path(config_path))
-    params = tr.translate(doc, check_paths=False).params  # unsupported architectures stop here
-    if max(labels) > params.num_classes:
-        raise UserError(display_path(label_map), f"ids up to {max(labels)}, but the model has {params.num_classes} "
-                                                 "classes (give its own label map with LABEL_MAP=)")
-
-    model = build_model(params)
-    summary = restore_od_api(model, prefix, "full")
-    report = variable_report(model, prefix)
-    extra = [n[:-len(SUFFIX)] for n in report["unmapped_checkpoint"] if not n.startswith("save_counter/")]
-    if extra:
-        raise CheckpointError(f"{prefix}: {len(extra)} variables this model has no place for, e.g. {extra[0]} "
-                              "(the checkpoint does not match its pipeline.config?)")
-    log(f"{summary} ({len(report['mapped'])} of the checkpoint's {len(report['mapped']) + 1} entries; the other, "
-        "save_counter, counts saves and is not a weight)")
-
-    # The run's config: the zoo's, reading our label map; no fine-tuning source (the weights are in train/).
-    for reader in ("train_input_reader", "eval_input_reader"):
-        if doc.has(f"{reader}.label_map_path"):
-            doc.set(f"{reader}.label_map_path", _portable(target / "label_map.pbtxt"))
-    for name in ("fine_tune_checkpoint", "fine_tune_checkpoint_type", "fine_tune_checkpoint_version"):
-        doc.remove(f"train_config.{name}")
-    with atomic_output_dir(target, log=log) as tmp:
-        label_path = tmp / "label_map.pbtxt"
-        shutil.copyfile(label_map, label_path)
-        (tmp / "pipeline.config").write_text(doc.text, encoding="utf-8")
-        tf.train.Checkpoint(model=model, **model.checkpoint_items).write(str(tmp / "train" / "ckpt-0"))
-        tf.compat.v1.train.update_checkpoint_state(str(tmp / "train"), "ckpt-0", all_model_checkpoint_paths=["ckpt-0"])
-        (tmp / "train" / "import.json").write_text(json.dumps({
-            "zoo": str(zoo_dir.resolve()), "checkpoint": prefix, "restored": summary.restored,
-            "label_map": str(label_map), "num_classes": params.num_classes}, indent=2) + "\n")
-    log(f"wrote {display_path(target)}/: pipeline.config, label_map.pbtxt ({len(labels)} classes), train/ckpt-0; "
-        f"next: make export RUN={run} && make serve RUN={run}")
-    return target
-
-
-def _portable(path: Path) -> str:
-    from pipelines.common import REPO_ROOT
-
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path.resolve())

@@ -127,13 +127,11 @@ def seeded(seed: int | None):
             tf_config.disable_op_determinism()
 
 
-def keep_best(exp, task_name: str) -> None:
-    """Keep the best checkpoint by the task's validation metric (pipelines/tasks.py; higher is better) in
+def keep_best(exp, task) -> None:
+    """Keep the best checkpoint by `task`'s validation metric (a tasks.Task; higher is better) in
     RUN_DIR/train/best/, with Model Garden's best-checkpoint exporter."""
-    from pipelines import tasks
-
     exp.trainer.best_checkpoint_export_subdir = checkpoints.BEST_DIR
-    exp.trainer.best_checkpoint_eval_metric = tasks.get(task_name).metric
+    exp.trainer.best_checkpoint_eval_metric = task.metric
     exp.trainer.best_checkpoint_metric_comp = "higher"
 
 

@@ -16,10 +16,10 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from pipelines import tasks
 from pipelines.examples import IGNORE_LABEL
+from pipelines.segmentation import TASK
 
-METRIC = tasks.get("segmentation").metric  # mean IoU: the validation metric that picks the best checkpoint
+METRIC = TASK.metric  # mean IoU: the validation metric that picks the best checkpoint
 
 
 def _checked(truth, pred, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
 """The segmenter's settings: the one interface between the user's pipeline.config (translated in
-pipelines/config/segmentation.py) and the segmentation stages (pipelines/segmentation/).
+pipelines/segmentation/config.py) and the segmentation stages (pipelines/segmentation/).
 
 The model predicts K + 1 classes per pixel: 0 is background and 1..K are the label map's ids.
 Pixels labelled 255 in the masks (crowd regions, padding) are ignored by the loss and the

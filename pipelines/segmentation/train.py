@@ -26,7 +26,7 @@ import tf_keras
 from pipelines import checkpoints
 from pipelines.engine import train as engine
 from pipelines.segmentation.data import check_inputs, train_dataset, val_dataset
-from pipelines.segmentation import metric
+from pipelines.segmentation import TASK, metric
 from pipelines.segmentation.model import build_model, loss_fn
 from pipelines.segmentation.params import SegmenterParams
 
@@ -41,7 +41,7 @@ METRIC = metric.METRIC
 @dataclasses.dataclass
 class SegmenterTaskConfig(cfg.TaskConfig):
     """Model Garden's task config carrying the segmenter's settings (SegmenterParams as JSON: the one
-    description of a segmenter, translated from pipeline.config in pipelines/config/segmentation.py)."""
+    description of a segmenter, translated from pipeline.config in pipelines/segmentation/config.py)."""
     segmenter: str = "{}"
 
 
@@ -97,7 +97,7 @@ def build_experiment(params: SegmenterParams, eval_every: int | None = None,
                      validation_interval=eval_every)
     exp.trainer.max_to_keep = 3
     if params.eval_files:
-        engine.keep_best(exp, "segmentation")
+        engine.keep_best(exp, TASK)
     exp.validate()
     exp.lock()
     return exp

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pipelines  # noqa: F401  (sets the TensorFlow environment before TF is imported)
 
+from pipelines import tasks
 from pipelines.common import REPO_ROOT, UserError, display_path, eprint
 from pipelines.model_store import tag_name
 
@@ -92,9 +93,9 @@ def build(model_tag: str, name: str | None = None, version: str | None = None, b
             SERVICE,
             name=name,
             version=version,
-            description=(f"Serves the {model.info.metadata.get('task', 'detection')} model {tag} with "
+            description=(f"Serves the {tasks.name_in(model.info.metadata)} model {tag} with "
                          f"{SERVICE} (annotator-to-model pipeline)."),
-            labels={"model": tag, "task": str(model.info.metadata.get("task", "detection"))},
+            labels={"model": tag, "task": tasks.name_in(model.info.metadata)},
             include=INCLUDE,
             exclude=EXCLUDE,
             envs=[BentoEnvSchema(name=MODEL_ENV, value=tag)],
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     try:
         model = model_of_run(args.run) if args.run else model_of_tag(args.model)
-        print(f"model {model.tag} ({model.info.metadata.get('task', 'detection')}) from {model.path}", flush=True)
+        print(f"model {model.tag} ({tasks.name_in(model.info.metadata)}) from {model.path}", flush=True)
         bento = build(str(model.tag), name=args.name, version=args.version)
     except UserError as e:
         eprint(f"error: {e}")

@@ -228,3 +228,27 @@ def check_segmentation_files(source: str, p: SegmenterParams) -> None:
             raise _fail(source, f"{SEG}.encoder_weights",
                         f"no such file: {weights} (a Keras .h5 weights file of the {p.backbone} backbone without "
                         "its top, or 'imagenet' to use the Keras cache, or 'none')")
+
+
+# ------------------------------------------------------------------------------------- make config
+
+
+def rules(doc: TextProto, opts) -> list[str]:
+    """make config's rules only a segmenter's config has (after the shared ones, config/rewrite.py):
+    batch-norm decay for short runs (the field is added when absent: SegmenterParams' default then
+    applies), its encoder weights (CHECKPOINT=). `opts`: config.rewrite.ConfigOptions."""
+    from pathlib import Path
+
+    from pipelines.config.rewrite import batch_norm_decay, portable
+
+    notes = batch_norm_decay(doc, {f"{SEG}.batch_norm_decay": ("batch_norm_decay", SegmenterParams.batch_norm_decay)},
+                             after="encoder_freeze")
+    if opts.checkpoint:  # a backbone weights file (or 'imagenet', or 'none')
+        value = opts.checkpoint if opts.checkpoint.lower() in ("imagenet", "none") else portable(Path(opts.checkpoint))
+        if not doc.set(f"{SEG}.encoder_weights", value):
+            doc.add(SEG, "encoder_weights", value, after="backbone")
+    if opts.checkpoint_type:
+        notes.append("CHECKPOINT_TYPE does not apply to segmentation models: ignored")
+    if opts.freeze:
+        notes.append("FREEZE does not apply to segmentation models (use encoder_freeze): ignored")
+    return notes

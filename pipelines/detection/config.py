@@ -271,3 +271,54 @@ def translate(doc: TextProto, check_paths: bool = True) -> Translation:
     return Translation(params, ignored)
 
 
+
+
+# ------------------------------------------------------------------------------------- make config
+
+
+# FREEZE=... shortcuts: regexes over the Object Detection API's variable names (also matched against ours).
+FREEZE_PATTERNS = {"backbone": "model/_feature_extractor/classification_backbone/.*",
+                   "feature_extractor": "model/_feature_extractor/.*"}
+
+DECAYS = {f"{FE}.conv_hyperparams.batch_norm.decay": ("feature_extractor batch_norm.decay", None),
+          f"{HEAD}.conv_hyperparams.batch_norm.decay": ("box_predictor batch_norm.decay", None)}
+
+
+def rules(doc: TextProto, opts) -> list[str]:
+    """make config's rules only a detector's config has (after the shared ones, config/rewrite.py):
+    batch-norm decay for short runs, the fine-tuning checkpoint (CHECKPOINT=, CHECKPOINT_TYPE=),
+    frozen variables (FREEZE=). `opts`: config.rewrite.ConfigOptions."""
+    from pathlib import Path
+
+    from pipelines.config.rewrite import batch_norm_decay, portable
+
+    notes = batch_norm_decay(doc, DECAYS)
+    if opts.checkpoint:
+        ckpt = portable(Path(opts.checkpoint)) if Path(opts.checkpoint).exists() or Path(
+            str(opts.checkpoint) + ".index").exists() else opts.checkpoint
+        ckpt_type = opts.checkpoint_type or _checkpoint_kind(opts.checkpoint) or \
+            doc.get("train_config.fine_tune_checkpoint_type") or "detection"
+        if not doc.set("train_config.fine_tune_checkpoint", ckpt):
+            doc.add("train_config", "fine_tune_checkpoint", ckpt, after="num_steps")
+        if not doc.set("train_config.fine_tune_checkpoint_type", ckpt_type):
+            doc.add("train_config", "fine_tune_checkpoint_type", ckpt_type, after="fine_tune_checkpoint")
+    else:
+        for name in ("fine_tune_checkpoint", "fine_tune_checkpoint_type", "fine_tune_checkpoint_version"):
+            doc.remove(f"train_config.{name}")
+    if opts.freeze:
+        doc.remove("train_config.freeze_variables")
+        doc.add("train_config", "freeze_variables", FREEZE_PATTERNS[opts.freeze], after="num_steps")
+    return notes
+
+
+def _checkpoint_kind(path: str) -> str | None:
+    """'detection' for a detector's checkpoint, 'classification' for a backbone's (None: unreadable,
+    left to the checks that name the problem)."""
+    import tensorflow as tf
+
+    from pipelines.detection import zoo
+
+    try:
+        return zoo.default_kind(path)
+    except (ValueError, OSError, tf.errors.OpError):
+        return None
