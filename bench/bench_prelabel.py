@@ -74,7 +74,7 @@ def measure(run: str, dataset: str, min_area: int | None) -> dict:
 
     from pipelines import tasks
     from pipelines.annotator.prelabel import prelabel
-    from pipelines.common import resolve_dataset, workspace_dir
+    from pipelines.workspace import resolve_dataset, workspace_dir
     from pipelines.data.sources import newest_export
     from pipelines.data.split import assign_splits
 
@@ -123,7 +123,7 @@ def main() -> int:
     rows = []
     for run in args.run or ["demo-detector", "demo-segmenter"]:
         from pipelines import tasks
-        from pipelines.common import workspace_dir
+        from pipelines.workspace import workspace_dir
 
         segmenter = tasks.of_export(workspace_dir() / run / "export").name == "segmentation"
         for min_area in (args.min_area or [16]) if segmenter else [None]:

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from pipelines.common import display_path
+from pipelines.workspace import display_path
 
 TRAIN_DIR = "train"
 BEST_DIR = "best"  # under TRAIN_DIR

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.common import DATASETS_DIR, UserError, display_path, eprint
+from pipelines.common import eprint
+from pipelines.workspace import DATASETS_DIR, UserError, display_path
 
 SAMPLE_NAME = "sample"
 

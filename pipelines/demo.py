@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.common import REPO_ROOT, UserError, display_path, workspace_dir
+from pipelines.workspace import REPO_ROOT, UserError, display_path, workspace_dir
 from pipelines.data.geometry import box_iou
 from pipelines.serving.process import ServerProcess, free_port
 

@@ -119,7 +119,7 @@ def read(patterns: list[str], what: str = "eval_files", class_masks: bool = Fals
     UserError naming the globs, or the file and record."""
     import tensorflow as tf
 
-    from pipelines.common import UserError, display_path
+    from pipelines.workspace import UserError, display_path
 
     try:
         files = find_files(patterns, what)

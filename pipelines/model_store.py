@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from pipelines.common import UserError, display_path
+from pipelines.workspace import UserError, display_path
 
 METADATA_FILE = "metadata.json"
 

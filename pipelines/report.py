@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 
 from pipelines import checkpoints
-from pipelines.common import UserError, display_path, write_text_atomic
+from pipelines.workspace import UserError, display_path, write_text_atomic
 
 REPORT_NAME = "report.html"
 SECTIONS = ("dataset", "config", "training", "evaluation", "predictions")

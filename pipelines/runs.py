@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.common import UserError, display_path, workspace_dir, write_text_atomic
+from pipelines.workspace import UserError, display_path, workspace_dir, write_text_atomic
 from pipelines.config import base, read
 from pipelines.config.base import SKIP_MEMORY_CHECK, memory_advice
 

@@ -125,7 +125,7 @@ def config_blocks() -> list[str]:
 def of_export(folder: Path) -> Task:
     """The task of an export folder (or its saved_model/, or a file in it), from its metadata.json; exports without one
     predate it and are detection exports. UserError for a task this version does not know."""
-    from pipelines.common import UserError, display_path
+    from pipelines.workspace import UserError, display_path
     from pipelines.model_store import read_metadata
 
     folder = Path(folder)

@@ -19,7 +19,7 @@ from conftest import run_cli
 
 from pipelines.annotator import client
 from pipelines.annotator.client import DEADLINE_ENV, AnnotatorError, request_deadline, upload_drafts
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 from pipelines.config.textproto import Enum, TextProto
 from pipelines.detection.config import translate
 

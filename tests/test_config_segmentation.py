@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import REPO, run_cli
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 from pipelines.segmentation import config as seg
 from pipelines.config.textproto import TextProto
 from pipelines.config.read import translate_any

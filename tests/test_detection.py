@@ -194,7 +194,7 @@ def test_training_removes_what_a_killed_one_left_and_runs_alone(tmp_path, monkey
     loop itself is replaced here: nothing trains.)"""
     import fcntl
 
-    from pipelines.common import UserError, owner_tag
+    from pipelines.workspace import UserError, owner_tag
     from pipelines.engine import train as engine
 
     model_dir = tmp_path / "run" / "train"

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from odapi_oracle import field_schema, text_format_verdicts
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 from pipelines.config import schema
 from pipelines.config.rewrite import _LineDiff, unified_diff
 from pipelines.config.textproto import MAX_BYTES, TextProto

@@ -364,7 +364,7 @@ def test_hostile_category_names_through_the_data_stage(tmp_path):
 
 
 def test_users_label_maps_still_read(tmp_path):
-    from pipelines.common import UserError
+    from pipelines.workspace import UserError
     from pipelines.data.label_map import read_label_map
 
     path = tmp_path / "label_map.pbtxt"
@@ -420,7 +420,7 @@ def test_a_voc_object_without_a_name_is_refused(tmp_path, name, says):
 @pytest.mark.parametrize("item", ["item { id: 2 name: '' }", "item { id: 2 name: ' \\t ' }",
                                   "item { id: 2 display_name: '' }"])
 def test_a_users_label_map_without_a_name_is_refused(tmp_path, item):
-    from pipelines.common import UserError
+    from pipelines.workspace import UserError
     from pipelines.data.label_map import read_label_map
 
     path = tmp_path / "label_map.pbtxt"
@@ -521,7 +521,7 @@ def _dead_pid() -> int:
 def test_the_next_run_removes_what_killed_runs_left_and_nothing_else(tmp_path):
     """atomic_output_dir (every stage's output: data, eval, export, import, sample) first removes the
     temporary folders of dead runs of the same output: by the PID@HOST in the name, else by age."""
-    from pipelines.common import LEFTOVER_AGE_S, atomic_output_dir, owner_tag
+    from pipelines.workspace import LEFTOVER_AGE_S, atomic_output_dir, owner_tag
 
     final = tmp_path / "export"
     final.mkdir()

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import read_records
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 from pipelines.segmentation.params import SegmenterParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -232,7 +232,7 @@ def test_the_next_export_removes_what_a_killed_one_left(run, monkeypatch):
     comes before."""
     import shutil
 
-    from pipelines.common import owner_tag
+    from pipelines.workspace import owner_tag
     from pipelines.engine.export import export
     from pipelines.segmentation import export as export_mod
 

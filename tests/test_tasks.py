@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import tasks
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 from pipelines.detection.params import DetectorParams
 from pipelines.segmentation.params import SegmenterParams
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote, quote_plus, urljoin, urlsplit
 
-from pipelines.common import UserError, display_path
+from pipelines.workspace import UserError, display_path
 
 READ_TIMEOUT_S = 30  # one read from the connection (the deadline below bounds the whole request)
 DEADLINE_ENV = "ANNOTATOR_REQUEST_TIMEOUT"

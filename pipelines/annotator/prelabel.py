@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.common import UserError, dataset_name, display_path, resolve_dataset, write_text_atomic
+from pipelines.workspace import UserError, dataset_name, display_path, resolve_dataset, write_text_atomic
 from pipelines.data.coco import read_json
 from pipelines.data.sources import newest_export
 

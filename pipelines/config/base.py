@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.common import REPO_ROOT, UserError
+from pipelines.workspace import REPO_ROOT, UserError
 from pipelines.config.textproto import TextProto
 
 PLACEHOLDER = "PATH_TO_BE_CONFIGURED"

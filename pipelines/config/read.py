@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.common import UserError, display_path
+from pipelines.workspace import UserError, display_path
 from pipelines.config import schema
 from pipelines.config.base import Translation, model_kind
 from pipelines.config.textproto import TextProto

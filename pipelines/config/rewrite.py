@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.common import REPO_ROOT, UserError, display_path, resolve_dataset, workspace_dir, write_text_atomic
+from pipelines.workspace import REPO_ROOT, UserError, display_path, resolve_dataset, workspace_dir, write_text_atomic
 from pipelines.config import base, read, schema
 from pipelines.config.base import memory_advice
 from pipelines.config.textproto import TextProto

@@ -23,7 +23,7 @@ import json
 import re
 from pathlib import Path
 
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 from pipelines.config.textproto import Field, Message, TextProto
 
 SCHEMA_FILE = Path(__file__).with_name("odapi_fields.json")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 
 _TOKEN = re.compile(r"""
     (?P<space>\s+)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 
 # A coordinate may lie this many image widths (heights) outside the image: annotators let people
 # drag a point past the border, never by more than an image size or so.

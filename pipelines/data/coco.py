@@ -23,7 +23,7 @@ import posixpath
 from pathlib import Path, PurePosixPath
 
 from pipelines.annotator.drafts import is_draft
-from pipelines.common import UserError, display_path
+from pipelines.workspace import UserError, display_path
 from pipelines.data.checks import blank_name, finite_reason, is_finite, is_number, numbers_in, show
 from pipelines.data.items import Category, Report, SourceDataset, SourceImage, SourceObject
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipelines import tasks
-from pipelines.common import (UserError, atomic_output_dir, dataset_name, display_path, ordered_parallel_map,
-                              output_lock, resolve_dataset, workspace_dir)
+from pipelines.common import ordered_parallel_map
+from pipelines.workspace import (UserError, atomic_output_dir, dataset_name, display_path, output_lock, resolve_dataset,
+                                 workspace_dir)
 from pipelines.data.checks import max_pixels
 from pipelines.data.encode import EncodedImage, EncodeOptions, apply_pixel_limit, encode_or_report
 from pipelines.data.items import Report

@@ -13,7 +13,7 @@ import functools
 import json
 from pathlib import Path
 
-from pipelines.common import UserError, display_path
+from pipelines.workspace import UserError, display_path
 from pipelines.data.checks import blank_name
 from pipelines.data.items import Category
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from pipelines.common import atomic_output_dir
+from pipelines.workspace import atomic_output_dir
 from pipelines.data.geometry import box_iou
 
 CATEGORIES = [(19, "triangle", "#e6194b"), (7, "circle", "#3cb44b"), (23, "star", "#4363d8"), (12, "square", "#f58231")]

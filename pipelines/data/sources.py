@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipelines.common import UserError, display_path
+from pipelines.workspace import UserError, display_path
 from pipelines.data.coco import load_coco
 from pipelines.data.items import Report, SourceDataset
 from pipelines.data.voc import annotation_files, load_voc

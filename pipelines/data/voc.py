@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from pipelines.common import UserError, display_path
+from pipelines.workspace import UserError, display_path
 from pipelines.data.checks import blank_name, is_finite
 from pipelines.data.coco import BACKGROUND_NAMES, OutsideImage, find_file, image_key, outside_reason
 from pipelines.data.items import Category, Report, SourceDataset, SourceImage, SourceObject

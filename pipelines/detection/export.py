@@ -40,7 +40,7 @@ import tensorflow as tf
 import tf_keras
 
 from pipelines import checkpoints
-from pipelines.common import display_path
+from pipelines.workspace import display_path
 from pipelines.detection.model import build_model, inference_experiment
 from pipelines.detection import ssd
 from pipelines.detection.params import DetectorParams

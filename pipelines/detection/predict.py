@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 from pipelines.model_store import DETECTION_OUTPUTS
 from pipelines.viz import draw_detections
 

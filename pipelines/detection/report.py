@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.common import display_path
+from pipelines.workspace import display_path
 from pipelines.report import number, table
 
 

@@ -10,7 +10,7 @@ def check_engine(params: DetectorParams, source: str, restore: bool = False) -> 
     as a user error naming the config, before any stage starts. With `restore`, the fine-tuning
     checkpoint is restored into a freshly built model (a dry run of training's start) and the
     one-line summary of what it restores is returned."""
-    from pipelines.common import UserError
+    from pipelines.workspace import UserError
     from pipelines.detection import zoo
     from pipelines.detection.experiment import validate
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from pipelines import checkpoints
-from pipelines.common import REPO_ROOT, UserError, atomic_output_dir, display_path, workspace_dir
+from pipelines.workspace import REPO_ROOT, UserError, atomic_output_dir, display_path, workspace_dir
 from pipelines.config.rewrite import portable
 from pipelines.config.textproto import TextProto
 from pipelines.data.label_map import read_label_map

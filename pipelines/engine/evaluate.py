@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from pipelines import checkpoints, examples
-from pipelines.common import UserError, atomic_output_dir, display_path
+from pipelines.workspace import UserError, atomic_output_dir, display_path
 from pipelines.data.label_map import read_label_map
 
 

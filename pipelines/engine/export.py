@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from pipelines import checkpoints
-from pipelines.common import UserError, atomic_output_dir, display_path
+from pipelines.workspace import UserError, atomic_output_dir, display_path
 from pipelines.data.label_map import read_label_map
 from pipelines.model_store import INPUT_NAME, save_to_bentoml, tag_name, write_metadata
 

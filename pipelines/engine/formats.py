@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.common import UserError, display_path
+from pipelines.workspace import UserError, display_path
 
 QUANTIZATIONS = {"none": "model.tflite", "float16": "model_fp16.tflite", "int8": "model_int8.tflite"}  # TFLite
 ONNX_FILE = "model.onnx"

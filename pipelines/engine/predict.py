@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipelines.common import UserError, display_path
+from pipelines.workspace import UserError, display_path
 from pipelines.data.label_map import read_label_map
 
 

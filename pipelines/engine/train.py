@@ -29,7 +29,8 @@ import tensorflow as tf
 import tf_keras
 
 from pipelines import checkpoints
-from pipelines.common import duration, output_lock, write_text_atomic
+from pipelines.common import duration
+from pipelines.workspace import output_lock, write_text_atomic
 
 from official.common import distribute_utils  # isort: skip
 from official.core import train_lib, train_utils  # isort: skip

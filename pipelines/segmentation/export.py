@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 from pipelines.engine.export import ExportCheckError
 from pipelines.model_store import (INPUT_NAME, MASK_OUTPUT, PROBABILITIES_OUTPUT, SEGMENTATION_OUTPUTS,
                                    check_images)

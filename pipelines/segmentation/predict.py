@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 from pipelines.model_store import MASK_OUTPUT
 from pipelines.viz import mask_image, overlay
 

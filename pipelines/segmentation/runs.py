@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.common import UserError
+from pipelines.workspace import UserError
 from pipelines.segmentation.params import SegmenterParams
 
 

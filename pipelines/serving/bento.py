@@ -22,7 +22,8 @@ from pathlib import Path
 import pipelines  # noqa: F401  (sets the TensorFlow environment before TF is imported)
 
 from pipelines import tasks
-from pipelines.common import REPO_ROOT, UserError, display_path, eprint
+from pipelines.common import eprint
+from pipelines.workspace import REPO_ROOT, UserError, display_path
 from pipelines.model_store import tag_name
 
 SERVICE = "pipelines.serving.service:Service"

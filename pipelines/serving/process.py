@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.common import REPO_ROOT, UserError
+from pipelines.workspace import REPO_ROOT, UserError
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.common import pid_alive
+from pipelines.workspace import pid_alive
 
 WORKER_DIR_PREFIX = "pipelines-worker-"
 
