@@ -49,7 +49,7 @@ def measure_one(run: str, name: str, threads: int, repeats: int) -> dict:
     from pipelines.model_store import INPUT_NAME, check_images
     from pipelines.runs import load_run
 
-    params, folder, _ = load_run(run)
+    params, folder, _, _ = load_run(run)
     task = tasks.of_params(params)
     exporter = task.load("exporter")
     path = folder / "export" / name

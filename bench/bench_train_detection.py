@@ -132,7 +132,7 @@ def write_experiment(run: str, folder: Path) -> Path:
     from pipelines.detection.experiment import build_experiment
     from pipelines.runs import load_run
 
-    params, run_dir, _ = load_run(run)
+    params, run_dir, _, _ = load_run(run)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     exp = previous_experiment(build_experiment(params))

@@ -102,7 +102,7 @@ def peer(run: str, steps: int) -> None:
     from pipelines.examples import parse
     from pipelines.segmentation.model import build_network, preprocess
 
-    params, _, _ = load_run(run)
+    params, _, _, _ = load_run(run)
     size = (params.image_height, params.image_width)
     images, masks = [], []
     for record in tf.data.TFRecordDataset(tf.io.gfile.glob(params.train_files[0])).map(parse):

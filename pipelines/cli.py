@@ -287,11 +287,11 @@ def cmd_train(args) -> int:
 
     if args.seed is not None:
         _record_train_seed(args.run, args.seed)
-    params, folder, notes = load_run(args.run)
+    params, folder, notes, task = load_run(args.run)
     for note in notes:
         print(f"note: {note}")
-    check_memory(params, display_path(folder / "pipeline.config"))
-    train = tasks.of_params(params).load("train")
+    check_memory(task, params, display_path(folder / "pipeline.config"))
+    train = task.load("train")
     try:
         train(params, folder, log=_log, mode="train_and_eval" if args.with_eval else None)
     except ValueError as e:  # the data the config points at cannot be used (no files, no masks, bad settings)
@@ -322,13 +322,13 @@ def cmd_eval(args) -> int:
     from pipelines.engine.evaluate import evaluate
     from pipelines.runs import load_run
 
-    params, folder, _ = load_run(args.run)
+    params, folder, _, task = load_run(args.run)
     if args.model:
         if args.checkpoint:
             raise UserError(None, "give --checkpoint or --model, not both")
-        evaluate(params, folder, model=Path(args.model), log=_log)
+        evaluate(params, folder, model=Path(args.model), log=_log, task=task)
         return 0
-    evaluate(params, folder, checkpoint=args.checkpoint, log=_log)
+    evaluate(params, folder, checkpoint=args.checkpoint, log=_log, task=task)
     _write_report(args.run)
     print(f"next: make export RUN={args.run}")
     return 0
@@ -362,9 +362,9 @@ def cmd_export(args) -> int:
     from pipelines.engine.export import export
     from pipelines.runs import load_run
 
-    params, folder, _ = load_run(args.run, need_data=False)
+    params, folder, _, task = load_run(args.run, need_data=False)
     export(params, folder, params.label_map_path, name=args.name or folder.name, checkpoint=args.checkpoint,
-           device_files=_device_files(args.format, args.quant), log=_log)
+           device_files=_device_files(args.format, args.quant), log=_log, task=task)
     return 0
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from pipelines import tasks
 from pipelines.workspace import UserError, display_path, workspace_dir, write_text_atomic
@@ -50,7 +51,14 @@ def record_seed(folder: Path, seed: int) -> None:
     write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
-def load_run(run: str, need_data: bool = True) -> tuple[object, Path, list[str]]:
+class Run(NamedTuple):
+    params: object  # the settings of its task, paths absolute, its seed set
+    folder: Path
+    notes: list[str]  # the config's fields read but not applied ("field: why")
+    task: tasks.Task  # from the config's model block: every stage of the run uses it
+
+
+def load_run(run: str, need_data: bool = True) -> Run:
     """The run's pipeline.config, checked (fields and paths) and translated; paths made absolute.
 
     need_data=False (export): the TFRecords and the fine-tuning checkpoint need not exist (a run made
@@ -66,21 +74,21 @@ def load_run(run: str, need_data: bool = True) -> tuple[object, Path, list[str]]
             raise UserError(display_path(config), f"train_input_reader.label_map_path: no such file: {p.label_map_path}")
         p = dataclasses.replace(p, train_files=[f for f in p.train_files if base.PLACEHOLDER not in f],
                                 eval_files=[f for f in p.eval_files if base.PLACEHOLDER not in f])
-    task = tasks.of_params(p)
+    task = translation.task
     if not need_data:
         p = dataclasses.replace(p, **{name: None for name in task.init_fields})
-    params = base.absolute_paths(dataclasses.replace(p, seed=read_seed(folder)))
+    params = base.absolute_paths(task, dataclasses.replace(p, seed=read_seed(folder)))
     task.load("check_engine")(params, display_path(config))
-    return params, folder, translation.ignored
+    return Run(params, folder, translation.ignored, task)
 
 
-def check_memory(params, source: str, log=print) -> None:
+def check_memory(task, params, source: str, log=print) -> None:
     """Refuse a CPU training run that would not fit in memory (the kernel would kill it, perhaps with
     other processes); warn when it takes most of it. No check with a GPU or with
     PIPELINES_SKIP_MEMORY_CHECK=1."""
     if os.environ.get(SKIP_MEMORY_CHECK) == "1":
         return
-    advice = memory_advice(params)
+    advice = memory_advice(task, params)
     if advice is None:
         return
     import tensorflow as tf

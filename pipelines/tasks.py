@@ -9,7 +9,7 @@ The parts have the same module and name in every task package, imported only whe
 
     config.translate(doc, check_paths)             pipeline.config -> config.base.Translation
     config.rules(doc, opts)                        make config's edits of this task's fields -> notes
-    runs.check_engine(params, source, restore=False)  what only the model builder can refuse (UserError);
+    check.check_engine(params, source, restore=False)  what only the model builder can refuse (UserError);
                                                    with restore, loads the initial weights (-> a note)
     train.train(params, run_dir, log=, mode=)      engine.train.run's result; mode None = the task's default
     evaluate.Evaluator(params, labels)             reset / process(record, outputs) / evaluate -> metrics,
@@ -33,7 +33,7 @@ from typing import Any
 
 # part -> (module of the task package, attribute): the same in every task
 PARTS = {"translate": ("config", "translate"), "config_rules": ("config", "rules"),
-         "check_engine": ("runs", "check_engine"), "train": ("train", "train"),
+         "check_engine": ("check", "check_engine"), "train": ("train", "train"),
          "evaluator": ("evaluate", "Evaluator"), "exporter": ("export", "Exporter"),
          "predict": ("predict", "Predictions"), "service": ("service", "Service"),
          "report": ("report", "metrics_html"), "summary": ("report", "metrics_line")}

@@ -258,7 +258,7 @@ def test_float_tflite_detections_agree_with_the_checkpoint_model(tflite_export, 
     workspace, _ = demo
     export_dir, _ = tflite_export
     monkeypatch.setenv("PIPELINES_WORKSPACE", str(workspace))
-    params, run_dir, _ = load_run("demo-detector", need_data=False)
+    params, run_dir, _, _ = load_run("demo-detector", need_data=False)
     exp = inference_experiment(params)
     model = ssd.build_model(exp.task)
     checkpoints.restore(model, json.loads((export_dir / "metadata.json").read_text())["checkpoint"])

@@ -188,7 +188,9 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(tmp_path):
     available = available_memory()
     assert available and available > 1e8
     batch = int(2 * available / (1600 * 320 * 320)) + 1  # twice the memory this machine has
-    assert training_memory(DetectorParams(num_classes=1, batch_size=batch)) > 2 * available
+    from pipelines import tasks
+
+    assert training_memory(tasks.get("detection"), DetectorParams(num_classes=1, batch_size=batch)) > 2 * available
     proc = run_cli("config", "--dataset", "shapes", "--run", "huge", "--batch-size", batch, workspace=ws)
     assert proc.returncode == 0, proc.stderr
     assert f"training batch {batch} at 320x320 on a CPU takes about" in proc.stdout

@@ -25,6 +25,7 @@ IGNORED = ["train_config.sync_replicas", "train_config.replicas_to_aggregate", "
 class Translation:
     params: object  # the settings dataclass of the config's task (pipelines/tasks.py)
     ignored: list[str] = field(default_factory=list)  # "field: why", printed as notes
+    task: object = None  # the tasks.Task whose reader made it (set by config/read.py)
 
 
 def fail(source: str, field_path: str, message: str) -> UserError:
@@ -93,9 +94,9 @@ def model_kind(doc: TextProto) -> str:
 SKIP_MEMORY_CHECK = "PIPELINES_SKIP_MEMORY_CHECK"  # make train tries anyway
 
 
-def training_memory(params, batch_size: int | None = None) -> float:
-    """Estimated peak bytes of training on a CPU."""
-    base, per_pixel = tasks.of_params(params).train_memory
+def training_memory(task, params, batch_size: int | None = None) -> float:
+    """Estimated peak bytes of training `task` (a tasks.Task) with `params` on a CPU."""
+    base, per_pixel = task.train_memory
     batch = params.batch_size if batch_size is None else batch_size
     return base + per_pixel * batch * params.image_height * params.image_width
 
@@ -120,15 +121,15 @@ def available_memory() -> float | None:
     return available
 
 
-def memory_advice(params) -> tuple[bool, str] | None:
+def memory_advice(task, params) -> tuple[bool, str] | None:
     """(too much?, one line) when training on a CPU would take most of the memory left, else None."""
     available = available_memory()
     if available is None:
         return None
-    need = training_memory(params)
+    need = training_memory(task, params)
     if need < 0.7 * available:
         return None
-    base, per_pixel = tasks.of_params(params).train_memory
+    base, per_pixel = task.train_memory
     fits = int((0.7 * available - base) // (per_pixel * params.image_height * params.image_width))
     advice = (f"BATCH={fits} fits" if fits >= 1 else
               "not even BATCH=1 fits at this input size: lower SIZE=")
@@ -137,15 +138,14 @@ def memory_advice(params) -> tuple[bool, str] | None:
         f"{need / 1e9:.1f} GB; {available / 1e9:.1f} GB of memory is available here ({advice})")
 
 
-def absolute_paths(params):
-    """`params` with every path field (TFRecord globs, label map, the task's weight files) absolute,
+def absolute_paths(task, params):
+    """`params` with every path field (TFRecord globs, label map, `task`'s weight files) absolute,
     relative ones read from the repository root as the config means them."""
     import dataclasses
 
     def absolute(value):
         return str(resolve_path(value).resolve()) if value else value
 
-    task = tasks.of_params(params)
     paths = {name: absolute(getattr(params, name)) for name in task.path_fields
              if getattr(params, name) not in task.not_paths}
     return dataclasses.replace(params, train_files=[absolute(f) for f in params.train_files],

@@ -15,7 +15,10 @@ from pipelines.config.textproto import TextProto
 def translate_any(doc: TextProto, check_paths: bool = True) -> Translation:
     """A config of any registered task, translated by the reader of the task its model block names."""
     schema.check(doc)
-    return tasks.of_config_block(model_kind(doc)).load("translate")(doc, check_paths=check_paths)
+    task = tasks.of_config_block(model_kind(doc))
+    translation = task.load("translate")(doc, check_paths=check_paths)
+    translation.task = task
+    return translation
 
 
 def load(path: Path, check_paths: bool = True) -> Translation:

@@ -305,13 +305,12 @@ def write_run_config(opts: ConfigOptions) -> Path:
     notes = rewrite(doc, data, opts)
     # Validate what will be written (fields and every path) before writing anything.
     translation = read.translate_any(TextProto(doc.text, display_path(out)))
-    params = translation.params
+    params, task = translation.params, translation.task
     # What only the model builder can tell (loads TensorFlow): can it load the weights the config names?
-    restores = tasks.of_params(params).load("check_engine")(base.absolute_paths(params), display_path(out),
-                                                            restore=True)
+    restores = task.load("check_engine")(base.absolute_paths(task, params), display_path(out), restore=True)
     if restores:
         notes.append(restores)
-    memory = memory_advice(params)
+    memory = memory_advice(task, params)
     if memory:
         notes.append(memory[1] + (": `make train` will refuse it without a GPU" if memory[0] else ""))
     write_text_atomic(out, doc.text)

@@ -56,13 +56,14 @@ def score(evaluator, serve, files: list[str], log=print, keep: int = 0) -> tuple
 
 
 def evaluate(params, run_dir: str | Path, checkpoint: str | None = None, model: str | Path | None = None,
-             log=print) -> dict:
+             log=print, task=None) -> dict:
     """Evaluate the run's best (else latest) or the given checkpoint on params.eval_files; writes
     RUN_DIR/eval/ and returns what metrics.json holds. With `model` (a .tflite or .onnx file of the run's
-    export), that file is measured instead, into RUN_DIR/eval-<its file name>/ (eval-model_int8.tflite/)."""
+    export), that file is measured instead, into RUN_DIR/eval-<its file name>/ (eval-model_int8.tflite/).
+    `task`: the run's (runs.load_run gives it); without it, the task whose settings `params` are."""
     from pipelines import tasks
 
-    task = tasks.of_params(params)
+    task = task or tasks.of_params(params)
     run_dir = Path(run_dir)
     if not params.label_map_path:
         raise UserError(None, "the run has no label map (eval_input_reader.label_map_path)")

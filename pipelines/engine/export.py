@@ -43,14 +43,15 @@ def float32_policy():
 
 
 def export(params, run_dir: str | Path, label_map_path: str | Path, name: str | None = None,
-           checkpoint: str | None = None, device_files: tuple[str, ...] = (), log=print) -> Path:
+           checkpoint: str | None = None, device_files: tuple[str, ...] = (), log=print, task=None) -> Path:
     """Export the run's best (else latest; or the given) checkpoint to RUN_DIR/export/saved_model; returns
     it. The BentoML model is named `name` (default: RUN_DIR's folder name, as a valid tag).
-    `device_files`: TFLite/ONNX files to write beside it (names of pipelines/engine/formats.py)."""
+    `device_files`: TFLite/ONNX files to write beside it (names of pipelines/engine/formats.py). `task`:
+    the run's (runs.load_run gives it); without it, the task whose settings `params` are."""
     from pipelines import tasks
     from pipelines.engine import formats
 
-    task = tasks.of_params(params)
+    task = task or tasks.of_params(params)
     run_dir = Path(run_dir)
     checkpoint = str(checkpoint or checkpoints.default(run_dir))
     label_map = read_label_map(Path(label_map_path))
