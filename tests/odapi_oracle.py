@@ -174,7 +174,8 @@ def oracle_env() -> dict[str, str]:
 
 
 def run_oracle(config: Path, images: list[np.ndarray], out_dir: Path, seed: int = 0,
-               num_classes: int | None = None, timeout: float = 600) -> dict:
+               num_classes: int | None = None, timeout: float = 600,
+               groundtruth: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
     """Run the OD API model of `config` on `images` in a subprocess; return its outputs.
 
     `images` are uint8 HxWx3 arrays (any sizes). Writes out_dir/images.npz, then the child writes
@@ -183,6 +184,11 @@ def run_oracle(config: Path, images: list[np.ndarray], out_dir: Path, seed: int 
 
     Returns outputs.npz as a dict of numpy arrays (keys: see `_run_model`) plus "checkpoint": the
     checkpoint prefix, a str ready for tf.train.* (out_dir/checkpoint/ckpt-0).
+
+    `groundtruth`: one (boxes [N, 4] normalized ymin, xmin, ymax, xmax; classes [N] label-map ids) per
+    image, the images all of one size: the OD API's training loss of that batch is computed too (see
+    `_loss_and_gradients`), and "gradients": the prefix of a checkpoint in the zoo layout whose variables
+    hold the loss's gradients instead of the weights.
     Raises RuntimeError with the child's stderr tail when it fails; skips when the OD API code
     cannot be fetched.
     """
@@ -197,6 +203,11 @@ def run_oracle(config: Path, images: list[np.ndarray], out_dir: Path, seed: int 
            "--images", str(out_dir / "images.npz"), "--out", str(out_dir), "--seed", str(seed)]
     if num_classes is not None:
         cmd += ["--num-classes", str(num_classes)]
+    if groundtruth is not None:
+        np.savez(out_dir / "groundtruth.npz", count=len(groundtruth),
+                 **{f"boxes_{i}": np.asarray(b, np.float32).reshape(-1, 4) for i, (b, _) in enumerate(groundtruth)},
+                 **{f"classes_{i}": np.asarray(c, np.int64).reshape(-1) for i, (_, c) in enumerate(groundtruth)})
+        cmd += ["--groundtruth", str(out_dir / "groundtruth.npz")]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -207,6 +218,8 @@ def run_oracle(config: Path, images: list[np.ndarray], out_dir: Path, seed: int 
     with np.load(out_dir / "outputs.npz") as npz:
         outputs = {key: npz[key] for key in npz.files}
     outputs["checkpoint"] = str(out_dir / "checkpoint" / "ckpt-0")
+    if groundtruth is not None:
+        outputs["gradients"] = str(out_dir / "gradients" / "ckpt-0")
     return outputs
 
 
@@ -290,7 +303,7 @@ def _describe(name: str, x: np.ndarray) -> str:
 
 
 def _run_model(config_path: Path, images_path: Path, out_dir: Path, seed: int,
-               num_classes: int | None) -> None:
+               num_classes: int | None, groundtruth_path: Path | None = None) -> None:
     import tensorflow as tf
     from google.protobuf import text_format
     from object_detection.builders import model_builder
@@ -354,7 +367,54 @@ def _run_model(config_path: Path, images_path: Path, out_dir: Path, seed: int,
               f"scores>0.3: {int((scores > 0.3).sum())}")
     # With a fixed-size resizer every image has the same anchors; `anchors` is the usual handle.
     outputs["anchors"] = outputs["anchors_0"]
+    if groundtruth_path is not None:
+        outputs.update(_loss_and_gradients(model, images, groundtruth_path, out_dir / "gradients"))
     np.savez(out_dir / "outputs.npz", **outputs)
+
+
+def _loss_and_gradients(model, images: list[np.ndarray], groundtruth_path: Path, gradients_dir: Path) -> dict:
+    """The OD API's training loss of the images as one batch, as model_lib_v2's training step computes it
+    (provide_groundtruth, predict, loss, plus the regularisation losses), with the batch norms in
+    inference mode (the model is built with is_training=False: same weights, no batch statistics).
+    Writes the gradients of the total as a checkpoint of the model's own layout (each variable holding
+    its gradient), so that a test can restore them into our network by the same name mapping as weights."""
+    import tensorflow as tf
+
+    with np.load(groundtruth_path) as npz:
+        count = int(npz["count"])
+        boxes = [npz[f"boxes_{i}"] for i in range(count)]
+        classes = [npz[f"classes_{i}"] for i in range(count)]
+    num_classes = model.num_classes
+    batch = tf.cast(np.stack(images[:count]), tf.float32)
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        model.provide_groundtruth(
+            groundtruth_boxes_list=[tf.constant(b, tf.float32) for b in boxes],
+            groundtruth_classes_list=[tf.one_hot(tf.constant(c - 1, tf.int32), num_classes) for c in classes])
+        preprocessed, true_shapes = model.preprocess(batch)
+        prediction = model.predict(preprocessed, true_shapes)
+        losses = model.loss(prediction, true_shapes)
+        regularization = model.regularization_losses()
+        reg = tf.add_n(regularization) if regularization else tf.constant(0.0)
+        total = tf.add_n(list(losses.values())) + reg
+    grads = tape.gradient(total, variables)
+    # The targets the loss was computed against (anchors in the model's flattened order).
+    cls_targets, cls_weights, reg_targets, reg_weights, _ = model._assign_targets(
+        model.groundtruth_lists("boxes"), model.groundtruth_lists("classes"))
+    print(f"loss: {({k: float(v) for k, v in losses.items()})}, regularization {float(reg):.6f}, "
+          f"total {float(total):.6f}")
+    for var, grad in zip(variables, grads):
+        var.assign(tf.zeros_like(var) if grad is None else tf.convert_to_tensor(grad))
+    if gradients_dir.exists():
+        shutil.rmtree(gradients_dir)
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(gradients_dir), max_to_keep=1).save(
+        checkpoint_number=0)
+    return {"loss_localization": np.float32(losses["Loss/localization_loss"]),
+            "loss_classification": np.float32(losses["Loss/classification_loss"]),
+            "loss_regularization": np.float32(reg), "loss_total": np.float32(total),
+            "loss_batch_preprocessed": preprocessed.numpy(), "loss_cls_targets": cls_targets.numpy(),
+            "loss_cls_weights": cls_weights.numpy(), "loss_reg_targets": reg_targets.numpy(),
+            "loss_reg_weights": reg_weights.numpy()}
 
 
 def field_schema(timeout: float = 300) -> dict:
@@ -440,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="output folder (zoo-like model folder + outputs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-classes", type=int, default=None, help="override model.ssd.num_classes")
+    parser.add_argument("--groundtruth", type=Path, help=".npz of boxes_i, classes_i (and count): also the loss")
     parser.add_argument("--schema", type=Path, help="instead: write the pipeline.config field schema (JSON) here")
     parser.add_argument("--parse", nargs="+", help="instead: print protobuf text_format.Parse verdicts as JSON")
     args = parser.parse_args(argv)
@@ -456,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (args.config and args.images and args.out):
         parser.error("--config, --images and --out are required")
-    _run_model(args.config, args.images, args.out, args.seed, args.num_classes)
+    _run_model(args.config, args.images, args.out, args.seed, args.num_classes, args.groundtruth)
 
 
 if __name__ == "__main__":

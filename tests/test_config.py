@@ -60,6 +60,12 @@ model {
       >
       override_base_feature_extractor_hyperparams: true
     }
+    matcher { argmax_matcher { matched_threshold: 0.5 unmatched_threshold: 0.5 ignore_thresholds: false
+                               negatives_lower_than_unmatched: true force_match_for_each_row: true } }
+    similarity_calculator { iou_similarity { } }
+    encode_background_as_zeros: true
+    normalize_loss_by_num_matches: true
+    normalize_loc_loss_by_codesize: true
     loss {
       classification_loss { weighted_sigmoid_focal { alpha: 0.25 gamma: 2.0 } }
       localization_loss { weighted_smooth_l1 { } }
@@ -388,6 +394,9 @@ def test_a_zoo_file_works_as_the_template(workspace, tmp_path):
      "random_crop_image"),
     (lambda t: t.replace("height: 320", "height: 300"),
      "fixed_shape_resizer.height: 300 must be a positive multiple of 32"),
+    (lambda t: t.replace("force_match_for_each_row: true", ""),
+     "model.ssd.matcher.argmax_matcher.force_match_for_each_row: false (the OD API's value when the field is "
+     "absent) is not supported: training here implements true; set `force_match_for_each_row: true`"),
 ])
 def test_unsupported_fields_are_errors_naming_the_field(workspace, tmp_path, edit, message):
     bad = tmp_path / "bad.config"
@@ -446,3 +455,36 @@ def test_a_few_step_run_keeps_a_sane_batch_norm_decay(workspace, tmp_path):
     bad.write_text(text)
     with pytest.raises(UserError, match=r"feature_extractor.conv_hyperparams.batch_norm.decay: 1.5 must be in \[0, 1\)"):
         translate(TextProto(text, str(bad)), check_paths=False)
+
+
+@pytest.mark.parametrize("before,after,message", [
+    ("normalize_loss_by_num_matches: true", "normalize_loss_by_num_matches: false",
+     "model.ssd.normalize_loss_by_num_matches: false is not supported: training here implements true"),
+    ("encode_background_as_zeros: true", "", "model.ssd.encode_background_as_zeros: false (the OD API's value"),
+    ("ignore_thresholds: false", "ignore_thresholds: true", "argmax_matcher.ignore_thresholds: true is not supported"),
+    ("loss {", "loss { hard_example_miner { num_hard_examples: 3000 }",
+     "model.ssd.loss.hard_example_miner: not supported: the training loss here has no such part"),
+    ("alpha: 0.25 ", "", "weighted_sigmoid_focal.alpha: missing"),
+    ("argmax_matcher {", "bipartite_matcher { } argmax_matcher {", "model.ssd.matcher.bipartite_matcher: not supported"),
+    ("unmatched_threshold: 0.5", "unmatched_threshold: 0.7",
+     "argmax_matcher.unmatched_threshold: 0.7 is above matched_threshold (0.5)"),
+    ("activation: RELU_6,\n          regularizer { l2_regularizer { weight: 0.00004 } }",
+     "activation: RELU_6,\n          regularizer { l2_regularizer { weight: 0.0004 } }",
+     "weight_shared_convolutional_box_predictor.conv_hyperparams.regularizer.l2_regularizer.weight: 0.0004 differs"),
+])
+def test_loss_fields_other_than_ours_are_refused(before, after, message):
+    """Fields that change the OD API's training loss: a value our loss does not implement is an error
+    naming the field (the values it does implement: tests/test_detection_loss_parity.py)."""
+    assert before in ZOO_STYLE
+    with pytest.raises(UserError, match=re.escape(message)):
+        translate(TextProto(ZOO_STYLE.replace(before, after, 1)), check_paths=False)
+
+
+def test_loss_fields_read():
+    params = translate(TextProto(ZOO_STYLE.replace("unmatched_threshold: 0.5", "unmatched_threshold: 0.4")
+                                 .replace("normalize_loc_loss_by_codesize: true", "")
+                                 .replace("weighted_smooth_l1 { }", "weighted_smooth_l1 { delta: 0.25 }")),
+                       check_paths=False).params
+    assert (params.match_threshold, params.unmatched_threshold) == (0.5, 0.4)
+    assert params.normalize_loc_loss_by_codesize is False  # the OD API's default when absent
+    assert params.smooth_l1_delta == 0.25

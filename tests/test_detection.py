@@ -537,7 +537,8 @@ def test_evaluate_scores_what_the_export_serves(trained, exported, data_dir):
     if point:
         assert point["score_threshold"] == pytest.approx(independent["score_threshold"])
         assert 0 < point["precision"] <= 1 and 0 < point["recall"] <= 1
-        assert any(line.startswith(f"default score threshold {threshold:.3f}") for line in lines)
+        assert any(line.startswith(f"default score threshold {threshold:.3f}")
+                   for line in "\n".join(lines).splitlines())
     export(params, run_dir, params.label_map_path, name="shapes-detector", log=lines.append)
     metadata = json.loads((run_dir / "export" / "metadata.json").read_text())
     assert metadata["score_threshold"] == pytest.approx(threshold)

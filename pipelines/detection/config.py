@@ -21,6 +21,7 @@ HEAD = f"{SSD}.box_predictor.weight_shared_convolutional_box_predictor"
 ANCHORS = f"{SSD}.anchor_generator.multiscale_anchor_generator"
 CODER = f"{SSD}.box_coder.faster_rcnn_box_coder"
 NMS = f"{SSD}.post_processing.batch_non_max_suppression"
+MATCHER = f"{SSD}.matcher.argmax_matcher"
 MOMENTUM = "train_config.optimizer.momentum_optimizer"
 ADAM = "train_config.optimizer.adam_optimizer"
 COSINE = f"{MOMENTUM}.learning_rate.cosine_decay_learning_rate"
@@ -70,6 +71,10 @@ FIELD_MAP = [
     (f"{SSD}.loss.classification_loss.weighted_sigmoid_focal.gamma", "focal_gamma", float),
     (f"{SSD}.loss.classification_weight", "classification_weight", float),
     (f"{SSD}.loss.localization_weight", "localization_weight", float),
+    (f"{SSD}.loss.localization_loss.weighted_smooth_l1.delta", "smooth_l1_delta", float),
+    (f"{SSD}.normalize_loc_loss_by_codesize", "normalize_loc_loss_by_codesize", bool),
+    (f"{MATCHER}.matched_threshold", "match_threshold", float),
+    (f"{MATCHER}.unmatched_threshold", "unmatched_threshold", float),
     (f"{NMS}.iou_threshold", "nms_iou_threshold", float),
     (f"{NMS}.score_threshold", "nms_score_threshold", float),
     (f"{NMS}.max_total_detections", "max_detections", int),
@@ -105,6 +110,8 @@ SUPPORTED = {
     f"{SSD}.box_predictor": ["weight_shared_convolutional_box_predictor"],
     f"{SSD}.loss.classification_loss": ["weighted_sigmoid_focal"],
     f"{SSD}.loss.localization_loss": ["weighted_smooth_l1"],
+    f"{SSD}.matcher": ["argmax_matcher"],
+    f"{SSD}.similarity_calculator": ["iou_similarity"],
     "train_config.optimizer": ["momentum_optimizer", "adam_optimizer", "use_moving_average"],
     f"{MOMENTUM}.learning_rate": ["cosine_decay_learning_rate"],
     f"{ADAM}.learning_rate": ["cosine_decay_learning_rate"],
@@ -137,6 +144,52 @@ def _check_oneofs(doc: TextProto) -> None:
                             f"not supported; supported: {', '.join(a for a in allowed if a != 'use_moving_average')}")
 
 
+# Fields that change the OD API's training loss and have one value here: (field, the value our training
+# implements, the OD API's value when the field is absent). Any other value is refused, naming the field.
+LOSS_SETTINGS = [
+    (f"{SSD}.normalize_loss_by_num_matches", True, True),
+    (f"{MATCHER}.force_match_for_each_row", True, False),
+    (f"{MATCHER}.ignore_thresholds", False, False),
+    (f"{MATCHER}.negatives_lower_than_unmatched", True, True),
+    (f"{SSD}.encode_background_as_zeros", True, False),
+    (f"{SSD}.add_background_class", True, True),
+    (f"{SSD}.explicit_background_class", False, False),
+    (f"{SSD}.use_confidences_as_targets", False, False),
+    (f"{SSD}.negative_class_weight", 1.0, 1.0),
+    (f"{SSD}.implicit_example_weight", 1.0, 1.0),
+    (f"{SSD}.loss.expected_loss_weights", "NONE", "NONE"),
+    ("train_config.add_regularization_loss", True, True),
+]
+# Loss parts that the OD API adds when present, and that are not implemented here.
+LOSS_PARTS = [f"{SSD}.loss.hard_example_miner", f"{SSD}.loss.random_example_sampler",
+              f"{SSD}.loss.equalization_loss", f"{SSD}.mask_head_config", f"{FE}.conv_hyperparams.regularizer.l1_regularizer",
+              f"{HEAD}.conv_hyperparams.regularizer.l1_regularizer"]
+
+
+def _check_loss_settings(doc: TextProto) -> None:
+    """The loss is the OD API's (tests/test_detection_loss_parity.py): refuse what would make it differ."""
+    for path, ours, absent in LOSS_SETTINGS:
+        value = doc.get(path)
+        value = absent if value is None else type(ours)(value) if not isinstance(ours, str) else str(value)
+        if value != ours:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            wanted = str(ours).lower() if isinstance(ours, bool) else ours
+            where = "" if doc.has(path) else " (the OD API's value when the field is absent)"
+            raise _fail(doc.source, path, f"{shown}{where} is not supported: training here implements {wanted}; "
+                        f"set `{path.rsplit('.', 1)[1]}: {wanted}`")
+    for path in LOSS_PARTS:
+        if doc.has(path):
+            raise _fail(doc.source, path, "not supported: the training loss here has no such part; remove it")
+    focal = f"{SSD}.loss.classification_loss.weighted_sigmoid_focal"
+    if doc.has(focal) and not doc.has(f"{focal}.alpha"):
+        raise _fail(doc.source, f"{focal}.alpha", "missing: without it the OD API weighs positives and negatives "
+                    "alike, which is not supported here; set it (the zoo configs use 0.25)")
+    decays = [doc.get(f"{part}.conv_hyperparams.regularizer.l2_regularizer.weight") for part in (FE, HEAD)]
+    if decays[1] is not None and float(decays[1]) != float(decays[0] or 0.0):
+        raise _fail(doc.source, f"{HEAD}.conv_hyperparams.regularizer.l2_regularizer.weight",
+                    f"{decays[1]} differs from the feature extractor's ({decays[0]}); one weight decay is supported")
+
+
 # (pipeline.config field, DetectorParams field, lowest, highest, lowest allowed?, highest allowed?)
 RANGES = [
     (f"{SSD}.num_classes", "num_classes", 1, None, True, True),
@@ -162,6 +215,9 @@ RANGES = [
     (f"{SSD}.loss.classification_loss.weighted_sigmoid_focal.gamma", "focal_gamma", 0, None, True, True),
     (f"{SSD}.loss.classification_weight", "classification_weight", 0, None, False, True),
     (f"{SSD}.loss.localization_weight", "localization_weight", 0, None, True, True),
+    (f"{SSD}.loss.localization_loss.weighted_smooth_l1.delta", "smooth_l1_delta", 0, None, False, True),
+    (f"{MATCHER}.matched_threshold", "match_threshold", 0, 1, True, True),
+    (f"{MATCHER}.unmatched_threshold", "unmatched_threshold", 0, 1, True, True),
     (f"{NMS}.iou_threshold", "nms_iou_threshold", 0, 1, True, True),
     (f"{NMS}.score_threshold", "nms_score_threshold", 0, 1, True, False),
     (f"{NMS}.max_total_detections", "max_detections", 1, None, True, True),
@@ -198,6 +254,9 @@ def _check_ranges(doc: TextProto, params: DetectorParams) -> None:
     for i, value in enumerate(params.box_coder_weights):
         if not (math.isfinite(value) and value > 0):
             raise _fail(doc.source, CODER, f"scale {value} must be above 0")
+    if params.unmatched_threshold > params.match_threshold:
+        raise _fail(doc.source, f"{MATCHER}.unmatched_threshold",
+                    f"{params.unmatched_threshold} is above matched_threshold ({params.match_threshold})")
     if params.warmup_steps > params.num_steps:
         raise _fail(doc.source, "train_config.optimizer...warmup_steps",
                     f"{params.warmup_steps} is more than train_config.num_steps ({params.num_steps})")
@@ -216,7 +275,10 @@ def translate(doc: TextProto, check_paths: bool = True) -> Translation:
     _check_oneofs(doc)
     if doc.get("model.ssd") is None:
         raise _fail(doc.source, "model.ssd", "missing: only SSD detectors are supported")
+    _check_loss_settings(doc)
     params = DetectorParams(num_classes=1)
+    # The OD API's value when the field is absent (the proto default), where it differs from ours.
+    params.normalize_loc_loss_by_codesize = False
     coder = list(params.box_coder_weights)
     for od_path, name, convert in FIELD_MAP:
         found = doc.find(od_path)

@@ -109,16 +109,23 @@ FIELDS: list[Row] = [
      lambda p: p.max_detections),
     # loss. OD API total = cw * focal + lw * smooth_l1 / 4 (normalize_loc_loss_by_codesize); Model Garden
     # total = loss_weight * (focal + box_loss_weight * huber), its Huber averaging the 4 coordinates.
+    # Both divided by the batch's matched anchors (normalize_loss_by_num_matches): DetectionTask.build_losses.
     ("loss.classification_loss.weighted_sigmoid_focal.alpha", "task.losses.focal_loss_alpha",
      lambda p: p.focal_alpha),
     ("loss.classification_loss.weighted_sigmoid_focal.gamma", "task.losses.focal_loss_gamma",
      lambda p: p.focal_gamma),
     ("loss.classification_weight", "task.losses.loss_weight", lambda p: p.classification_weight),
-    ("loss.localization_weight / loss.classification_weight", "task.losses.box_loss_weight",
-     lambda p: p.localization_weight / p.classification_weight),
-    # Targets are scaled by the box coder weights as in the OD API, so its smooth L1 delta (1.0) applies.
-    ("loss.localization_loss.weighted_smooth_l1.delta (default 1.0)", "task.losses.huber_loss_delta",
-     lambda p: 1.0),
+    # Model Garden's Huber averages the 4 coordinates: normalize_loc_loss_by_codesize. Without it the
+    # OD API sums them, 4 times as much.
+    ("loss.localization_weight / loss.classification_weight (x4 without normalize_loc_loss_by_codesize)",
+     "task.losses.box_loss_weight",
+     lambda p: p.localization_weight / p.classification_weight * (1 if p.normalize_loc_loss_by_codesize else 4)),
+    # Targets are scaled by the box coder weights as in the OD API, so its smooth L1 delta applies as is.
+    ("loss.localization_loss.weighted_smooth_l1.delta", "task.losses.huber_loss_delta", lambda p: p.smooth_l1_delta),
+    ("matcher.argmax_matcher.matched_threshold", "task.train_data.parser.match_threshold",
+     lambda p: p.match_threshold),
+    ("matcher.argmax_matcher.unmatched_threshold", "task.train_data.parser.unmatched_threshold",
+     lambda p: p.unmatched_threshold),
     # OD API's Keras L2 regularizer is l2(weight / 2); Model Garden builds l2(l2_weight_decay / 2) and
     # multiplies it by loss_weight with the rest of the loss, hence the division.
     ("*conv_hyperparams.regularizer.l2_regularizer.weight / loss.classification_weight",

@@ -55,6 +55,11 @@ class DetectorParams:
     focal_gamma: float = 2.0
     classification_weight: float = 1.0
     localization_weight: float = 1.0
+    smooth_l1_delta: float = 1.0  # localization_loss.weighted_smooth_l1.delta
+    normalize_loc_loss_by_codesize: bool = True  # the localisation loss averages the 4 box coordinates
+    # matcher.argmax_matcher: IoU >= match_threshold: positive; < unmatched_threshold: negative; between: ignored
+    match_threshold: float = 0.5
+    unmatched_threshold: float = 0.5
 
     # post_processing.batch_non_max_suppression
     nms_iou_threshold: float = 0.6

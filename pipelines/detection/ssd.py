@@ -370,9 +370,16 @@ def build_model(task: SSDTask, l2_regularizer=None) -> SSDModel:
     """The network a pipeline.config describes, built and called once (variables created)."""
     m, s = task.model, task.ssd
     input_specs = tf_keras.layers.InputSpec(shape=[None] + list(m.input_size))
-    backbone = mg_backbones.factory.build_backbone(input_specs=input_specs, backbone_config=m.backbone,
-                                                   norm_activation_config=m.norm_activation,
-                                                   l2_regularizer=l2_regularizer)
+    # Model Garden's backbone factory, less one difference: the OD API's MobileNetV2 (conv_hyperparams
+    # overriding the feature extractor's) puts the L2 regularizer on the depthwise kernels too.
+    b, norm = m.backbone.get(), m.norm_activation
+    backbone = mg_backbones.MobileNet(
+        model_id=b.model_id, filter_size_scale=b.filter_size_scale, input_specs=input_specs,
+        stochastic_depth_drop_rate=b.stochastic_depth_drop_rate,
+        flat_stochastic_depth_drop_rate=b.flat_stochastic_depth_drop_rate, output_stride=b.output_stride,
+        output_intermediate_endpoints=b.output_intermediate_endpoints, use_sync_bn=norm.use_sync_bn,
+        norm_momentum=norm.norm_momentum, norm_epsilon=norm.norm_epsilon, kernel_regularizer=l2_regularizer,
+        regularize_depthwise=True)
     act = m.norm_activation
     decoder = FPNLite(min_level=m.min_level, max_level=m.max_level, depth=m.decoder.fpn.num_filters,
                       use_depthwise=s.fpn_use_depthwise, activation=act.activation, norm_momentum=act.norm_momentum,

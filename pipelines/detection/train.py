@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import tensorflow as tf
+import tf_keras
 
 from pipelines import checkpoints
 from pipelines.detection.experiment import build_experiment
@@ -28,6 +29,7 @@ from pipelines.detection.params import DetectorParams
 from official.common import dataset_fn  # isort: skip
 from official.core import task_factory  # isort: skip
 from official.vision.dataloaders import input_reader, input_reader_factory, tf_example_decoder  # isort: skip
+from official.vision.losses import focal_loss, loss_utils  # isort: skip
 from official.vision.tasks import retinanet as retinanet_task  # isort: skip
 
 
@@ -51,6 +53,29 @@ class DetectionTask(retinanet_task.RetinaNetTask):
 
         summary = zoo.restore(model, self.task_config.init_checkpoint, self.task_config.init_checkpoint_modules)
         print(summary, flush=True)
+
+    def build_losses(self, outputs, labels, aux_losses=None):
+        """The OD API's SSD loss: Model Garden's (sigmoid focal loss on every anchor and class, Huber
+        on the matched anchors' encoded boxes, averaged over the 4 coordinates, plus the L2 losses),
+        normalised as the OD API's `normalize_loss_by_num_matches` does: by the number of matched
+        anchors in the batch, at least 1 (Model Garden divides by that number plus one).
+        Returns (total, classification, box, model loss), as RetinaNetTask.build_losses does."""
+        params = self.task_config.losses
+        matches = tf.maximum(tf.reduce_sum(labels["box_weights"]), 1.0)
+        focal = focal_loss.FocalLoss(alpha=params.focal_loss_alpha, gamma=params.focal_loss_gamma,
+                                     reduction=tf_keras.losses.Reduction.SUM)
+        huber = tf_keras.losses.Huber(params.huber_loss_delta, reduction=tf_keras.losses.Reduction.SUM)
+        num_classes = self.task_config.model.num_classes
+        cls_loss = focal(y_true=tf.one_hot(loss_utils.multi_level_flatten(labels["cls_targets"], last_dim=None),
+                                           num_classes),
+                         y_pred=loss_utils.multi_level_flatten(outputs["cls_outputs"], last_dim=num_classes),
+                         sample_weight=labels["cls_weights"] / matches)
+        box_loss = huber(y_true=loss_utils.multi_level_flatten(labels["box_targets"], last_dim=4),
+                         y_pred=loss_utils.multi_level_flatten(outputs["box_outputs"], last_dim=4),
+                         sample_weight=labels["box_weights"] / matches)
+        model_loss = cls_loss + params.box_loss_weight * box_loss
+        total = model_loss + tf.reduce_sum(aux_losses) if aux_losses else model_loss
+        return params.loss_weight * total, cls_loss, box_loss, model_loss
 
     def build_inputs(self, params, input_context=None):
         model = self.task_config.model
