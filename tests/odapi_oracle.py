@@ -175,7 +175,8 @@ def oracle_env() -> dict[str, str]:
 
 def run_oracle(config: Path, images: list[np.ndarray], out_dir: Path, seed: int = 0,
                num_classes: int | None = None, timeout: float = 600,
-               groundtruth: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
+               groundtruth: list[tuple[np.ndarray, np.ndarray]] | None = None,
+               weights: str | Path | None = None) -> dict:
     """Run the OD API model of `config` on `images` in a subprocess; return its outputs.
 
     `images` are uint8 HxWx3 arrays (any sizes). Writes out_dir/images.npz, then the child writes
@@ -189,6 +190,8 @@ def run_oracle(config: Path, images: list[np.ndarray], out_dir: Path, seed: int 
     image, the images all of one size: the OD API's training loss of that batch is computed too (see
     `_loss_and_gradients`), and "gradients": the prefix of a checkpoint in the zoo layout whose variables
     hold the loss's gradients instead of the weights.
+    `weights`: an OD API checkpoint prefix the model restores (every variable) instead of taking seeded
+    random values; out_dir/checkpoint/ckpt-0 is then a copy of it as the OD API saves it.
     Raises RuntimeError with the child's stderr tail when it fails; skips when the OD API code
     cannot be fetched.
     """
@@ -203,6 +206,8 @@ def run_oracle(config: Path, images: list[np.ndarray], out_dir: Path, seed: int 
            "--images", str(out_dir / "images.npz"), "--out", str(out_dir), "--seed", str(seed)]
     if num_classes is not None:
         cmd += ["--num-classes", str(num_classes)]
+    if weights is not None:
+        cmd += ["--weights", str(weights)]
     if groundtruth is not None:
         np.savez(out_dir / "groundtruth.npz", count=len(groundtruth),
                  **{f"boxes_{i}": np.asarray(b, np.float32).reshape(-1, 4) for i, (b, _) in enumerate(groundtruth)},
@@ -303,7 +308,7 @@ def _describe(name: str, x: np.ndarray) -> str:
 
 
 def _run_model(config_path: Path, images_path: Path, out_dir: Path, seed: int,
-               num_classes: int | None, groundtruth_path: Path | None = None) -> None:
+               num_classes: int | None, groundtruth_path: Path | None = None, weights: str | None = None) -> None:
     import tensorflow as tf
     from google.protobuf import text_format
     from object_detection.builders import model_builder
@@ -324,7 +329,11 @@ def _run_model(config_path: Path, images_path: Path, out_dir: Path, seed: int,
     # A first call creates every variable (Keras builds lazily); the image size is irrelevant,
     # preprocess resizes it to the configured input size.
     model.predict(*model.preprocess(tf.zeros([1, 64, 64, 3], tf.float32)))
-    _randomize_variables(model, seed)
+    if weights:
+        # An OD API checkpoint (e.g. one of ours written by zoo.save_od_api), read by the OD API's own code.
+        tf.train.Checkpoint(model=model).read(weights).expect_partial().assert_existing_objects_matched()
+    else:
+        _randomize_variables(model, seed)
 
     # Same layout as a zoo model folder: checkpoint/ckpt-0.{index,data-*} plus the `checkpoint`
     # state file. CheckpointManager.save also creates `save_counter`, which the zoo index has.
@@ -499,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=Path, help=".npz of uint8 HxWx3 arrays image_0, image_1, ...")
     parser.add_argument("--out", type=Path, help="output folder (zoo-like model folder + outputs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", help="an OD API checkpoint prefix to restore instead of seeded random weights")
     parser.add_argument("--num-classes", type=int, default=None, help="override model.ssd.num_classes")
     parser.add_argument("--groundtruth", type=Path, help=".npz of boxes_i, classes_i (and count): also the loss")
     parser.add_argument("--schema", type=Path, help="instead: write the pipeline.config field schema (JSON) here")
@@ -517,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (args.config and args.images and args.out):
         parser.error("--config, --images and --out are required")
-    _run_model(args.config, args.images, args.out, args.seed, args.num_classes, args.groundtruth)
+    _run_model(args.config, args.images, args.out, args.seed, args.num_classes, args.groundtruth, args.weights)
 
 
 if __name__ == "__main__":

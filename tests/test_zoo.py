@@ -144,6 +144,33 @@ def test_detections_equal_the_od_api_on_real_photos(oracle, imported_model):
         np.testing.assert_allclose(ours["detection_boxes"][:n], outputs[f"detection_boxes_{i}"][0, :n], atol=1e-5)
 
 
+def test_our_weights_saved_in_the_zoo_layout_are_read_by_the_od_api(oracle, imported_model, tmp_path):
+    """zoo.save_od_api: our network's values (here changed from the oracle's) written as an OD API
+    checkpoint; the OD API's own model restores every variable of it and gives our raw outputs."""
+    from odapi_oracle import run_oracle
+
+    folder, outputs, photos = oracle
+    params = zoo_params(folder / "pipeline.config")
+    model = build_model(params)
+    zoo.restore(model, outputs["checkpoint"], "full")
+    rng = np.random.default_rng(1)
+    for var in model.trainable_variables:
+        var.assign(var.numpy() * rng.uniform(0.5, 1.5, var.shape).astype(np.float32))
+    prefix = zoo.save_od_api(model, outputs["checkpoint"], tmp_path / "ours" / "ckpt-0")
+    assert tf.train.latest_checkpoint(str(tmp_path / "ours")) == prefix
+    again = build_model(params)
+    assert zoo.restore(again, prefix, "full").restored == len(model.weights)
+    for a, b in zip(model.weights, again.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    theirs = run_oracle(folder / "pipeline.config", photos[:1], tmp_path / "oracle", weights=prefix)
+    pre = ssd.resize(ssd.preprocess(photos[0][None]), (params.image_height, params.image_width)).numpy()
+    scores, boxes, _ = model.head(model.decoder(model.backbone(pre, training=False), training=False), training=False)
+    box = np.concatenate([boxes[k].numpy().reshape(1, -1, 4) for k in sorted(boxes, key=int)], axis=1)
+    np.testing.assert_allclose(box, theirs["box_encodings_0"], atol=1e-5)
+    assert np.abs(box - outputs["box_encodings_0"]).max() > 1e-3  # not the oracle's first weights
+
+
 def test_make_import_export_and_predict_reproduce_the_od_api(oracle, tmp_path, monkeypatch):
     """`make import` -> `make export` -> the SavedModel answers like the OD API on the photos;
     `predict` names COCO classes from the label map we ship."""

@@ -123,6 +123,34 @@ def restore_od_api(model, path: str | Path, kind: str = "full") -> RestoreSummar
     return RestoreSummary(str(path), kind, "od_api", len(wanted), _fresh_parts(kind), unused, _num_classes(model))
 
 
+def save_od_api(model, template: str | Path, out: str | Path) -> str:
+    """Write `model`'s weights as an OD API checkpoint: `template` (an OD API checkpoint of the same
+    configuration, e.g. the zoo's) gives the layout, its object graph and every entry this network has no
+    twin for (optimizer slots, counters); each variable of ours replaces its namesake. Writes
+    OUT.index/.data-* and the folder's `checkpoint` state file; returns the prefix."""
+    prefix = checkpoint_prefix(template)
+    reader = tf.train.load_checkpoint(prefix)
+    dtypes = reader.get_variable_to_dtype_map()
+    table = od_api_table(model)
+    missing = sorted(name for name in table if name not in dtypes)
+    if missing:
+        raise CheckpointError(f"{template}: {len(missing)} variables of this model are not in the checkpoint, e.g. "
+                              f"{missing[0][:-len(SUFFIX)]} (another architecture or configuration?)")
+    names, values = [], []
+    for name in sorted(dtypes):
+        value = table[name] if name in table else reader.get_tensor(name)
+        if name in table and tuple(reader.get_variable_to_shape_map()[name]) != tuple(value.shape):
+            raise CheckpointError(f"{template}: {name[:-len(SUFFIX)]} has shape "
+                                  f"{list(reader.get_variable_to_shape_map()[name])}, this model {value.shape.as_list()}")
+        names.append(name)
+        values.append(tf.convert_to_tensor(value, dtype=dtypes[name]) if name in table else tf.constant(value))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tf.raw_ops.SaveV2(prefix=str(out), tensor_names=names, shape_and_slices=[""] * len(names), tensors=values)
+    tf.compat.v1.train.update_checkpoint_state(str(out.parent), str(out), all_model_checkpoint_paths=[str(out)])
+    return str(out)
+
+
 def restore_ours(model, path: str | Path, kind: str) -> RestoreSummary:
     """Restore a checkpoint of this pipeline (or Model Garden's classification task) for `kind`."""
     prefix = checkpoint_prefix(path)
