@@ -130,7 +130,7 @@ def save_od_api(model, template: str | Path, out: str | Path) -> str:
     OUT.index/.data-* and the folder's `checkpoint` state file; returns the prefix."""
     prefix = checkpoint_prefix(template)
     reader = tf.train.load_checkpoint(prefix)
-    dtypes = reader.get_variable_to_dtype_map()
+    dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
     table = od_api_table(model)
     missing = sorted(name for name in table if name not in dtypes)
     if missing:
@@ -139,9 +139,9 @@ def save_od_api(model, template: str | Path, out: str | Path) -> str:
     names, values = [], []
     for name in sorted(dtypes):
         value = table[name] if name in table else reader.get_tensor(name)
-        if name in table and tuple(reader.get_variable_to_shape_map()[name]) != tuple(value.shape):
-            raise CheckpointError(f"{template}: {name[:-len(SUFFIX)]} has shape "
-                                  f"{list(reader.get_variable_to_shape_map()[name])}, this model {value.shape.as_list()}")
+        if name in table and tuple(shapes[name]) != tuple(value.shape):
+            raise CheckpointError(f"{template}: {name[:-len(SUFFIX)]} has shape {list(shapes[name])}, "
+                                  f"this model {value.shape.as_list()}")
         names.append(name)
         values.append(tf.convert_to_tensor(value, dtype=dtypes[name]) if name in table else tf.constant(value))
     out = Path(out)
