@@ -18,7 +18,10 @@ The file has two roles:
   pipeline.config, gives every variable a distinct seeded random value, writes DIR as an
   extracted zoo model folder (pipeline.config + checkpoint/ckpt-0.* + checkpoint/checkpoint), and
   saves the OD API's preprocess / predict / postprocess outputs for each image to
-  DIR/outputs.npz and the checkpoint's variable list to DIR/variables.json.
+  DIR/outputs.npz and the checkpoint's variable list to DIR/variables.json;
+* `run_augment_oracle(...)` / `--augment CASES.pkl --out DIR`: the OD API's data augmentation
+  (preprocessor_builder + preprocessor.preprocess) on given images and boxes, with the random values
+  that our augmentation drew (pipelines/detection/augment.py) instead of its own.
 
 Shims the OD API research code needs on our TensorFlow 2.20 stack (see `oracle_env`):
 
@@ -426,6 +429,118 @@ def _loss_and_gradients(model, images: list[np.ndarray], groundtruth_path: Path,
             "loss_reg_weights": reg_weights.numpy()}
 
 
+# ----------------------------------------------------------------------------------------------
+# Augmentation: the OD API's preprocessor on our draws
+# ----------------------------------------------------------------------------------------------
+
+def run_augment_oracle(cases: list[dict], out_dir: Path, timeout: float = 600) -> list[dict]:
+    """The OD API's own data augmentation (preprocessor_builder.build + preprocessor.preprocess, as its input
+    pipeline calls them) on each case, with the random values taken from the case instead of drawn.
+
+    A case: "options" (pipeline.config text of `data_augmentation_options { ... }` entries), "image" (uint8
+    HxWx3), "boxes" ([N, 4] normalized), "classes" ([N] ids), "draws" (one dict per option, as
+    pipelines.detection.augment.augment records them: values named after the OD API's PreprocessorCache
+    entries, "uniform:i" for plain uniform draws). Returns per case "image" (float32), "boxes", "classes"."""
+    import pickle
+
+    env = oracle_env()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "augment_cases.pkl", "wb") as f:
+        pickle.dump(cases, f)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--augment", str(out_dir / "augment_cases.pkl"),
+           "--out", str(out_dir)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"OD API augmentation oracle timed out after {timeout}s:\n{_tail(exc.stderr)}") from None
+    (out_dir / "augment.log").write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"OD API augmentation oracle failed (exit {proc.returncode}):\n{_tail(proc.stderr)}")
+    with open(out_dir / "augment_outputs.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+def _augment(cases_path: Path, out_dir: Path) -> None:
+    """Child side of run_augment_oracle: our draws put into a PreprocessorCache (keyed as the OD API's
+    functions look them up), plain uniform draws served in order by tf.random_uniform / tf.random.uniform."""
+    import pickle
+
+    import tensorflow as tf
+    from google.protobuf import text_format
+    from object_detection.builders import preprocessor_builder
+    from object_detection.core import preprocessor, preprocessor_cache
+    from object_detection.core import standard_fields as fields
+    from object_detection.protos import train_pb2
+
+    Cache = preprocessor_cache.PreprocessorCache
+    queue: list = []
+    real = {"random_uniform": preprocessor.tf.random_uniform, "uniform": preprocessor.tf.random.uniform}
+
+    def served(kind):
+        def uniform(shape, minval=0, maxval=None, dtype=tf.float32, seed=None, name=None):
+            if not queue:
+                return real[kind](shape, minval, maxval, dtype=dtype, seed=seed, name=name)
+            return tf.constant(queue.pop(0), dtype)
+        return uniform
+
+    preprocessor.tf.random_uniform = served("random_uniform")
+    preprocessor.tf.random.uniform = served("uniform")
+
+    def const(value):
+        if isinstance(value, tuple):
+            return tuple(const(v) for v in value)
+        return tf.constant(value)
+
+    with open(cases_path, "rb") as f:
+        cases = pickle.load(f)
+    outputs = []
+    for number, case in enumerate(cases):
+        train = train_pb2.TrainConfig()
+        text_format.Merge(case["options"], train)
+        options = [preprocessor_builder.build(step) for step in train.data_augmentation_options]
+        if len(options) != len(case["draws"]):
+            raise SystemExit(f"case {number}: {len(options)} options, {len(case['draws'])} sets of draws")
+        cache = Cache()
+        queue.clear()
+        for (function, kwargs), draws in zip(options, case["draws"]):
+            for name, value in draws.items():
+                if name.startswith("uniform:"):
+                    queue.append(value)
+                    continue
+                function_id, _, key = name.partition(":")
+                if function_id == "strict_crop_image":
+                    # Looked up under the crop's min_object_covered (the selected operation's, for ssd_random_crop).
+                    covered = kwargs.get("min_object_covered", (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0))
+                    key = covered[int(draws["selector_tuples"])] if function is preprocessor.ssd_random_crop \
+                        else covered
+                elif function_id == "selector_tuples":
+                    key = Cache.SSD_CROP_SELECTOR_ID
+                elif function_id == "black_patches":
+                    key = int(key)
+                cache.update(function_id, key, const(value))
+
+        @tf.function
+        def run(image, boxes, classes):
+            tensors = {fields.InputDataFields.image: image[None], fields.InputDataFields.groundtruth_boxes: boxes,
+                       fields.InputDataFields.groundtruth_classes: classes,
+                       # The OD API's input pipeline gives every object weight 1 when the data has none.
+                       fields.InputDataFields.groundtruth_weights: tf.ones_like(boxes[:, 0])}
+            out = preprocessor.preprocess(tensors, options, func_arg_map=preprocessor.get_default_func_arg_map(),
+                                          preprocess_vars_cache=cache)
+            return (out[fields.InputDataFields.image][0], out[fields.InputDataFields.groundtruth_boxes],
+                    out[fields.InputDataFields.groundtruth_classes])
+
+        image, boxes, classes = run(tf.cast(case["image"], tf.float32), tf.constant(case["boxes"], tf.float32),
+                                    tf.constant(case["classes"], tf.int64))
+        if queue:
+            raise SystemExit(f"case {number}: {len(queue)} uniform draws left unused")
+        outputs.append({"image": image.numpy(), "boxes": boxes.numpy(), "classes": classes.numpy()})
+        print(f"case {number}: {[f.__name__ for f, _ in options]} -> image {image.shape}, {boxes.shape[0]} boxes")
+    with open(out_dir / "augment_outputs.pkl", "wb") as f:
+        pickle.dump(outputs, f)
+
+
 def field_schema(timeout: float = 300) -> dict:
     """The OD API's pipeline.config schema as pipelines/config/odapi_fields.json holds it (generated in
     a child process from the OD API's own protos; see `_schema`)."""
@@ -511,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", help="an OD API checkpoint prefix to restore instead of seeded random weights")
     parser.add_argument("--num-classes", type=int, default=None, help="override model.ssd.num_classes")
     parser.add_argument("--groundtruth", type=Path, help=".npz of boxes_i, classes_i (and count): also the loss")
+    parser.add_argument("--augment", type=Path, help="instead: the OD API's augmentation of these cases (pickle)")
     parser.add_argument("--schema", type=Path, help="instead: write the pipeline.config field schema (JSON) here")
     parser.add_argument("--parse", nargs="+", help="instead: print protobuf text_format.Parse verdicts as JSON")
     args = parser.parse_args(argv)
@@ -524,6 +640,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.parse:
         print(json.dumps(_parse_verdicts(args.parse)))
+        return
+    if args.augment:
+        _augment(args.augment, args.out)
         return
     if not (args.config and args.images and args.out):
         parser.error("--config, --images and --out are required")

@@ -211,7 +211,8 @@ def test_templates_have_the_zoo_fields_and_values():
     assert ours.aspect_ratios == [1.0, 2.0, 0.5] and ours.num_scales == 2 and ours.anchor_size == 4.0
     assert ours.box_coder_weights == [10.0, 10.0, 5.0, 5.0]
     assert (ours.focal_alpha, ours.focal_gamma) == (0.25, 2.0)
-    assert ours.aug_scale_min == 1.0 and ours.aug_scale_max == pytest.approx(1 / 0.75 ** 0.5)
+    assert [name for name, _ in ours.augmentations] == ["random_horizontal_flip", "random_crop_image"]
+    assert ours.augmentations[1][1]["min_area"] == 0.75 and ours.augmentations[1][1]["min_object_covered"] == 0.0
     assert ours.fine_tune_checkpoint_type == "classification"
 
 
@@ -389,9 +390,9 @@ def test_a_zoo_file_works_as_the_template(workspace, tmp_path):
     (lambda t: re.sub(r"cosine_decay_learning_rate \{[^}]*\}", "exponential_decay_learning_rate { initial_learning_rate: .08 }",
                       t),
      "learning_rate.exponential_decay_learning_rate: not supported; supported: cosine_decay_learning_rate"),
-    (lambda t: t.replace("random_horizontal_flip { }", "random_adjust_brightness { }"),
-     "data_augmentation_options.random_adjust_brightness: not supported; supported: random_horizontal_flip, "
-     "random_crop_image"),
+    (lambda t: t.replace("random_horizontal_flip { }", "random_jpeg_quality { }"),
+     "data_augmentation_options.random_jpeg_quality: not supported; supported: random_adjust_brightness, "
+     "random_adjust_contrast"),
     (lambda t: t.replace("height: 320", "height: 300"),
      "fixed_shape_resizer.height: 300 must be a positive multiple of 32"),
     (lambda t: t.replace("force_match_for_each_row: true", ""),

@@ -202,8 +202,13 @@ def _fast_nms_reference(params, exp, model, image):
             if (inter / (areas[k] + areas[i] - inter) > params.nms_iou_threshold).any():
                 continue
         kept.append(i)
+    # Anchors whose scores tie (within float rounding) may be taken in either order by the op, and which of
+    # them NMS keeps then differs: detections are comparable up to the first kept one with such a tie.
+    ordered = np.sort(best)
+    ties = [r for r, i in enumerate(kept)
+            if np.sum(np.abs(ordered[np.searchsorted(ordered, best[i] - 1e-5):][:8] - best[i]) <= 1e-5) > 1]
     return {"num_detections": len(kept), "detection_boxes": boxes[kept], "detection_scores": best[kept],
-            "detection_classes": classes[kept].astype(np.float32)}
+            "detection_classes": classes[kept].astype(np.float32), "comparable": ties[0] if ties else len(kept)}
 
 
 def test_tflite_files_have_the_od_api_device_layout(tflite_export):
@@ -273,7 +278,8 @@ def test_float_tflite_detections_agree_with_the_checkpoint_model(tflite_export, 
             got = runner(input_tensor=resized)
             got = {"num_detections": int(got["num_detections"][0]), "detection_boxes": got["detection_boxes"][0],
                    "detection_scores": got["detection_scores"][0], "detection_classes": got["detection_classes"][0]}
-            problem, _ = compare(ref, got, top=20, score_tol=tolerance, box_tol=tolerance)
+            assert ref["comparable"] >= 5, f"image {n}: tied scores from the top: nothing to compare"
+            problem, _ = compare(ref, got, top=min(20, ref["comparable"]), score_tol=tolerance, box_tol=tolerance)
             assert problem is None, f"{name}, image {n}: {problem}"
 
 

@@ -44,7 +44,7 @@ def tiny_params(data_dir: Path, **overrides) -> DetectorParams:
     fields = dict(
         num_classes=4, image_height=128, image_width=128, depth_multiplier=0.35, fpn_num_filters=16,
         head_num_filters=16, head_num_convs=1, batch_size=4, num_steps=30, learning_rate=0.2,
-        warmup_learning_rate=0.2, warmup_steps=0, random_horizontal_flip=False, random_crop=False,
+        warmup_learning_rate=0.2, warmup_steps=0,
         train_files=[str(data_dir / "train-*.tfrecord")], eval_files=[str(data_dir / "val-*.tfrecord")],
         eval_batch_size=4, label_map_path=str(data_dir / "label_map.pbtxt"))
     fields.update(overrides)
@@ -128,12 +128,17 @@ def test_tiny_detector_loss_goes_down(trained):
 
 
 def test_seeded_runs_repeat_exactly(data_dir, tmp_path):
-    """The same seed twice: the same losses, loop for loop, with augmentation on (flips and scale jitter are
-    random ops in tf.data's parallel parser map); another seed: other losses. The process is left as it was
-    (op determinism is switched off again)."""
+    """The same seed twice: the same losses, loop for loop, with augmentation on (flips, crops and colour
+    changes are random ops in tf.data's parallel parser map); another seed: other losses. The process is left
+    as it was (op determinism is switched off again)."""
     from tensorflow.python.framework import config as tf_config
 
-    params = tiny_params(data_dir, num_steps=2, random_horizontal_flip=True, random_crop=True, seed=5)
+    from pipelines.detection.config import AUGMENTATIONS
+
+    augmentations = [["random_horizontal_flip", dict(AUGMENTATIONS["random_horizontal_flip"])],
+                     ["random_crop_image", dict(AUGMENTATIONS["random_crop_image"], min_object_covered=0.0, min_area=0.5)],
+                     ["random_distort_color", {"color_ordering": 0}]]
+    params = tiny_params(data_dir, num_steps=2, augmentations=augmentations, seed=5)
     losses = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         result = train(dataclasses.replace(params, seed=seed), tmp_path / name, log=lambda _: None, steps_per_loop=1)

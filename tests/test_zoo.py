@@ -305,7 +305,7 @@ def test_freeze_variables_leave_the_backbone_untrained(tmp_path, sample_dir):
     params = DetectorParams(
         num_classes=4, image_height=128, image_width=128, depth_multiplier=0.35, fpn_num_filters=16,
         head_num_filters=16, head_num_convs=1, batch_size=4, num_steps=3, learning_rate=0.5, warmup_learning_rate=0.5,
-        warmup_steps=0, random_horizontal_flip=False, random_crop=False, train_files=[str(data / "train-*.tfrecord")],
+        warmup_steps=0, train_files=[str(data / "train-*.tfrecord")],
         eval_files=[str(data / "val-*.tfrecord")], label_map_path=str(data / "label_map.pbtxt"),
         freeze_variables=[FREEZE_PATTERNS["backbone"]])
     start = build_model(dataclasses.replace(params, freeze_variables=[]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from pipelines.config.base import IGNORED, Translation, check_files
+from pipelines.config.base import IGNORED, Translation, UserError, check_files
 from pipelines.config.base import fail as _fail
 from pipelines.config.textproto import TextProto
 from pipelines.detection.params import DetectorParams
@@ -100,6 +100,143 @@ FIELD_MAP = [
     ("eval_input_reader.tf_record_input_reader.input_path", "eval_files", None),
 ]
 
+# data_augmentation_options: option -> {field: the OD API's value when the field is absent}; each option is the
+# OD API preprocessor function of that name (pipelines/detection/augment.py). None: no default (see the option).
+_PROBABILITY = {"probability": 0.5}
+_CROP = dict(min_object_covered=1.0, min_aspect_ratio=0.75, max_aspect_ratio=1.33, min_area=0.1, max_area=1.0,
+             overlap_thresh=0.3, clip_boxes=True, random_coef=0.0)
+# An ssd_random_crop operation's fields default to the proto's zeros, not to random_crop_image's values.
+_SSD_OPERATION = dict(min_object_covered=0.0, min_aspect_ratio=0.0, max_aspect_ratio=0.0, min_area=0.0, max_area=0.0,
+                      overlap_thresh=0.0, clip_boxes=True, random_coef=0.0)
+AUGMENTATIONS = {
+    "random_horizontal_flip": _PROBABILITY,
+    "random_vertical_flip": _PROBABILITY,
+    "random_rotation90": _PROBABILITY,
+    "random_adjust_brightness": {"max_delta": 0.2},
+    "random_adjust_contrast": {"min_delta": 0.8, "max_delta": 1.25},
+    "random_adjust_hue": {"max_delta": 0.02},
+    "random_adjust_saturation": {"min_delta": 0.8, "max_delta": 1.25},
+    "random_distort_color": {"color_ordering": 0},
+    "random_rgb_to_gray": {"probability": 0.1},
+    "random_crop_image": _CROP,
+    "ssd_random_crop": {"operations": None},
+    "random_image_scale": {"min_scale_ratio": 0.5, "max_scale_ratio": 2.0},
+    "random_pad_image": {"min_image_height": 0, "min_image_width": 0, "max_image_height": 0, "max_image_width": 0,
+                         "pad_color": None},
+    "random_scale_crop_and_pad_to_square": {"output_size": 512, "scale_min": 0.1, "scale_max": 2.0},
+    "random_jitter_boxes": {"ratio": 0.05, "jitter_mode": "DEFAULT"},
+    "random_black_patches": {"max_black_patches": 10, "probability": 0.5, "size_to_image_ratio": 0.1},
+}
+# Fields that need what detection training here does not have (keypoints): refused when set.
+_KEYPOINT_FIELDS = ("keypoint_flip_permutation", "keypoint_rot_permutation")
+
+
+def _fields(message, defaults: dict, where: str) -> dict:
+    """The message's scalar fields over `defaults`, each converted to its default's type; unknown fields refused."""
+    values = dict(defaults)
+    for f in message.fields:
+        path = f"{where}.{f.name}"
+        if f.name in _KEYPOINT_FIELDS:
+            raise ValueError(f"{path}: not supported: detection training here has no keypoints; remove it")
+        if f.name not in defaults or (f.message is not None and defaults[f.name] is not None):
+            raise ValueError(f"{path}: unknown field; fields: {', '.join(defaults) or 'none'}")
+        if f.name == "pad_color":  # repeated: `pad_color: [r, g, b]` or the field three times
+            values[f.name] = (values[f.name] or []) + [float(v.value) for v in f.values]
+            continue
+        if f.message is not None:
+            continue
+        value, default = f.value, defaults[f.name]
+        try:
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError
+            elif isinstance(default, int):
+                if isinstance(value, bool) or float(value) != int(value):
+                    raise ValueError
+                value = int(value)
+            elif isinstance(default, float):
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError
+            else:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: {value!r} is not a finite {type(default).__name__}") from None
+        values[f.name] = value
+    return values
+
+
+def _require(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{path}: {message}")
+
+
+def _check_crop(v: dict, where: str) -> None:
+    for name in ("min_object_covered", "overlap_thresh", "random_coef"):
+        _require(0.0 <= v[name] <= 1.0, f"{where}.{name}", f"{v[name]} must be in [0, 1]")
+    _require(0.0 < v["min_aspect_ratio"] <= v["max_aspect_ratio"], f"{where}.min_aspect_ratio/max_aspect_ratio",
+             f"({v['min_aspect_ratio']}, {v['max_aspect_ratio']}) must satisfy 0 < min <= max")
+    _require(0.0 < v["min_area"] <= v["max_area"] <= 1.0, f"{where}.min_area/max_area",
+             f"({v['min_area']}, {v['max_area']}) must satisfy 0 < min <= max <= 1")
+
+
+def augmentation(name: str, message, where: str) -> dict:
+    """One data_augmentation_options entry -> its settings for pipelines/detection/augment.py, with the OD API's
+    values for absent fields; a value the OD API would reject or misuse raises ValueError naming the field."""
+    defaults = AUGMENTATIONS[name]
+    v = _fields(message, defaults, where)
+    if "probability" in v:
+        _require(0.0 <= v["probability"] <= 1.0, f"{where}.probability", f"{v['probability']} must be in [0, 1]")
+    if name == "random_adjust_brightness":
+        _require(v["max_delta"] >= 0, f"{where}.max_delta", f"{v['max_delta']} must be at least 0")
+    if name in ("random_adjust_contrast", "random_adjust_saturation"):
+        _require(0 <= v["min_delta"] <= v["max_delta"], f"{where}.min_delta/max_delta",
+                 f"({v['min_delta']}, {v['max_delta']}) must satisfy 0 <= min <= max")
+    if name == "random_adjust_hue":
+        _require(0 <= v["max_delta"] <= 0.5, f"{where}.max_delta", f"{v['max_delta']} must be in [0, 0.5]")
+    if name == "random_distort_color":
+        _require(v["color_ordering"] in (0, 1), f"{where}.color_ordering", f"{v['color_ordering']} must be 0 or 1")
+    if name == "random_crop_image":
+        _check_crop(v, where)
+    if name == "ssd_random_crop":
+        operations = []
+        for i, f in enumerate(message.all("operations")):
+            op = _fields(f.message, _SSD_OPERATION, f"{where}.operations[{i}]")
+            _check_crop(op, f"{where}.operations[{i}]")
+            operations.append(op)
+        v["operations"] = operations
+    if name == "random_image_scale":
+        _require(0 < v["min_scale_ratio"] <= v["max_scale_ratio"], f"{where}.min_scale_ratio/max_scale_ratio",
+                 f"({v['min_scale_ratio']}, {v['max_scale_ratio']}) must satisfy 0 < min <= max")
+    if name == "random_pad_image":
+        sizes = {}
+        for bound in ("min", "max"):
+            h, w = (message.first(f"{bound}_image_{side}") for side in ("height", "width"))
+            _require((h is None) == (w is None), f"{where}.{bound}_image_height/width", "set both or neither")
+            sizes[bound] = [v[f"{bound}_image_height"], v[f"{bound}_image_width"]] if h is not None else None
+            for side in ("height", "width"):
+                _require(v[f"{bound}_image_{side}"] >= 0, f"{where}.{bound}_image_{side}", "must be at least 0")
+        _require(v["pad_color"] is None or len(v["pad_color"]) == 3, f"{where}.pad_color", "must hold 3 values (RGB)")
+        v = {"min_image_size": sizes["min"], "max_image_size": sizes["max"], "pad_color": v["pad_color"] or None}
+    if name == "random_scale_crop_and_pad_to_square":
+        _require(v["output_size"] >= 1, f"{where}.output_size", f"{v['output_size']} must be at least 1")
+        _require(0 < v["scale_min"] <= v["scale_max"], f"{where}.scale_min/scale_max",
+                 f"({v['scale_min']}, {v['scale_max']}) must satisfy 0 < min <= max")
+    if name == "random_jitter_boxes":
+        from pipelines.detection.augment import JITTER_MODES
+
+        mode = v["jitter_mode"].lower()
+        _require(mode in JITTER_MODES, f"{where}.jitter_mode",
+                 f"'{v['jitter_mode']}' is not one of {', '.join(m.upper() for m in JITTER_MODES)}")
+        _require(v["ratio"] >= 0, f"{where}.ratio", f"{v['ratio']} must be at least 0")
+        v["jitter_mode"] = mode
+    if name == "random_black_patches":
+        _require(v["max_black_patches"] >= 0, f"{where}.max_black_patches", "must be at least 0")
+        _require(0 < v["size_to_image_ratio"] < 1, f"{where}.size_to_image_ratio",
+                 f"{v['size_to_image_ratio']} must be in (0, 1)")
+    return v
+
+
 # What each oneof may hold here; anything else is an error that lists these.
 SUPPORTED = {
     "model": ["ssd"],
@@ -115,7 +252,7 @@ SUPPORTED = {
     "train_config.optimizer": ["momentum_optimizer", "adam_optimizer", "use_moving_average"],
     f"{MOMENTUM}.learning_rate": ["cosine_decay_learning_rate"],
     f"{ADAM}.learning_rate": ["cosine_decay_learning_rate"],
-    "train_config.data_augmentation_options": ["random_horizontal_flip", "random_crop_image"],
+    "train_config.data_augmentation_options": sorted(AUGMENTATIONS),
     "train_config.fine_tune_checkpoint_type": ["detection", "classification", "full"],
 }
 
@@ -313,17 +450,16 @@ def translate(doc: TextProto, check_paths: bool = True) -> Translation:
             raise _fail(doc.source, f"{SSD}.image_resizer.fixed_shape_resizer.{name}",
                         f"{value} must be a positive multiple of 32")
 
-    augmentations = [g.name for f in doc.find("train_config.data_augmentation_options") for g in f.message.fields]
-    params.random_horizontal_flip = "random_horizontal_flip" in augmentations
-    params.random_crop = "random_crop_image" in augmentations
-    if params.random_crop:
-        # A crop of area fraction a, resized back to the input size, zooms in by 1/sqrt(a):
-        # the parser's scale jitter over [1/sqrt(max_area), 1/sqrt(min_area)] does the same.
-        crop = "train_config.data_augmentation_options.random_crop_image"
-        params.aug_scale_min = 1.0 / math.sqrt(float(doc.get(f"{crop}.max_area", 1.0)))
-        params.aug_scale_max = 1.0 / math.sqrt(float(doc.get(f"{crop}.min_area", 0.1)))
-    else:
-        params.aug_scale_min = params.aug_scale_max = 1.0
+    params.augmentations = []
+    for i, f in enumerate(doc.find("train_config.data_augmentation_options")):
+        for option in f.message.fields:
+            where = f"train_config.data_augmentation_options[{i}].{option.name}"
+            if option.message is None:
+                raise _fail(doc.source, where, "must be a message, e.g. `" + option.name + " { }`")
+            try:
+                params.augmentations.append([option.name, augmentation(option.name, option.message, where)])
+            except ValueError as e:
+                raise UserError(doc.source, str(e)) from None
 
     if params.fine_tune_checkpoint and params.fine_tune_checkpoint_type is None:
         params.fine_tune_checkpoint_type = "detection"

@@ -13,6 +13,7 @@ it, in the open. `NOT_HONOURED` lists where Model Garden cannot do what the OD A
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 from pipelines.detection import TASK
@@ -30,11 +31,6 @@ from official.vision.configs import retinanet as retinanet_cfg  # isort: skip
 def _steps_per_loop(p: DetectorParams) -> int:
     """Loop size: progress, summaries and checkpoints every loop; about 10 per run, at most 100 steps."""
     return min(100, max(1, p.num_steps // 10))
-
-
-def _aug_scale(p: DetectorParams) -> tuple[float, float]:
-    # random_crop_image has no Model Garden twin; the parser's scale jitter + crop stands in for it.
-    return (p.aug_scale_min, p.aug_scale_max) if p.random_crop else (1.0, 1.0)
 
 
 def _cosine_decay_steps(p: DetectorParams) -> int:
@@ -154,12 +150,12 @@ FIELDS: list[Row] = [
      lambda p: p.warmup_steps),
     ("...cosine_decay_learning_rate.warmup_learning_rate",
      "trainer.optimizer_config.warmup.linear.warmup_learning_rate", lambda p: p.warmup_learning_rate),
-    ("train_config.data_augmentation_options.random_horizontal_flip", "task.train_data.parser.aug_rand_hflip",
-     lambda p: p.random_horizontal_flip),
-    ("train_config.data_augmentation_options.random_crop_image (approximation: scale jitter)",
-     "task.train_data.parser.aug_scale_min", lambda p: _aug_scale(p)[0]),
-    ("train_config.data_augmentation_options.random_crop_image (approximation: scale jitter)",
-     "task.train_data.parser.aug_scale_max", lambda p: _aug_scale(p)[1]),
+    # The OD API's options run in the parser (pipelines/detection/augment.py); Model Garden's own flip and scale
+    # jitter are off.
+    ("train_config.data_augmentation_options", "task.ssd.augmentations", lambda p: json.dumps(p.augmentations)),
+    ("train_config.data_augmentation_options (in task.ssd)", "task.train_data.parser.aug_rand_hflip", lambda p: False),
+    ("train_config.data_augmentation_options (in task.ssd)", "task.train_data.parser.aug_scale_min", lambda p: 1.0),
+    ("train_config.data_augmentation_options (in task.ssd)", "task.train_data.parser.aug_scale_max", lambda p: 1.0),
     # fixed_shape_resizer stretches the image to height x width: no aspect ratio kept, no padding.
     ("image_resizer.fixed_shape_resizer (stretch)", "task.train_data.parser.keep_aspect_ratio", lambda p: False),
     ("image_resizer.fixed_shape_resizer (stretch)", "task.validation_data.parser.keep_aspect_ratio",
@@ -184,7 +180,6 @@ FIELDS: list[Row] = [
 
 # What Model Garden cannot do as the Object Detection API does (DetectorParams field: how it differs).
 NOT_HONOURED = {
-    "random_crop": "ssd_random_crop has no twin; the parser's random scale jitter + crop stands in for it",
     "activation": "FPN and head only: Model Garden's MobileNetV2 blocks are always relu6",
 }
 

@@ -77,10 +77,8 @@ class DetectorParams:
     momentum: float = 0.9  # momentum_optimizer.momentum_optimizer_value
     adam_epsilon: float = 1e-8  # adam_optimizer.epsilon
     weight_decay: float = 4e-5  # conv_hyperparams.regularizer.l2_regularizer.weight
-    random_horizontal_flip: bool = True  # data_augmentation_options
-    random_crop: bool = True  # random_crop_image -> the parser's scale jitter and crop
-    aug_scale_min: float = 0.75
-    aug_scale_max: float = 1.25
+    # data_augmentation_options: [option name, its settings] in the config's order (pipelines/detection/augment.py)
+    augmentations: list[list] = field(default_factory=list)
     fine_tune_checkpoint: str | None = None
     fine_tune_checkpoint_type: str | None = None  # "detection" or "classification"
     freeze_variables: list[str] = field(default_factory=list)  # regexes: not trained

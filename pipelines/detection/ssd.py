@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import re
 from typing import Mapping
 
 import tensorflow as tf
 import tf_keras
+
+from pipelines.detection import augment
 
 from official.modeling.hyperparams import base_config  # isort: skip
 from official.vision.configs import retinanet as retinanet_cfg  # isort: skip
@@ -60,6 +63,7 @@ class SSDConfig(base_config.Config):
     max_detections_per_class: int = 100
     freeze_variables: list[str] = dataclasses.field(default_factory=list)
     update_trainable_variables: list[str] = dataclasses.field(default_factory=list)
+    augmentations: str = "[]"  # data_augmentation_options as JSON [[name, settings], ...] (augment.py)
 
 
 @dataclasses.dataclass
@@ -423,6 +427,7 @@ class SSDParser(retinanet_input.Parser):
         self._drop_crowds = skip_crowd_during_training
         m = task.model
         self._out_dtype = dtype
+        self._augmentations = json.loads(task.ssd.augmentations)
         self._od_anchors = lambda image_size: anchor_boxes(m.min_level, m.max_level, m.anchor.num_scales,
                                                            m.anchor.aspect_ratios, m.anchor.anchor_size, image_size)
 
@@ -439,9 +444,20 @@ class SSDParser(retinanet_input.Parser):
         keys = ("groundtruth_classes", "groundtruth_boxes", "groundtruth_is_crowd", "groundtruth_area")
         return {**data, **{key: tf.gather(data[key], keep) for key in keys if key in data}}
 
+    def _augment(self, data: dict) -> dict:
+        """The config's data_augmentation_options on the decoded image (float, [0, 255]) and its objects.
+        The image goes on to Model Garden's parser in [0, 1] floats, which its normalisation takes as they are."""
+        example = {key: data[key] for key in augment.OBJECT_FIELDS if key in data}
+        example.update(image=tf.cast(data["image"], tf.float32), boxes=data["groundtruth_boxes"])
+        example = augment.augment(example, self._augmentations)
+        out = {**data, **{key: example[key] for key in augment.OBJECT_FIELDS if key in data}}
+        return {**out, "image": example["image"] / 255.0, "groundtruth_boxes": example["boxes"]}
+
     def _parse_train_data(self, data, anchor_labeler=None, input_anchor=None):
         if self._drop_crowds:
             data = self._without_crowds(data)
+        if self._augmentations:
+            data = self._augment(data)
         image, labels = super()._parse_train_data(data, anchor_labeler, input_anchor=self._od_anchors)
         return self._to_mobilenet(image), labels
 
