@@ -216,19 +216,25 @@ def run_oracle(config: Path, images: list[np.ndarray], out_dir: Path, seed: int 
                  **{f"boxes_{i}": np.asarray(b, np.float32).reshape(-1, 4) for i, (b, _) in enumerate(groundtruth)},
                  **{f"classes_{i}": np.asarray(c, np.int64).reshape(-1) for i, (_, c) in enumerate(groundtruth)})
         cmd += ["--groundtruth", str(out_dir / "groundtruth.npz")]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"OD API oracle timed out after {timeout}s:\n{_tail(exc.stderr)}") from None
-    (out_dir / "oracle.log").write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"OD API oracle failed (exit {proc.returncode}):\n{_tail(proc.stderr)}")
+    _run_child(cmd, env, out_dir / "oracle.log", timeout, "oracle")
     with np.load(out_dir / "outputs.npz") as npz:
         outputs = {key: npz[key] for key in npz.files}
     outputs["checkpoint"] = str(out_dir / "checkpoint" / "ckpt-0")
     if groundtruth is not None:
         outputs["gradients"] = str(out_dir / "gradients" / "ckpt-0")
     return outputs
+
+
+def _run_child(cmd: list[str], env: dict, log: Path, timeout: float, what: str) -> None:
+    """Run the child `cmd`; its command line, stdout and stderr go to `log`. Raises RuntimeError with the
+    stderr tail when it fails or runs past `timeout` seconds."""
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"OD API {what} timed out after {timeout}s:\n{_tail(exc.stderr)}") from None
+    log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"OD API {what} failed (exit {proc.returncode}):\n{_tail(proc.stderr)}")
 
 
 def _tail(text, limit: int = 4000) -> str:
@@ -450,13 +456,7 @@ def run_augment_oracle(cases: list[dict], out_dir: Path, timeout: float = 600) -
         pickle.dump(cases, f)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--augment", str(out_dir / "augment_cases.pkl"),
            "--out", str(out_dir)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"OD API augmentation oracle timed out after {timeout}s:\n{_tail(exc.stderr)}") from None
-    (out_dir / "augment.log").write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"OD API augmentation oracle failed (exit {proc.returncode}):\n{_tail(proc.stderr)}")
+    _run_child(cmd, env, out_dir / "augment.log", timeout, "augmentation oracle")
     with open(out_dir / "augment_outputs.pkl", "rb") as f:
         return pickle.load(f)
 
