@@ -70,7 +70,9 @@ def our_loss(folder: Path, checkpoint: str, photos, training: bool = False):
 
     params = tr.translate(TextProto((folder / "pipeline.config").read_text(), "pipeline.config"),
                           check_paths=False).params
-    params = dataclasses.replace(params, batch_size=len(photos))
+    # The loss is compared on the batch as given: the config's data_augmentation_options are off here
+    # (the oracle calls loss() on the unaugmented batch; augmentation parity is test_detection_augment's).
+    params = dataclasses.replace(params, batch_size=len(photos), augmentations=[])
     exp = build_experiment(params)
     task = DetectionTask(exp.task)
     model = task.build_model()
