@@ -38,33 +38,41 @@ MAX_DETECTIONS ?=
 MIN_AREA ?=
 UPLOAD  ?=
 SKIP_DRAFTS ?= 0
+FILES   ?=
+OUT     ?=
+OPTIMIZER ?=
 
 # $(call q,VALUE): VALUE as one single-quoted shell word, whatever it holds (spaces, quotes, $, ;, parentheses).
 # Every user variable reaches the shell through it; the $(if $(X),...) tests stay as they were.
 q = '$(subst ','\'',$(1))'
 
-.PHONY: help setup browser lock sample data config import train eval report export prelabel serve bento containerize test bench bench-data bench-train-detection \
+.PHONY: help setup browser lock sample data config import train eval predict report export prelabel serve bento containerize test bench bench-data bench-train-detection \
         bench-train-segmentation bench-serve bench-export bench-prelabel serve-spectrogram demo clean
 
 help:
 	@echo "make setup                         create .venv and install requirements.lock"
-	@echo "make demo                          run the pipeline on the bundled sample"
+	@echo "make demo [TASK=detection|segmentation]   the whole job on the bundled sample (both tasks by default)"
 	@echo "make test                          run the test suite"
 	@echo "make sample [IMAGES=300]           (re)generate the bundled sample in datasets/sample"
 	@echo "make data DATASET=NAME [TASK=detection|segmentation] [MASKS=0|1] [VAL_RATIO=0.2] [SEED=0]"
-	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=1] [MAX_PIXELS=N] [ALLOW_OUTSIDE_IMAGES=1]"
-	@echo "          [SKIP_DRAFTS=1] (leave out images that still hold unreviewed model drafts)"
+	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=0|1] [MAX_PIXELS=N] [ALLOW_OUTSIDE_IMAGES=0|1]"
+	@echo "          [SKIP_DRAFTS=0|1] (1: leave out images that still hold unreviewed model drafts)"
 	@echo "make config DATASET=NAME [MODEL=ssd_mobilenet_v2_fpnlite_320x320] [RUN=NAME] [BATCH=N] [STEPS=N]"
 	@echo "          [CHECKPOINT=path/ckpt-N] [CHECKPOINT_TYPE=detection|classification|full] [LR=peak] [OPTIMIZER=adam|momentum] [SIZE=N|HxW]"
-	@echo "          [FREEZE=backbone|feature_extractor] [SEED=0]"
+	@echo "          [FREEZE=backbone|feature_extractor] [SEED=0]   (unset: the template's values, scaled to BATCH)"
 	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
 	@echo "make import ZOO=DIR [RUN=NAME] [LABEL_MAP=file]   an Object Detection API zoo model as a run"
-	@echo "make train RUN=NAME [SEED=N] | make eval RUN=NAME [MODEL=workspace/RUN/export/model_int8.tflite|model.onnx]"
-	@echo "make export RUN=NAME [FORMAT=savedmodel|tflite|onnx|all] [QUANT=none,float16,int8]   device files measured beside the SavedModel"
+	@echo "make train RUN=NAME [SEED=N]       train (resumes from the last checkpoint)"
+	@echo "make eval RUN=NAME [CHECKPOINT=path/ckpt-N] [MODEL=workspace/RUN/export/model_int8.tflite|model.onnx]"
+	@echo "make export RUN=NAME [CHECKPOINT=path/ckpt-N] [FORMAT=savedmodel|tflite|onnx|all] [QUANT=none,float16,int8]"
+	@echo "          device files measured beside the SavedModel"
+	@echo "make predict RUN=NAME FILES='a.jpg b.png' [MODEL=workspace/RUN/export/model.tflite] [SCORE=T] [OUT=dir]"
+	@echo "          JSON on stdout, drawn images in OUT (default workspace/RUN/predictions); SCORE: the export's threshold"
 	@echo "make report RUN=NAME               workspace/RUN/report.html: data, config, curves, metrics, predictions"
-	@echo "make prelabel RUN=NAME DATASET=NAME [ONLY_UNLABELLED=1|0] [SCORE=0.5] [MAX_DETECTIONS=N] [MIN_AREA=16]"
+	@echo "make prelabel RUN=NAME DATASET=NAME [ONLY_UNLABELLED=1|0] [SCORE=T] [MAX_DETECTIONS=N] [MIN_AREA=16]"
 	@echo "          the model drafts labels -> workspace/RUN/prelabel/DATASET-TIME.json for coco-annotator's import;"
+	@echo "          SCORE: the export's threshold unless given;"
 	@echo "          ANNOTATOR_URL=http://localhost:5000 ANNOTATOR_USER=... ANNOTATOR_PASSWORD=... [ANNOTATOR_DATASET=id|name]"
 	@echo "          also uploads it (UPLOAD=file uploads an earlier one)"
 	@echo "make serve RUN=NAME [PORT=3000] [HOST=127.0.0.1] | make serve MODEL=name:version (a BentoML model-store tag)"
@@ -73,6 +81,9 @@ help:
 	@echo "make containerize BENTO=name:version                 its Docker image (bentoml containerize; needs Docker)"
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
 	@echo "                                   bench-train-segmentation, bench-serve, bench-export, bench-prelabel)"
+	@echo "make lock                          re-resolve pyproject.toml's pins into requirements.lock (needs the registry)"
+	@echo "make clean                         remove every run under workspace/ and bench/out (datasets/ is kept)"
+	@echo "Every target runs python -m pipelines STAGE; .venv/bin/python -m pipelines STAGE --help lists its options."
 
 $(STAMP): requirements.lock
 	@$(call q,$(PYTHON)) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
@@ -95,7 +106,7 @@ lock:
 	  /tmp/pipelines-lock/bin/pip freeze --all --exclude-editable | grep -v -E '^(pip|setuptools|annotator-pipelines)[=@ ]'; } > requirements.lock
 
 sample: $(STAMP)
-	$(PY) -m pipelines sample --out datasets/sample --num-images $(call q,$(IMAGES))
+	$(PY) -m pipelines sample --out datasets/sample --images $(call q,$(IMAGES))
 
 data: $(STAMP)
 	$(PY) -m pipelines data --dataset $(call q,$(DATASET)) --task $(call q,$(TASK)) --val-ratio $(call q,$(VAL_RATIO)) \
@@ -106,10 +117,10 @@ data: $(STAMP)
 
 config: $(STAMP)
 	$(PY) -m pipelines config --dataset $(call q,$(DATASET)) --model $(call q,$(MODEL)) $(if $(RUN),--run $(call q,$(RUN))) \
-	  $(if $(BATCH),--batch-size $(call q,$(BATCH))) $(if $(STEPS),--num-steps $(call q,$(STEPS))) \
+	  $(if $(BATCH),--batch $(call q,$(BATCH))) $(if $(STEPS),--steps $(call q,$(STEPS))) \
 	  $(if $(CHECKPOINT),--checkpoint $(call q,$(CHECKPOINT))) \
 	  $(if $(CHECKPOINT_TYPE),--checkpoint-type $(call q,$(CHECKPOINT_TYPE))) \
-	  $(if $(LR),--learning-rate $(call q,$(LR))) $(if $(SIZE),--image-size $(call q,$(SIZE))) \
+	  $(if $(LR),--lr $(call q,$(LR))) $(if $(SIZE),--size $(call q,$(SIZE))) \
 	  $(if $(FREEZE),--freeze $(call q,$(FREEZE))) $(if $(OPTIMIZER),--optimizer $(call q,$(OPTIMIZER))) \
 	  $(if $(SEED),--seed $(call q,$(SEED)))
 
@@ -123,8 +134,9 @@ PORT ?= 3000
 # make serve listens on this machine only; HOST=0.0.0.0 exposes it (set PIPELINES_API_TOKEN then).
 HOST ?= 127.0.0.1
 # make serve: MODEL given on the command line (or in the environment) is a BentoML model tag; else RUN's export.
-SERVE_MODEL = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),workspace/$(RUN_OR_DATASET)/export)
-BENTO_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(call q,$(MODEL)),--run $(call q,$(RUN_OR_DATASET)))
+SERVED = $(if $(filter command line environment,$(origin MODEL)),--model $(call q,$(MODEL)),--run $(call q,$(RUN_OR_DATASET)))
+# make predict: MODEL given on the command line is an export's file (.tflite, .onnx); else RUN's export folder.
+PREDICT_MODEL = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),workspace/$(RUN_OR_DATASET)/export)
 BENTO   ?=
 
 train: $(STAMP)
@@ -133,6 +145,11 @@ train: $(STAMP)
 eval: $(STAMP)
 	$(PY) -m pipelines eval --run $(call q,$(RUN_OR_DATASET)) $(if $(CHECKPOINT),--checkpoint $(call q,$(CHECKPOINT))) \
 	  $(if $(filter command line environment,$(origin MODEL)),--model $(call q,$(MODEL)))
+
+predict: $(STAMP)
+	@test -n $(call q,$(FILES)) || { echo "error: give FILES='photo1.jpg photo2.png' (and RUN=NAME)"; exit 2; }
+	$(PY) -m pipelines predict --model $(call q,$(PREDICT_MODEL)) $(if $(SCORE),--score $(call q,$(SCORE))) \
+	  $(if $(OUT),--out $(call q,$(OUT))) $(foreach f,$(FILES),$(call q,$(f)))
 
 report: $(STAMP)
 	$(PY) -m pipelines report --run $(call q,$(RUN_OR_DATASET))
@@ -144,19 +161,18 @@ export: $(STAMP)
 prelabel: $(STAMP)
 	@test -n $(call q,$(RUN)) || { echo "error: give RUN=NAME (a run with an export) and DATASET=NAME"; exit 2; }
 	$(PY) -m pipelines prelabel --run $(call q,$(RUN)) --dataset $(call q,$(DATASET)) \
-	  $(if $(filter 0,$(ONLY_UNLABELLED)),--all-images) $(if $(ANNOTATIONS),--annotations $(call q,$(ANNOTATIONS))) \
-	  $(if $(SCORE),--score-threshold $(call q,$(SCORE))) $(if $(MAX_DETECTIONS),--max-detections $(call q,$(MAX_DETECTIONS))) \
+	  --only-unlabelled $(call q,$(ONLY_UNLABELLED)) $(if $(ANNOTATIONS),--annotations $(call q,$(ANNOTATIONS))) \
+	  $(if $(SCORE),--score $(call q,$(SCORE))) $(if $(MAX_DETECTIONS),--max-detections $(call q,$(MAX_DETECTIONS))) \
 	  $(if $(MIN_AREA),--min-area $(call q,$(MIN_AREA))) $(if $(UPLOAD),--upload $(call q,$(UPLOAD)))
 
 serve: $(STAMP)
-	PIPELINES_MODEL=$(call q,$(SERVE_MODEL)) $(PY) -m pipelines.serving.serve pipelines.serving.service:Service \
-	  --host $(call q,$(HOST)) --port $(call q,$(PORT))
+	$(PY) -m pipelines serve $(SERVED) --host $(call q,$(HOST)) --port $(call q,$(PORT))
 
 serve-spectrogram: $(STAMP)
 	$(PY) -m pipelines.serving.serve pipelines.serving.audio:Spectrogram --host $(call q,$(HOST)) --port $(call q,$(PORT))
 
 bento: $(STAMP)
-	$(PY) -m pipelines.serving.bento $(BENTO_MODEL)
+	$(PY) -m pipelines bento $(SERVED)
 
 containerize: $(STAMP)
 	@test -n $(call q,$(BENTO)) || { echo "error: give BENTO=name:version (printed by make bento; bentoml list)"; exit 2; }

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.common import eprint
+from pipelines.common import eprint, start_tensorflow
 from pipelines.workspace import DATASETS_DIR, UserError, display_path
 
 SAMPLE_NAME = "sample"
@@ -138,8 +138,8 @@ def add_config_parser(sub) -> None:
     p.add_argument("--model", default="ssd_mobilenet_v2_fpnlite_320x320",
                    help="a template name in configs/ or a path to a pipeline.config")
     p.add_argument("--run", help="run name: writes workspace/RUN/ (default: the dataset name)")
-    p.add_argument("--batch-size", type=_positive_int, help="train_config.batch_size (learning rates scale with it)")
-    p.add_argument("--num-steps", type=_positive_int, help="train_config.num_steps (and the schedule's total_steps)")
+    p.add_argument("--batch", "--batch-size", dest="batch_size", type=_positive_int, help="train_config.batch_size (learning rates scale with it)")
+    p.add_argument("--steps", "--num-steps", dest="num_steps", type=_positive_int, help="train_config.num_steps (and the schedule's total_steps)")
     p.add_argument("--checkpoint", help="detection: fine_tune_checkpoint (a ckpt-N prefix; without it the field is "
                                         "removed); segmentation: encoder_weights (a backbone .h5 file, imagenet "
                                         "or none)")
@@ -148,13 +148,13 @@ def add_config_parser(sub) -> None:
                         "restores the backbone, detection the backbone and FPN, full everything (same classes)")
     p.add_argument("--freeze", choices=("backbone", "feature_extractor"),
                    help="train_config.freeze_variables: leave the backbone (or backbone and FPN) untrained")
-    p.add_argument("--learning-rate", type=_positive_float,
-                   help="the schedule's peak learning rate (applied after --batch-size's scaling; warmup keeps "
+    p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=_positive_float,
+                   help="the schedule's peak learning rate (applied after --batch's scaling; warmup keeps "
                         "its ratio)")
     p.add_argument("--optimizer", choices=("adam", "momentum"),
-                   help="train_config.optimizer: adam_optimizer (peak learning rate 0.001 unless --learning-rate) "
-                        "or momentum_optimizer (0.9; peak 0.01 unless --learning-rate); the schedule is kept")
-    p.add_argument("--image-size", type=_image_size, metavar="HxW|N",
+                   help="train_config.optimizer: adam_optimizer (peak learning rate 0.001 unless --lr) "
+                        "or momentum_optimizer (0.9; peak 0.01 unless --lr); the schedule is kept")
+    p.add_argument("--size", "--image-size", dest="image_size", type=_image_size, metavar="HxW|N",
                    help="the network's input size (image_resizer.fixed_shape_resizer), e.g. 256 or 256x320")
     p.add_argument("--seed", type=_seed, default=0,
                    help="seed of initialisation, data order and augmentation (default 0), written to "
@@ -229,7 +229,7 @@ def add_run_parsers(sub) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", required=True, help="an export folder (workspace/RUN/export), its saved_model folder or "
                                                    "one of its .tflite or .onnx files")
-    p.add_argument("--score-threshold", type=_score,
+    p.add_argument("--score", "--score-threshold", dest="score_threshold", type=_score,
                    help="detection: drop detections below this score (default: the export's, chosen on the val set "
                         "by make eval; 0.5 for an export without one)")
     p.add_argument("--out", help="folder for the drawn images (default: workspace/RUN/predictions)")
@@ -288,8 +288,11 @@ def cmd_train(args) -> int:
     if args.seed is not None:
         _record_train_seed(args.run, args.seed)
     params, folder, notes, task = load_run(args.run)
+    told = folder / "pipeline.config.diff"  # `make config` wrote its notes there after printing them
+    told = told.read_text(encoding="utf-8").splitlines() if told.is_file() else []
     for note in notes:
-        print(f"note: {note}")
+        if f"# note: {note}" not in told:
+            print(f"note: {note}")
     check_memory(task, params, display_path(folder / "pipeline.config"))
     train = task.load("train")
     try:
@@ -389,11 +392,12 @@ def add_prelabel_parser(sub) -> None:
                                    "import.")
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder) with an export")
     p.add_argument("--dataset", required=True, help="a folder name under datasets/, or a path to the dataset folder")
-    p.add_argument("--all-images", action="store_true",
-                   help="draft every image, also those that already have annotations (default: only unlabelled ones)")
+    p.add_argument("--only-unlabelled", type=int, choices=(0, 1), default=1,
+                   help="1 (default): draft only images without annotations; 0: every image")
+    p.add_argument("--all-images", action="store_true", help="the same as --only-unlabelled 0")
     p.add_argument("--annotations", help="the COCO file that says which images are labelled (default: the newest "
                                          "export, .exports/coco-*.json)")
-    p.add_argument("--score-threshold", type=_score,
+    p.add_argument("--score", "--score-threshold", dest="score_threshold", type=_score,
                    help="detection: draft boxes at or above this score (default: the export's, as /detect)")
     p.add_argument("--max-detections", type=_positive_int, help="detection: at most this many boxes per image")
     p.add_argument("--min-area", type=_non_negative_int, help="segmentation: draft regions of at least this many pixels "
@@ -424,7 +428,7 @@ def cmd_prelabel(args) -> int:
     else:
         if args.dataset == SAMPLE_NAME:
             _ensure_sample()
-        result = prelabel(args.run, args.dataset, only_unlabelled=not args.all_images, annotations=args.annotations,
+        result = prelabel(args.run, args.dataset, only_unlabelled=bool(args.only_unlabelled) and not args.all_images, annotations=args.annotations,
                           log=_log, score_threshold=args.score_threshold, max_detections=args.max_detections,
                           min_area=args.min_area)
         for line in summary_lines(result):
@@ -447,7 +451,8 @@ def add_sample_parser(sub) -> None:
                        description="Write a deterministic coco-annotator dataset folder of shapes, with the "
                                    "export quirks of the real tool.")
     p.add_argument("--out", default=str(DATASETS_DIR / SAMPLE_NAME), help="folder to write (replaced)")
-    p.add_argument("--num-images", type=_positive_int, default=300, help="number of images (default 300)")
+    p.add_argument("--images", "--num-images", dest="num_images", type=_positive_int, default=300,
+                   help="number of images (default 300)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
 
 
@@ -457,6 +462,38 @@ def cmd_sample(args) -> int:
     export = generate(Path(args.out), args.num_images, args.seed)
     print(f"wrote {args.num_images} images and {display_path(export)}")
     return 0
+
+
+def add_serving_parsers(sub) -> None:
+    p = sub.add_parser("serve", help="serve a run's export (or a model-store tag) over HTTP: /detect, /segment, ...",
+                       description="Start the BentoML service (pipelines.serving.service:Service) for a run's export "
+                                   "or a BentoML model-store tag; the README's 'Serve' section lists its endpoints.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="the run whose export to serve (workspace/RUN/export, after `make export`)")
+    which.add_argument("--model", help="a model-store tag, NAME:VERSION (`make export` prints it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                                                      "0.0.0.0 exposes it: set PIPELINES_API_TOKEN then)")
+    p.add_argument("--port", type=_number_option(int, low=1, high=65535), default=3000, help="port (default 3000)")
+    from pipelines.serving.bento import add_arguments
+
+    add_arguments(sub.add_parser("bento", help="a Bento (model + code + requirements.lock) in the bento store",
+                                 description="Build a Bento of a run's export or of a model-store tag, in the bento "
+                                             "store under $BENTOML_HOME (default ~/bentoml). Nothing is downloaded."))
+
+
+def cmd_serve(args) -> int:
+    from pipelines.runs import run_dir
+    from pipelines.serving import serve
+
+    os.environ["PIPELINES_MODEL"] = args.model or str(run_dir(args.run) / "export")
+    serve.main(["pipelines.serving.service:Service", "--host", args.host, "--port", str(args.port)])
+    return 0
+
+
+def cmd_bento(args) -> int:
+    from pipelines.serving import bento
+
+    return bento.run(args)
 
 
 def add_demo_parser(sub) -> None:
@@ -472,7 +509,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--detector-steps", type=_positive_int, help="training steps of the detector (default 800)")
     p.add_argument("--segmenter-steps", type=_positive_int, help="training steps of the segmenter (default 1400)")
     p.add_argument("--detector-size", type=_positive_int, help="input size of the detector (default 256)")
-    p.add_argument("--batch-size", type=_positive_int, help="batch size of both models (default 8)")
+    p.add_argument("--batch", "--batch-size", dest="batch_size", type=_positive_int,
+                   help="batch size of both models (default 8)")
     p.add_argument("--port", type=_number_option(int, low=1, high=65535),
                    help="port of the demo's server (default: a free one)")
 
@@ -499,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_import_parser(sub)
     add_run_parsers(sub)
     add_prelabel_parser(sub)
+    add_serving_parsers(sub)
     add_demo_parser(sub)
     return parser
 
@@ -506,12 +545,16 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "import": cmd_import,
             "train": cmd_train, "eval": cmd_eval,
             "export": cmd_export, "predict": cmd_predict, "report": cmd_report, "prelabel": cmd_prelabel,
-            "demo": cmd_demo}
+            "serve": cmd_serve, "bento": cmd_bento, "demo": cmd_demo}
+# Stages that run no TensorFlow in this process (the server's workers start their own).
+WITHOUT_TENSORFLOW = ("sample", "serve", "bento")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command not in WITHOUT_TENSORFLOW:
+            start_tensorflow()
         return COMMANDS[args.command](args)
     except UserError as e:
         eprint(f"error: {e}")

@@ -1,11 +1,14 @@
 """Small helpers every stage uses: settings read from the environment, printing to stderr, durations in
-progress lines, and an ordered process-parallel map."""
+progress lines, an ordered process-parallel map, and starting TensorFlow quietly."""
 
 from __future__ import annotations
 
+import glob
 import math
 import os
+import re
 import sys
+import tempfile
 
 
 def env_number(name: str, default: float) -> float:
@@ -71,3 +74,50 @@ def duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+# What TensorFlow's CUDA build prints on every start on a machine without an NVIDIA driver: expected there,
+# and said by the stage itself ("0 GPU(s)"). Anything else TensorFlow prints on start passes through.
+_NO_DRIVER_NOISE = re.compile(r"failed call to cuInit|Could not find cuda drivers|cuda_(diagnostics|executor)\.cc")
+_started = False
+
+
+def gpu_device_files() -> list[str]:
+    """The device files an NVIDIA driver creates (WSL2: /dev/dxg); none on a machine without a GPU."""
+    return sorted(glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/dxg"))
+
+
+def start_tensorflow():
+    """Import TensorFlow and find its devices, once per process; returns the module. What TensorFlow writes
+    to stderr meanwhile is held back and written after, less its complaints about a missing CUDA driver on
+    a machine that has no GPU device at all. Where a GPU device exists but TensorFlow finds no usable GPU
+    (driver or CUDA libraries out of step), that is said in one line, with TensorFlow's own reason."""
+    global _started
+    if _started:
+        import tensorflow as tf
+
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        lines = held.read().decode("utf-8", "replace").splitlines()
+    _started = True
+    devices = gpu_device_files()
+    reasons = [line for line in lines if _NO_DRIVER_NOISE.search(line)]
+    for line in lines:
+        if not _NO_DRIVER_NOISE.search(line):
+            eprint(line)
+    if devices and not gpus:
+        reason = next((line.split("] ", 1)[-1] for line in reasons if "cuInit" in line), "no reason given")
+        eprint(f"warning: {devices[0]} is present but TensorFlow found no usable GPU ({reason}); running on the CPU")
+    return tf

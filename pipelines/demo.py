@@ -98,9 +98,9 @@ class Demo:
                    _make("config", DATASET=self.dataset, MODEL=plan.template, RUN=plan.run, BATCH=plan.batch,
                          STEPS=plan.steps, OPTIMIZER=plan.optimizer, LR=plan.learning_rate, SIZE=size),
                    ["config", "--dataset", self.dataset, "--model", plan.template, "--run", plan.run,
-                    "--batch-size", str(plan.batch), "--num-steps", str(plan.steps),
+                    "--batch", str(plan.batch), "--steps", str(plan.steps),
                     *(["--optimizer", plan.optimizer] if plan.optimizer else []),
-                    "--learning-rate", str(plan.learning_rate), "--image-size", size])
+                    "--lr", str(plan.learning_rate), "--size", size])
         self.stage(f"train the {plan.task} model ({plan.steps} steps of {plan.batch} at {size}x{size}, on the CPU)",
                    _make("train", RUN=plan.run), ["train", "--run", plan.run])
         self.stage("eval: metrics on the val images, and the run report",

@@ -107,4 +107,5 @@ def demo(sample_dir, tmp_path_factory):
     proc = run_cli("demo", "--dataset", sample_dir, "--detector-steps", "150", "--detector-size", "128",
                    "--segmenter-steps", "6", "--batch-size", "8", workspace=workspace, env=env, timeout=1500)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    (root / "stderr.txt").write_text(proc.stderr)  # for the tests of what the terminal shows
     return workspace, proc.stdout

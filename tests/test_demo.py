@@ -38,6 +38,19 @@ def test_demo_prints_every_stage_command(demo):
     assert re.search(r"default score threshold 0\.\d\d \(precision \d\.\d\d, recall \d\.\d\d\)", out)
 
 
+def test_demo_terminal_is_quiet(demo):
+    """Each note once (make config says them; make train does not repeat them), no CUDA complaints on a machine
+    without a GPU, and no alarm from a clean server start."""
+    from pipelines.common import gpu_device_files
+
+    workspace, out = demo
+    err = (workspace.parent / "stderr.txt").read_text()
+    assert out.count("synchronous TPU training setting, ignored") == 3  # three fields, each said once
+    if not gpu_device_files():
+        assert "cuInit" not in out + err and "cuda" not in (out + err).lower(), err
+    assert "ended without stopping" not in out + err, err
+
+
 def test_answer_line_names_each_score():
     from pipelines.demo import answer_line
 

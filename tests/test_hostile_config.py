@@ -257,8 +257,8 @@ def test_make_passes_variables_to_the_cli_as_single_words(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
     text = " ".join(proc.stdout.replace("\\\n", " ").split())
     assert "pipelines config --dataset 'my data' --model 'ssd_mobilenet_v2_fpnlite_320x320' --run 'it'\\''s' " \
-           "--learning-rate 'nan'" in text
+           "--lr 'nan'" in text
     assert "pipelines export --run 'it'\\''s' --format 'all' --quant 'none,float16'" in text
-    assert "pipelines prelabel --run 'it'\\''s' --dataset 'my data' --score-threshold '0.5'" in text
+    assert "pipelines prelabel --run 'it'\\''s' --dataset 'my data' --only-unlabelled '1' --score '0.5'" in text
     for unset in ("--freeze", "--checkpoint", "--all-images", "--seed", "--annotations"):
         assert unset not in text, unset

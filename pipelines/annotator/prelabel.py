@@ -111,7 +111,7 @@ def select_images(folder: Path, only_unlabelled: bool, annotations: Path | None)
     if only_unlabelled:
         if already:
             notes.append(f"{len(already)} image(s) already have annotations in {display_path(export)}: "
-                         "not drafted (ONLY_UNLABELLED=0, --all-images, drafts them too)")
+                         "not drafted (ONLY_UNLABELLED=0, --only-unlabelled 0, drafts them too)")
         images = [p for p in images if p.name not in annotated]
     elif already:
         notes.append(f"{len(already)} image(s) already have annotations in {display_path(export)}: their drafts "

@@ -52,7 +52,7 @@ class Predictions:
         if score_threshold is None:
             score_threshold = default_score_threshold(metadata)
         if not 0.0 <= score_threshold <= 1.0:
-            raise UserError(None, f"--score-threshold {score_threshold} must be between 0 and 1")
+            raise UserError(None, f"--score {score_threshold} must be between 0 and 1")
         if max_detections is not None and max_detections < 1:
             raise UserError(None, f"--max-detections {max_detections} must be 1 or more")
         self.labels = labels

@@ -30,7 +30,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from pipelines.model_store import INPUT_NAME, MASK_OUTPUT
-from pipelines.common import env_int
+from pipelines.common import env_int, start_tensorflow
 from pipelines.serving import guard
 from pipelines.serving.hardening import upload_bytes
 from pipelines.serving.batcher import MAX_BATCH_SIZE, MAX_LATENCY_MS, Batcher, Overloaded
@@ -111,7 +111,7 @@ class LoadedModel:
     """The export's serving signature, label map and identity, loaded once per worker."""
 
     def __init__(self, task: str, keys: tuple[str, ...]):
-        import tensorflow as tf
+        tf = start_tensorflow()
 
         folder, self.name, self.version, metadata = check_model(task)
         self.task = task

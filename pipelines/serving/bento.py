@@ -117,12 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipelines.serving.bento",
         description="Build a Bento (model + pipelines package + requirements.lock) of an export, in the bento "
                     "store under $BENTOML_HOME (default ~/bentoml). Nothing is downloaded.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser) -> None:
+    """The options of `python -m pipelines bento` (and of this module run as a script)."""
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="the run whose export to package (workspace/RUN/export, after `make export`)")
     which.add_argument("--model", help="a model-store tag, NAME or NAME:VERSION (`bentoml models list`)")
     parser.add_argument("--name", help="the Bento's name (default: MODEL-service)")
     parser.add_argument("--version", help="the Bento's version (default: a new one)")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
+    """Build the Bento the parsed options name; prints how to serve it. Returns the exit status."""
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     try:
         model = model_of_run(args.run) if args.run else model_of_tag(args.model)
