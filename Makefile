@@ -133,10 +133,9 @@ RUN_OR_DATASET = $(if $(RUN),$(RUN),$(notdir $(DATASET)))
 PORT ?= 3000
 # make serve listens on this machine only; HOST=0.0.0.0 exposes it (set PIPELINES_API_TOKEN then).
 HOST ?= 127.0.0.1
-# make serve: MODEL given on the command line (or in the environment) is a BentoML model tag; else RUN's export.
+# make serve, bento, predict: MODEL given on the command line (or in the environment) is a BentoML model tag
+# (predict: an export's folder or .tflite/.onnx file); else RUN's export.
 SERVED = $(if $(filter command line environment,$(origin MODEL)),--model $(call q,$(MODEL)),--run $(call q,$(RUN_OR_DATASET)))
-# make predict: MODEL given on the command line is an export's file (.tflite, .onnx); else RUN's export folder.
-PREDICT_MODEL = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),workspace/$(RUN_OR_DATASET)/export)
 BENTO   ?=
 
 train: $(STAMP)
@@ -148,7 +147,7 @@ eval: $(STAMP)
 
 predict: $(STAMP)
 	@test -n $(call q,$(FILES)) || { echo "error: give FILES='photo1.jpg photo2.png' (and RUN=NAME)"; exit 2; }
-	$(PY) -m pipelines predict --model $(call q,$(PREDICT_MODEL)) $(if $(SCORE),--score $(call q,$(SCORE))) \
+	$(PY) -m pipelines predict $(SERVED) $(if $(SCORE),--score $(call q,$(SCORE))) \
 	  $(if $(OUT),--out $(call q,$(OUT))) $(foreach f,$(FILES),$(call q,$(f)))
 
 report: $(STAMP)

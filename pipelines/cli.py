@@ -227,8 +227,10 @@ def add_run_parsers(sub) -> None:
                                    "Segmentation: prints each class's pixel area as JSON and writes the class mask "
                                    "as a palette PNG and an overlay.")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", required=True, help="an export folder (workspace/RUN/export), its saved_model folder or "
-                                                   "one of its .tflite or .onnx files")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="the run whose export to use (workspace/RUN/export)")
+    which.add_argument("--model", help="an export folder (workspace/RUN/export), its saved_model folder or one of "
+                                       "its .tflite or .onnx files")
     p.add_argument("--score", "--score-threshold", dest="score_threshold", type=_score,
                    help="detection: drop detections below this score (default: the export's, chosen on the val set "
                         "by make eval; 0.5 for an export without one)")
@@ -375,8 +377,11 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from pipelines.engine.predict import predict, print_json
 
-    options = {name: getattr(args, name) for name in tasks.of_export(Path(args.model)).predict_options}
-    print_json(predict(Path(args.model), [Path(p) for p in args.images], Path(args.out) if args.out else None,
+    from pipelines.runs import run_dir
+
+    model = Path(args.model) if args.model else run_dir(args.run) / "export"
+    options = {name: getattr(args, name) for name in tasks.of_export(model).predict_options}
+    print_json(predict(model, [Path(p) for p in args.images], Path(args.out) if args.out else None,
                        log=eprint, **options))
     return 0
 

@@ -430,6 +430,17 @@ def test_predict_prints_json_and_draws_boxes(trained, exported, tmp_path):
             b = d["box"]
             assert 0 <= b["xmin"] <= b["xmax"] <= 130 and 0 <= b["ymin"] <= b["ymax"] <= 90
         assert Image.open(r["drawn"]).size == (130, 90)
+    # make predict: the same answer, by RUN (here a run folder) and FILES.
+    import subprocess
+
+    from conftest import REPO
+
+    made = subprocess.run(["make", "-s", "--no-print-directory", "predict", f"RUN={run_dir}",
+                           f"FILES={tmp_path / 'plain.png'}", "SCORE=0", f"OUT={tmp_path / 'made'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr
+    assert [{k: v for k, v in r.items() if k != "drawn"} for r in json.loads(made.stdout)] == \
+        [{k: v for k, v in results[1].items() if k != "drawn"}]
     proc = run_cli("predict", "--model", run_dir / "export", tmp_path / "missing.jpg")
     assert proc.returncode == 2 and "missing.jpg: no such file" in proc.stderr
     proc = run_cli("predict", "--model", tmp_path, tmp_path / "plain.png")

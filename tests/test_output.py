@@ -55,9 +55,7 @@ def test_make_variables_and_cli_options_have_one_name():
     passed = re.findall(r"--([a-z-]+) \$\(call q,\$\((\w+)\)\)", MAKEFILE)
     passed += [(opt, var) for var, opt in re.findall(r"\$\(filter 1,\$\((\w+)\)\),--([a-z-]+)\)", MAKEFILE)]
     assert len(passed) > 25
-    special = {("model", "PREDICT_MODEL")}  # MODEL, or RUN's export folder
-    odd = [(opt, var) for opt, var in passed
-           if opt != var.lower().replace("_", "-") and (opt, var) not in special and var != "RUN_OR_DATASET"]
+    odd = [(opt, var) for opt, var in passed if opt != var.lower().replace("_", "-") and var != "RUN_OR_DATASET"]
     assert not odd, odd
     stages = set(re.findall(r"\$\(PY\) -m pipelines (\w+)", MAKEFILE))
     assert {"train", "serve", "bento", "predict", "prelabel"} <= stages

@@ -61,6 +61,7 @@ import base64  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 from pipelines.serving.process import free_port  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -78,17 +79,24 @@ TOKEN = "t0ken-for-tests"
 
 
 class Server:
-    def __init__(self, model: str, bento_home: Path, log: Path, **extra_env: str):
+    """A server started as `make serve RUN=...` or `make serve MODEL=tag` does (make=...: its variables), or by
+    the module under it (`python -m pipelines.serving.serve`) with PIPELINES_MODEL=model."""
+
+    def __init__(self, model: str | None, bento_home: Path, log: Path, make: dict | None = None, **extra_env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PIPELINES_MODEL": model, "BENTOML_HOME": str(bento_home),
+        env = {**os.environ, "BENTOML_HOME": str(bento_home),
                "PIPELINES_MAX_PIXELS": str(MAX_PIXELS), "PIPELINES_MAX_BATCH_SIZE": "8",
                "PIPELINES_MAX_LATENCY_MS": "20000", "BENTOML_DO_NOT_TRACK": "True", **extra_env}
+        if make is None:
+            command = [sys.executable, "-m", "pipelines.serving.serve", "pipelines.serving.service:Service",
+                       "--host", "127.0.0.1", "--port", str(self.port)]
+            env["PIPELINES_MODEL"] = model
+        else:
+            command = ["make", "-s", "--no-print-directory", "serve", f"PORT={self.port}",
+                       *(f"{k}={v}" for k, v in make.items())]
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.serving.serve",
-                                      "pipelines.serving.service:Service", "--host", "127.0.0.1", "--port",
-                                      str(self.port)],
-                                     cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 120) -> list[int]:
@@ -108,11 +116,12 @@ class Server:
         raise AssertionError(f"not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self):
-        self.proc.terminate()
+        """SIGTERM to the server's process group (make, the server, its workers), as Ctrl-C in a terminal would."""
+        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 STORED_THRESHOLD = 0.0105
@@ -137,8 +146,10 @@ def servers(tmp_path_factory):
             os.environ.pop("BENTOML_HOME", None)
         else:
             os.environ["BENTOML_HOME"] = previous
-    det = Server(str(detector_export), bento_home, root / "detector.log")
-    seg = Server("tiny-segmenter", bento_home, root / "segmenter.log", PIPELINES_MAX_MASK_SIDE="100")
+    # The way a user starts them: make serve RUN=... (here a run folder) and make serve MODEL=tag.
+    det = Server(None, bento_home, root / "detector.log", make={"RUN": detector_export.parent})
+    seg = Server(None, bento_home, root / "segmenter.log", make={"MODEL": "tiny-segmenter"},
+                 PIPELINES_MAX_MASK_SIDE="100")
     # The same detector behind a bearer token and a 1 MB body limit.
     (root / "locked-tmp").mkdir()
     # Short time limits for slow clients there too.
