@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.workspace import REPO_ROOT, UserError, display_path, workspace_dir
+from pipelines.workspace import REPO_ROOT, UserError, display_path, resolve_dataset, workspace_dir
 from pipelines.data.geometry import box_iou
 from pipelines.serving.process import ServerProcess, free_port
 
@@ -117,9 +117,14 @@ class Demo:
         port = self.port or free_port()
         export = workspace_dir() / plan.run / "export"
         filename, encoded, truth, objects = val_example(data_dir)
+        try:  # the image as a path from the checkout's root, where the printed commands run
+            source = resolve_dataset(self.dataset) / filename
+            shown = display_path(source) if source.is_file() else filename
+        except UserError:
+            shown = filename
         self.log(f"\n== serve: the {plan.task} model over HTTP, one val image sent\n"
                  f"$ {_make('serve', RUN=plan.run, PORT=port)}\n"
-                 f"$ curl -F image=@{filename} http://localhost:{port}{plan.route}", flush=True)
+                 f"$ curl -F image=@{shown} http://localhost:{port}{plan.route}", flush=True)
         started = time.monotonic()
         server_log = workspace_dir() / plan.run / "demo-serve.log"
         with ServerProcess("pipelines.serving.service:Service", env={"PIPELINES_MODEL": export}, log=server_log,
@@ -139,8 +144,8 @@ class Demo:
         self.log(answer_line(answer))
         if isinstance(answer, dict) and "detections" in answer:
             self.log(compare_line(objects, answer["detections"]))
-        self.log(f"answer of POST {plan.route} (all of it in {display_path(saved)}):")
-        self.log(_short_json(answer))
+        self.log(f"answer of POST {plan.route} in short (the whole JSON: {display_path(saved)}):")
+        self.log(answer_summary(answer))
         self.log("server stopped")
         return answer
 
@@ -174,17 +179,19 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def _short_json(answer, items: int = 8) -> str:
-    """The answer, pretty, with long lists (detections, polygons) cut to their first items."""
-    def cut(value):
-        if isinstance(value, list):
-            head = [cut(v) for v in value[:items]]
-            return head + [f"... {len(value) - items} more"] if len(value) > items else head
-        if isinstance(value, dict):
-            return {k: cut(v) for k, v in value.items()}
-        return value
-
-    return json.dumps(cut(answer), indent=2)
+def answer_summary(answer, items: int = 8) -> str:
+    """The service's JSON in a few lines: the model, then each detection (label, score, box in pixels) or each
+    class (share of the pixels, regions and their outline points); at most `items` lines of them."""
+    lines = [f"  model {answer['model']['name']}:{answer['model']['version']}, image {answer['width']}x"
+             f"{answer['height']}" + (f", score_threshold {answer['score_threshold']:.3f}"
+                                      if "score_threshold" in answer else "")]
+    if "detections" in answer:
+        rows = [f"  {d['label']:<10} {d['score']:.2f}  box x {d['box']['xmin']:.0f}-{d['box']['xmax']:.0f}, "
+                f"y {d['box']['ymin']:.0f}-{d['box']['ymax']:.0f}" for d in answer["detections"]]
+    else:
+        rows = [f"  {c['label']:<10} {100 * c['fraction']:5.1f}% of the pixels, {len(c['polygons'])} region(s), "
+                f"{sum(len(p) for p in c['polygons'])} outline points" for c in answer.get("classes", [])]
+    return "\n".join(lines + rows[:items] + ([f"  ... and {len(rows) - items} more"] if len(rows) > items else []))
 
 
 def val_example(data_dir: Path) -> tuple[str, bytes, str, list[tuple[str, tuple[float, ...]]]]:

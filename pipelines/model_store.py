@@ -33,14 +33,24 @@ def tag_name(text: str, fallback: str) -> str:
 
 
 def export_identity(folder: Path) -> tuple[str, str]:
-    """(name, version) of an export folder: its run's name and the first 12 hex digits of its
-    saved_model.pb's SHA-256 (what /detect answers as "model" and drafts carry in their metadata)."""
+    """(name, version) of an export folder: its run's name and the first 12 hex digits of the SHA-256 of
+    what it serves (saved_model.pb, the weights under saved_model/variables/, metadata.json with the label
+    map and score threshold). The one id of a model: /detect answers it as "model", drafts carry it, and
+    `make export` stores the export in BentoML's model store under NAME:VERSION with it."""
     import hashlib
 
     folder = Path(folder)
-    digest = hashlib.sha256((folder / "saved_model" / "saved_model.pb").read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256()
+    parts = [folder / "saved_model" / "saved_model.pb",
+             *sorted((folder / "saved_model" / "variables").glob("*")), folder / METADATA_FILE]
+    for part in parts:
+        if part.is_file():
+            digest.update(part.name.encode() + b"\0")
+            with open(part, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
     name = folder.resolve().parent.name if folder.name == "export" else folder.resolve().name
-    return name, digest
+    return name, digest.hexdigest()[:12]
 
 
 def model_store():
@@ -53,10 +63,17 @@ def model_store():
 
 
 def save_to_bentoml(export_dir: Path, name: str, metadata: dict):
-    """Copy `export_dir` into a new version of model `name` in the BentoML store; returns its Tag."""
+    """Copy `export_dir` into BentoML's store as model NAME:VERSION, VERSION its export_identity (the same
+    export again is the version already there); returns its Tag."""
     import bentoml
+    from bentoml.exceptions import NotFound
 
-    with bentoml.models.create(name, metadata=metadata, _model_store=model_store()) as bento_model:
+    tag = f"{name}:{export_identity(export_dir)[1]}"
+    try:
+        return model_store().get(tag).tag
+    except NotFound:
+        pass
+    with bentoml.models.create(tag, metadata=metadata, _model_store=model_store()) as bento_model:
         shutil.copytree(export_dir, bento_model.path, dirs_exist_ok=True)
     return bento_model.tag
 

@@ -406,12 +406,16 @@ def test_concurrent_photos_of_different_sizes_share_forward_passes(servers):
 # ------------------------------------------------------------------------------------------- segmenter
 
 
-def test_segment(seg):
+def test_segment(servers, seg):
+    from pipelines.model_store import export_identity
+
     r = seg.post("/segment", files=upload(JPEG))
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["width"], body["height"]) == (120, 90)
-    assert body["model"]["name"] == "tiny-segmenter"
+    # One model id: served by its store tag, it answers the export folder's identity, which is that tag's version.
+    export = servers["detector_export"].parent.parent / "seg" / "export"
+    assert (body["model"]["name"], body["model"]["version"]) == ("tiny-segmenter", export_identity(export)[1])
     classes = body["classes"]
     assert sum(c["pixels"] for c in classes) == 120 * 90
     assert sum(c["fraction"] for c in classes) == pytest.approx(1.0, abs=1e-4)

@@ -1,0 +1,146 @@
+"""Where one training step of the detector goes, and what the CPU's alternative kernels do with it.
+
+    .venv/bin/python bench/bench_train_step.py [--batch 8] [--size 320] [--steps 10]
+
+One step of `make train`'s detector (SSD MobileNet V2 FPNLite from configs/ssd_mobilenet_v2_fpnlite_320x320.config,
+the config's optimizer, Model Garden's RetinaNet task step on our loss) on one fixed batch of labelled random
+images, timed after warm-up, each variant in its own process (the Keras precision policy is process-wide):
+
+* float32: what `make train` runs on a CPU;
+* mixed_bfloat16: Keras' bfloat16 compute policy (oneDNN's bfloat16 kernels where the CPU has AVX512_BF16 or AMX);
+* onednn_bf16_graph: float32 model, the graph rewritten to bfloat16 by TensorFlow's
+  auto_mixed_precision_onednn_bfloat16 grappler pass;
+* xla: the whole step compiled with XLA (tf.function(jit_compile=True)).
+
+For float32 it also splits the step: forward, forward + backward (loss and gradients), the backbone alone.
+Printed: ms/step and images/s per variant and the ratio to float32."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+VARIANTS = ("float32", "mixed_bfloat16", "onednn_bf16_graph", "xla")
+
+
+def measure(variant: str, batch: int, size: int, steps: int) -> dict:
+    import pipelines  # noqa: F401  (TensorFlow's environment)
+    import numpy as np
+    import tensorflow as tf
+    from official.modeling import performance
+
+    from pipelines.config.textproto import TextProto
+    from pipelines.detection import config as tr
+    from pipelines.detection import ssd
+    from pipelines.detection.experiment import build_experiment
+    from pipelines.detection.train import DetectionTask
+
+    if variant == "mixed_bfloat16":
+        performance.set_mixed_precision_policy("bfloat16")
+    if variant == "onednn_bf16_graph":
+        tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
+    template = REPO / "configs" / "ssd_mobilenet_v2_fpnlite_320x320.config"
+    params = tr.translate(TextProto(template.read_text(), str(template)), check_paths=False).params
+    params = dataclasses.replace(params, batch_size=batch, image_height=size, image_width=size, augmentations=[])
+    exp = build_experiment(params)
+    task = DetectionTask(exp.task)
+    model = task.build_model()
+    optimizer = task.create_optimizer(exp.trainer.optimizer_config, exp.runtime)
+    m, p = exp.task.model, exp.task.train_data.parser
+    parser = ssd.SSDParser(
+        task=exp.task, output_size=m.input_size[:2], min_level=m.min_level, max_level=m.max_level,
+        num_scales=m.anchor.num_scales, aspect_ratios=m.anchor.aspect_ratios, anchor_size=m.anchor.anchor_size,
+        match_threshold=p.match_threshold, unmatched_threshold=p.unmatched_threshold,
+        box_coder_weights=m.detection_generator.box_coder_weights, aug_rand_hflip=False,
+        skip_crowd_during_training=True, max_num_instances=p.max_num_instances, pad=p.pad,
+        keep_aspect_ratio=p.keep_aspect_ratio, aug_scale_min=1.0, aug_scale_max=1.0)
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for _ in range(batch):
+        boxes = np.sort(rng.uniform(0, 1, (3, 2, 2)), axis=1).transpose(0, 2, 1).reshape(3, 4)[:, [0, 2, 1, 3]]
+        decoded = {"image": tf.constant(rng.integers(0, 255, (size, size, 3), np.uint8)),
+                   "height": tf.constant(size), "width": tf.constant(size), "source_id": tf.constant("0"),
+                   "groundtruth_boxes": tf.constant(boxes, tf.float32),
+                   "groundtruth_classes": tf.constant([1, 2, 1], tf.int64),
+                   "groundtruth_is_crowd": tf.zeros(3, tf.bool), "groundtruth_area": tf.constant([100.0] * 3)}
+        image, label = parser._parse_train_data(decoded)
+        images.append(image)
+        labels.append({k: v for k, v in label.items() if k != "groundtruths"})
+    images = tf.stack(images)
+    labels = tf.nest.map_structure(lambda *xs: tf.stack(xs), *labels)
+
+    def timed(fn, *args) -> float:
+        compiled = tf.function(fn, jit_compile=variant == "xla")
+        for _ in range(3):
+            compiled(*args)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = compiled(*args)
+        tf.nest.map_structure(lambda t: t.numpy(), out)
+        return (time.perf_counter() - start) / steps * 1000
+
+    def step(images, labels):
+        return task.train_step((images, labels), model, optimizer, metrics=[])
+
+    result = {"variant": variant, "step_ms": timed(step, images, labels)}
+    if variant == "float32":
+        def forward(images, labels):
+            return model(images, image_shape=labels["image_info"][:, 1, :], anchor_boxes=labels["anchor_boxes"],
+                         training=True)["cls_outputs"]
+
+        def gradients(images, labels):
+            with tf.GradientTape() as tape:
+                outputs = model(images, image_shape=labels["image_info"][:, 1, :],
+                                anchor_boxes=labels["anchor_boxes"], training=True)
+                total, *_ = task.build_losses(outputs=outputs, labels=labels, aux_losses=model.losses)
+            return tape.gradient(total, model.trainable_variables)
+
+        def backbone(images):
+            with tf.GradientTape() as tape:
+                total = tf.add_n([tf.reduce_sum(v) for v in model.backbone(images, training=True).values()])
+            return tape.gradient(total, model.backbone.trainable_variables)
+
+        result.update(forward_ms=timed(forward, images, labels), forward_backward_ms=timed(gradients, images, labels),
+                      backbone_forward_backward_ms=timed(backbone, images))
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=320)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.batch, args.size, args.steps)))
+        return 0
+    results = []
+    for variant in args.variants.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--child", variant, "--batch", str(args.batch),
+                               "--size", str(args.size), "--steps", str(args.steps)],
+                              capture_output=True, text=True, cwd=REPO)
+        if proc.returncode:
+            print(f"{variant}: failed\n{proc.stderr[-2000:]}")
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"{variant:18s} {r['step_ms']:7.0f} ms/step  {args.batch * 1000 / r['step_ms']:5.1f} img/s  "
+              f"x{results[0]['step_ms'] / r['step_ms']:.2f} of {results[0]['variant']}", flush=True)
+        if "forward_ms" in r:
+            print(f"{'':18s} forward {r['forward_ms']:.0f} ms, forward+backward {r['forward_backward_ms']:.0f} ms "
+                  f"(the rest of the step, optimizer and bookkeeping: {r['step_ms'] - r['forward_backward_ms']:.0f} ms); "
+                  f"backbone forward+backward {r['backbone_forward_backward_ms']:.0f} ms", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
