@@ -8,6 +8,8 @@ The parts have the same module and name in every task package, imported only whe
 (`task.load("train")`), so that reading the registry costs no TensorFlow:
 
     config.translate(doc, check_paths)             pipeline.config -> config.base.Translation
+    config.defaults(doc, opts)                     make config's settings for options not given, with one of our
+                                                   templates -> (opts, notes)
     config.rules(doc, opts)                        make config's edits of this task's fields -> notes
     check.check_engine(params, source, restore=False)  what only the model builder can refuse (UserError);
                                                    with restore, loads the initial weights (-> a note)
@@ -33,6 +35,7 @@ from typing import Any
 
 # part -> (module of the task package, attribute): the same in every task
 PARTS = {"translate": ("config", "translate"), "config_rules": ("config", "rules"),
+         "config_defaults": ("config", "defaults"),
          "check_engine": ("check", "check_engine"), "train": ("train", "train"),
          "evaluator": ("evaluate", "Evaluator"), "exporter": ("export", "Exporter"),
          "predict": ("predict", "Predictions"), "service": ("service", "Service"),

@@ -230,7 +230,7 @@ def make_config(workspace, *args, check=True):
 
 
 def test_rewrite_rules(workspace):
-    proc = make_config(workspace, "--run", "r1", "--batch-size", "8", "--num-steps", "2000")
+    proc = make_config(workspace, "--run", "r1", "--batch-size", "8", "--num-steps", "2000", "--optimizer", "momentum")
     out = workspace / "r1" / "pipeline.config"
     doc = TextProto(out.read_text())
     data = (workspace / "shapes" / "data").resolve()
@@ -254,11 +254,45 @@ def test_rewrite_rules(workspace):
                        "warmup_learning_rate", "warmup_steps", "decay", "fine_tune_checkpoint", "fine_tune_checkpoint_type",
                        "fine_tune_checkpoint_version", "label_map_path", "input_path"}
 
-    # Few steps: warmup never exceeds them.
-    make_config(workspace, "--run", "r2", "--num-steps", "10")
+    # Few steps: warmup never exceeds them. BATCH not given: 8; from random weights: Adam at 0.003.
+    proc = make_config(workspace, "--run", "r2", "--num-steps", "10")
     doc = TextProto((workspace / "r2" / "pipeline.config").read_text())
-    assert doc.get(f"{cosine}.total_steps") == 10 and 1 <= doc.get(f"{cosine}.warmup_steps") <= 10
-    assert doc.get("train_config.batch_size") == 128  # kept when not given
+    adam = cosine.replace("momentum_optimizer", "adam_optimizer")
+    assert doc.get(f"{adam}.total_steps") == 10 and 1 <= doc.get(f"{adam}.warmup_steps") <= 10
+    assert doc.get("train_config.batch_size") == 8 and doc.get(f"{adam}.learning_rate_base") == pytest.approx(0.003)
+    assert "note: from random weights: OPTIMIZER=adam LR=0.003" in proc.stdout
+    assert "note: defaults: BATCH=8 (the template's batch 128" in proc.stdout
+
+
+def test_defaults_are_the_measured_recipes(workspace, tmp_path):
+    """The shortest command is the right one: `make config DATASET=NAME` with one of our templates gives the
+    from-scratch recipe the README measured (batch 8, 3,000 steps, Adam at 0.003); with CHECKPOINT=, the
+    template's momentum at batch 8 for 2,000 steps; a user's own file keeps its values."""
+    import shutil
+
+    import tensorflow as tf
+
+    from pipelines.config import read as tr
+    from pipelines.detection.model import build_model
+
+    cosine = "train_config.optimizer.{}.learning_rate.cosine_decay_learning_rate"
+    make_config(workspace, "--run", "d1")
+    doc = TextProto((workspace / "d1" / "pipeline.config").read_text())
+    assert (doc.get("train_config.batch_size"), doc.get("train_config.num_steps")) == (8, 3000)
+    assert doc.get(cosine.format("adam_optimizer") + ".learning_rate_base") == pytest.approx(0.003)
+    model = build_model(tr.load(workspace / "d1" / "pipeline.config").params)
+    prefix = tf.train.Checkpoint(model=model, **model.checkpoint_items).write(str(tmp_path / "ckpt-1"))
+    proc = make_config(workspace, "--run", "d2", "--checkpoint", prefix)
+    doc = TextProto((workspace / "d2" / "pipeline.config").read_text())
+    assert (doc.get("train_config.batch_size"), doc.get("train_config.num_steps")) == (8, 2000)
+    assert doc.get(cosine.format("momentum_optimizer") + ".learning_rate_base") == pytest.approx(0.005)
+    assert "from random weights" not in proc.stdout and "note: defaults: BATCH=8 STEPS=2000" in proc.stdout
+    own = tmp_path / "mine.config"
+    shutil.copyfile(REPO / "configs" / "ssd_mobilenet_v2_fpnlite_320x320.config", own)
+    proc = make_config(workspace, "--run", "d3", "--model", own)
+    doc = TextProto((workspace / "d3" / "pipeline.config").read_text())
+    assert (doc.get("train_config.batch_size"), doc.get("train_config.num_steps")) == (128, 50000)
+    assert doc.has(cosine.format("momentum_optimizer")) and "note: defaults" not in proc.stdout
 
 
 def test_learning_rate_and_image_size(workspace):

@@ -302,7 +302,10 @@ def write_run_config(opts: ConfigOptions) -> Path:
     original = template.read_text(encoding="utf-8")
     doc = TextProto(original, display_path(template))
     schema.check(doc)  # the template's own mistakes, named by its lines
-    notes = rewrite(doc, data, opts)
+    defaults = []
+    if template.resolve().parent == CONFIGS_DIR.resolve():  # one of ours (a user's own file keeps its values)
+        opts, defaults = tasks.of_config_block(base.model_kind(doc)).load("config_defaults")(doc, opts)
+    notes = defaults + rewrite(doc, data, opts)
     # Validate what will be written (fields and every path) before writing anything.
     translation = read.translate_any(TextProto(doc.text, display_path(out)))
     params, task = translation.params, translation.task

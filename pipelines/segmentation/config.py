@@ -252,3 +252,8 @@ def rules(doc: TextProto, opts) -> list[str]:
     if opts.freeze:
         notes.append("FREEZE does not apply to segmentation models (use encoder_freeze): ignored")
     return notes
+
+
+def defaults(doc, opts):
+    """make config's settings for options not given (one of our templates): the templates' own values."""
+    return opts, []
