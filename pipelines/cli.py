@@ -472,7 +472,7 @@ def cmd_sample(args) -> int:
 def add_serving_parsers(sub) -> None:
     p = sub.add_parser("serve", help="serve a run's export (or a model-store tag) over HTTP: /detect, /segment, ...",
                        description="Start the BentoML service (pipelines.serving.service:Service) for a run's export "
-                                   "or a BentoML model-store tag; the README's 'Serve' section lists its endpoints.")
+                                   "or a BentoML model-store tag; docs/serving.md lists its endpoints.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="the run whose export to serve (workspace/RUN/export, after `make export`)")
     which.add_argument("--model", help="a model-store tag, NAME:VERSION (`make export` prints it)")

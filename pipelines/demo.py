@@ -164,7 +164,7 @@ class Demo:
             self.log(f"  export:  {display_path(run / 'export')}  (BentoML model '{plan.run}')")
             self.log(f"  serve:   {_make('serve', RUN=plan.run)}   package: {_make('bento', RUN=plan.run)}")
         self.log("\nWith your own data: label it (docker/compose.annotator.yml), put the export under datasets/NAME, "
-                 "and run the same commands with DATASET=NAME (README.md).")
+                 "and run the same commands with DATASET=NAME (README.md: From your own images to a served model).")
 
 
 def metrics_line(path: Path) -> str:

@@ -53,7 +53,7 @@ def check_files(source: str, params) -> None:
     if ckpt:
         if PLACEHOLDER in ckpt:
             raise fail(source, "train_config.fine_tune_checkpoint",
-                       f"still '{ckpt}': give CHECKPOINT=path/to/ckpt-N (see README: pretrained "
+                       f"still '{ckpt}': give CHECKPOINT=path/to/ckpt-N (see docs/training.md: pretrained "
                        "checkpoints) or remove the field to train from scratch")
         if not checkpoint_exists(resolve_path(ckpt)):
             raise fail(source, "train_config.fine_tune_checkpoint",

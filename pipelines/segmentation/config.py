@@ -2,7 +2,7 @@
 
 The file has the same text format and the same train_config, train_input_reader, eval_input_reader
 and label_map_path fields as a detection config, so `make config` rewrites both the same way; only
-the model block is our own (README: "Segmentation config").
+the model block is our own (docs/segmentation.md, "Segmentation config").
 """
 
 from __future__ import annotations
