@@ -73,8 +73,15 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 def training_series(train_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """{"train": tags, "validation": tags} for a run's train/ folder (Model Garden's layout: train/train/
     and train/validation/)."""
-    return {split: read_scalars(train_dir / split) if (train_dir / split).is_dir() else {}
-            for split in ("train", "validation")}
+    series = {}
+    for split in ("train", "validation"):
+        tags = read_scalars(train_dir / split) if (train_dir / split).is_dir() else {}
+        kept: dict[str, list[tuple[int, float]]] = {}
+        for tag, points in sorted(tags.items()):  # one curve once (Model Garden logs the loss as two tags)
+            if points not in kept.values():
+                kept[tag] = points
+        series[split] = kept
+    return series
 
 
 # ---------------------------------------------------------------------------------------- plots
@@ -170,7 +177,8 @@ def dataset_section(data_dir: Path | None, run: str) -> str:
     images = summary.get("images", {})
     source = summary.get("source", {})
     facts = [["dataset", summary.get("dataset")], ["source", f"{source.get('format', '?')}: {source.get('folder', '')}"],
-             ["task", summary.get("task")], ["images (train / val)", f"{images.get('train', 0)} / {images.get('val', 0)}"],
+             ["written for", f"TASK={summary.get('task')}" + (" (with class masks; a detector reads its boxes)"
+                                                              if summary.get("task") == "segmentation" else "")], ["images (train / val)", f"{images.get('train', 0)} / {images.get('val', 0)}"],
              ["images without objects (train / val)",
               f"{images.get('without_objects', {}).get('train', 0)} / {images.get('without_objects', {}).get('val', 0)}"],
              ["items dropped / repaired / skipped",
@@ -222,9 +230,13 @@ def training_section(run_dir: Path) -> str:
     for split, tags in series.items():
         for tag, points in sorted(tags.items()):
             first, last = points[0], points[-1]
-            best = min(points, key=lambda p: p[1]) if "loss" in tag else max(points, key=lambda p: p[1])
+            if tag == "learning_rate":  # set, not learned: no best
+                best = "–"
+            else:
+                at = min(points, key=lambda p: p[1]) if "loss" in tag else max(points, key=lambda p: p[1])
+                best = f"{at[1]:.4g} (step {at[0]})"
             rows.append([f"{split}/{tag}", f"{first[1]:.4g} (step {first[0]})", f"{last[1]:.4g} (step {last[0]})",
-                         f"{best[1]:.4g} (step {best[0]})"])
+                         best])
     out = f'<figure><img src="{_png_data_url(png)}" alt="training curves"></figure>'
     out += table(["series", "first", "last", "best"], rows)
     info = checkpoints.best_info(run_dir)
@@ -248,9 +260,10 @@ def evaluation_section(run_dir: Path) -> str:
         task = tasks.get(tasks.name_in(metrics))
     except ValueError as e:
         return f'<p class="missing">{_esc(display_path(metrics_path))}: {_esc(str(e))}</p>'
-    out, plot = task.load("report")(metrics, eval_dir)
-    if plot.is_file():
-        out += f"<figure>{_img(plot, plot.stem.replace('_', ' '))}</figure>"
+    out, plots = task.load("report")(metrics, eval_dir)
+    for plot in plots if isinstance(plots, (list, tuple)) else [plots]:
+        if plot.is_file():
+            out += f"<figure>{_img(plot, plot.stem.replace('_', ' '))}</figure>"
     return out
 
 
@@ -258,7 +271,7 @@ def predictions_section(run_dir: Path) -> str:
     sheet = run_dir / "eval" / "predictions.png"
     if not sheet.is_file():
         return _missing("predictions", f"make eval RUN={run_dir.name}")
-    return f"<p>Validation images: the truth and the model's prediction side by side.</p>" \
+    return f"<p>Validation images: what was labelled beside what the model predicts.</p>" \
            f"<figure>{_img(sheet, 'val images with predictions and truth')}</figure>"
 
 

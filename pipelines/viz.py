@@ -68,7 +68,7 @@ def mask_image(mask: np.ndarray) -> Image.Image:
 
 def draw_detections(image: np.ndarray, detections: list[dict]) -> Image.Image:
     """The image with each detection ({"box": {xmin, ymin, xmax, ymax}, "class_id", "label", "score"})
-    outlined in its class colour and labelled with its name and score."""
+    outlined in its class colour and labelled with its name and score (a box without "score": its name)."""
     out = Image.fromarray(image)
     pen = ImageDraw.Draw(out)
     width = max(2, round(max(out.size) / 250))
@@ -76,8 +76,9 @@ def draw_detections(image: np.ndarray, detections: list[dict]) -> Image.Image:
         b = d["box"]
         color = class_color(d["class_id"])
         pen.rectangle([b["xmin"], b["ymin"], b["xmax"], b["ymax"]], outline=color, width=width)
-        text = f"{d['label']} {d['score']:.2f}"
-        box = pen.textbbox((b["xmin"], max(0, b["ymin"] - 14)), text)
+        text = f"{d['label']} {d['score']:.2f}" if "score" in d else d["label"]
+        at = (b["xmin"], max(0, b["ymin"] - 15))
+        box = pen.textbbox(at, text, font=font())
         pen.rectangle(box, fill=color)
-        pen.text((b["xmin"], max(0, b["ymin"] - 14)), text, fill=(0, 0, 0))
+        pen.text(at, text, fill=(0, 0, 0), font=font())
     return out

@@ -509,8 +509,13 @@ def test_evaluate_scores_what_the_export_serves(trained, exported, data_dir):
     assert json.loads((run_dir / "eval" / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["task"] == "detection" and metrics["step"] == params.num_steps
     assert metrics["checkpoint"].endswith(f"ckpt-{params.num_steps}")  # no best kept without --with-eval
-    for png in ("pr_curve.png", "predictions.png"):
+    for png in ("pr_curve.png", "threshold.png", "confusion_matrix.png", "predictions.png"):
         assert (run_dir / "eval" / png).stat().st_size > 1000
+    # The confusion matrix at the chosen threshold accounts for every labelled object once.
+    matrix = metrics["confusion"]
+    assert matrix["classes"][-1] == "background" and matrix["score_threshold"] == (
+        metrics["operating_point"] or {}).get("score_threshold", matrix["score_threshold"])
+    assert sum(sum(row) for row in matrix["counts"][:-1]) == metrics["objects"]
     assert any(line.startswith("COCO box metrics on") for line in lines)
 
     serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]

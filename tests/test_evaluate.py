@@ -124,3 +124,38 @@ def test_no_detection_no_threshold():
     images, annotations = _case(1)
     _, _, evaluator = coco_eval(images, annotations, [], LABELS)
     assert choose_threshold(evaluator, LABELS) is None
+
+
+def test_confusion_counts_right_wrong_missed_and_false_detections():
+    """[truth, prediction] with background last: a right box on the diagonal, a box of the wrong class off it,
+    an object nobody found in the background column, a detection of nothing in the background row; below
+    the threshold, detections do not count; each true box is claimed once."""
+    from pipelines.detection.evaluate import confusion
+
+    images, annotations = _case(n_images=2)  # per image: a cat at x 10-70, a dog at x 100-160
+    cat0, dog0, cat1, _ = annotations
+    detections = _detections([cat0], score=0.9)  # right
+    detections += _detections([cat0], score=0.8)  # the same cat again: its box is claimed, so a false detection
+    detections += _detections([dog0], category=1, score=0.7)  # a dog called cat
+    detections += _detections([cat1], score=0.2)  # below the threshold: the cat of image 1 is missed
+    detections += [{"image_id": 11, "category_id": 2, "score": 0.95, "bbox": [10, 80, 5, 5]}]  # nothing there
+    counts = confusion(annotations, detections, [1, 2], threshold=0.5)
+    # rows: true cat, dog, background; columns: predicted cat, dog, background
+    assert counts.tolist() == [[1, 0, 1],   # cat: found once, missed once (image 1)
+                               [1, 0, 1],   # dog: taken for a cat (image 0), missed (image 1)
+                               [1, 1, 0]]   # background: the repeated cat, the dog box on nothing
+    assert confusion(annotations, detections, [1, 2], threshold=0.1)[0].tolist() == [2, 0, 0]
+
+
+def test_threshold_plot_marks_the_chosen_threshold(tmp_path):
+    from pipelines.detection.evaluate import plot_threshold
+
+    images, annotations = _case()
+    detections = _detections(annotations, score=0.8) + _detections(annotations, shift=45.0, score=0.4)
+    _, _, evaluator = coco_eval(images, annotations, detections, LABELS)
+    point = choose_threshold(evaluator, LABELS)
+    assert point["score_threshold"] == pytest.approx(0.8) and point["f1"] == pytest.approx(1.0)
+    assert plot_threshold(evaluator, point, tmp_path / "threshold.png")
+    assert Image.open(tmp_path / "threshold.png").size[0] > 500
+    _, _, empty = coco_eval(images, annotations, [], LABELS)
+    assert not plot_threshold(empty, None, tmp_path / "none.png") and not (tmp_path / "none.png").exists()

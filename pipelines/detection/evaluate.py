@@ -4,7 +4,9 @@ The detections come from the same serving module the export writes (uint8 image 
 normalized to that image out), built from the checkpoint. Ground truth is read from the validation
 TFRecords themselves (boxes, classes, crowd flags, areas), so no annotation file is needed.
 metrics.json gets AP@[.5:.95], AP50, AP75, AP small/medium/large, AR, per-class AP; the pictures are
-pr_curve.png and predictions.png (val images with true boxes dashed and predicted boxes solid).
+pr_curve.png, threshold.png (precision, recall and F1 against the score threshold, the chosen one marked),
+confusion_matrix.png (with background) and predictions.png (val images as labelled / predicted pairs at
+the chosen threshold).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pipelines.detection.params import DetectorParams
 from pipelines.detection.predict import DEFAULT_SCORE_THRESHOLD
 
 COCO_STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-DRAW_SCORE = 0.3  # predictions drawn in predictions.png
 DRAW_IMAGES = 8
 
 
@@ -59,16 +60,11 @@ def coco_eval(gt_images: list[dict], gt_annotations: list[dict], detections: lis
 THRESHOLD_IOU = 0.5  # a detection is right when it overlaps an unclaimed true box of its class this much
 
 
-def choose_threshold(evaluator, labels: dict[int, str]) -> dict | None:
-    """The default score threshold of a detector: the score that maximises F1 over all classes pooled,
-    at IoU 0.5, on the detections and truth of a COCOeval that has run `evaluate()`.
-
-    The matching is pycocotools' own (COCOeval.evalImgs at IoU 0.5, all areas, 100 detections per
-    image): the detections it ignores (matched to crowd regions) count neither way, the objects it
-    ignores are not to be found. Keeping the detections scoring at least the threshold gives the
-    returned precision and recall; of equal F1s the highest threshold wins. Returns {'score_threshold',
-    'precision', 'recall', 'f1', 'iou', 'objects', 'detections' (kept), 'per_class': {name: {'precision',
-    'recall', 'objects', 'detections'}}}, or None without any detection, object or right detection."""
+def pooled_matches(evaluator):
+    """(scores, hits, classes, objects per class) of a COCOeval that has run `evaluate()`: every counted
+    detection at IoU 0.5 (all areas, 100 per image) in descending score order, whether it found an object
+    (pycocotools' own matching: detections matched to crowd regions count neither way), its class, and
+    the number of objects to find per class. None without any detection or object."""
     params = evaluator.params
     t = int(np.argmin(np.abs(np.asarray(params.iouThrs) - THRESHOLD_IOU)))
     areas, images = len(params.areaRng), len(params.imgIds)
@@ -84,15 +80,37 @@ def choose_threshold(evaluator, labels: dict[int, str]) -> dict | None:
             scores.extend(np.asarray(entry["dtScores"])[kept])
             hits.extend(np.asarray(entry["dtMatches"])[t][kept] > 0)
             classes.extend([cat] * int(kept.sum()))
-    total = sum(objects.values())
-    if not scores or not total:
+    if not scores or not sum(objects.values()):
         return None
     order = np.argsort(-np.asarray(scores), kind="mergesort")
-    scores, hits, classes = np.asarray(scores)[order], np.asarray(hits)[order], np.asarray(classes)[order]
+    return np.asarray(scores)[order], np.asarray(hits)[order], np.asarray(classes)[order], objects
+
+
+def _pooled_curves(scores, hits, total):
+    """Precision, recall and F1 of keeping the first n detections, n = 1..len."""
     true_pos = np.cumsum(hits)
     precision = true_pos / np.arange(1, len(scores) + 1)
     recall = true_pos / total
     f1 = np.where(true_pos > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    return true_pos, precision, recall, f1
+
+
+def choose_threshold(evaluator, labels: dict[int, str]) -> dict | None:
+    """The default score threshold of a detector: the score that maximises F1 over all classes pooled,
+    at IoU 0.5, on the detections and truth of a COCOeval that has run `evaluate()`.
+
+    The matching is pycocotools' own (COCOeval.evalImgs at IoU 0.5, all areas, 100 detections per
+    image): the detections it ignores (matched to crowd regions) count neither way, the objects it
+    ignores are not to be found. Keeping the detections scoring at least the threshold gives the
+    returned precision and recall; of equal F1s the highest threshold wins. Returns {'score_threshold',
+    'precision', 'recall', 'f1', 'iou', 'objects', 'detections' (kept), 'per_class': {name: {'precision',
+    'recall', 'objects', 'detections'}}}, or None without any detection, object or right detection."""
+    pooled = pooled_matches(evaluator)
+    if pooled is None:
+        return None
+    scores, hits, classes, objects = pooled
+    total = sum(objects.values())
+    true_pos, precision, recall, f1 = _pooled_curves(scores, hits, total)
     # A threshold keeps every detection of its score: only the last of a run of equal scores is a cut.
     cuts = np.flatnonzero(np.append(scores[1:] != scores[:-1], True))
     if not true_pos[-1]:
@@ -101,16 +119,116 @@ def choose_threshold(evaluator, labels: dict[int, str]) -> dict | None:
     threshold = float(scores[best])
     kept = scores >= threshold
     per_class = {}
-    for cat in params.catIds:
+    for cat in evaluator.params.catIds:
         mine = kept & (classes == cat)
         found = int(hits[mine].sum())
         per_class[labels.get(cat, str(cat))] = {
             "precision": found / int(mine.sum()) if mine.any() else None,
             "recall": found / objects[cat] if objects[cat] else None,
             "objects": objects[cat], "detections": int(mine.sum())}
+    iou = float(evaluator.params.iouThrs[int(np.argmin(np.abs(np.asarray(evaluator.params.iouThrs) - THRESHOLD_IOU)))])
     return {"score_threshold": threshold, "precision": float(precision[best]), "recall": float(recall[best]),
-            "f1": float(f1[best]), "iou": float(params.iouThrs[t]), "objects": total, "detections": best + 1,
+            "f1": float(f1[best]), "iou": iou, "objects": total, "detections": best + 1,
             "per_class": per_class}
+
+
+def plot_threshold(evaluator, point: dict | None, path: Path) -> bool:
+    """Precision, recall and F1 (all classes pooled, IoU 0.5) against the score threshold, the chosen
+    threshold marked: why the export's threshold is what it is. False (nothing drawn) without detections."""
+    pooled = pooled_matches(evaluator)
+    if pooled is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores, hits, _, objects = pooled
+    _, precision, recall, f1 = _pooled_curves(scores, hits, sum(objects.values()))
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for values, name, color in ((precision, "precision", "#1f77b4"), (recall, "recall", "#ff7f0e"),
+                                (f1, "F1", "black")):
+        ax.plot(scores, values, label=name, color=color, linewidth=2.2 if name == "F1" else 1.5)
+    if point:
+        t = point["score_threshold"]
+        ax.axvline(t, color="#aa1111", linestyle="--", linewidth=1.2)
+        ax.annotate(f"threshold {t:.2f}: F1 {point['f1']:.2f}\n(P {point['precision']:.2f}, R {point['recall']:.2f})",
+                    (t, 1.0), textcoords="offset points", xytext=(6, -4), va="top", fontsize=8, color="#aa1111",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+    ax.set(xlabel="score threshold (detections kept at or above it)", ylabel="value", xlim=(0, 1), ylim=(0, 1.02),
+           title="Precision, recall and F1 against the score threshold (val, IoU 0.5, all classes)")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def confusion(gt_annotations: list[dict], detections: list[dict], classes: list[int], threshold: float,
+              iou: float = THRESHOLD_IOU) -> np.ndarray:
+    """Counts [truth, prediction] over the classes then background (the last row and column), at a score
+    threshold: per image, detections at or above it in descending score order each take the unclaimed,
+    non-crowd true box of any class it overlaps most (IoU >= `iou`); a true box left unclaimed is a miss
+    (prediction: background), a detection left without one a false detection (truth: background)."""
+    from pipelines.data.geometry import box_iou
+
+    index = {cat: i for i, cat in enumerate(classes)}
+    background = len(classes)
+    counts = np.zeros((background + 1, background + 1), np.int64)
+    truth: dict[int, list] = {}
+    for a in gt_annotations:
+        if not a.get("iscrowd") and a["category_id"] in index:
+            x, y, w, h = a["bbox"]
+            truth.setdefault(a["image_id"], []).append(((x, y, x + w, y + h), index[a["category_id"]]))
+    found: dict[int, list] = {}
+    for d in detections:
+        if d["score"] >= threshold and d["category_id"] in index:
+            x, y, w, h = d["bbox"]
+            found.setdefault(d["image_id"], []).append((d["score"], (x, y, x + w, y + h), index[d["category_id"]]))
+    for image in set(truth) | set(found):
+        boxes = truth.get(image, [])
+        claimed = [False] * len(boxes)
+        for _, box, predicted in sorted(found.get(image, []), key=lambda f: -f[0]):
+            overlaps = [box_iou(box, b) if not claimed[j] else -1.0 for j, (b, _) in enumerate(boxes)]
+            j = int(np.argmax(overlaps)) if overlaps else -1
+            if j >= 0 and overlaps[j] >= iou:
+                claimed[j] = True
+                counts[boxes[j][1], predicted] += 1
+            else:
+                counts[background, predicted] += 1
+        for j, (_, true_class) in enumerate(boxes):
+            if not claimed[j]:
+                counts[true_class, background] += 1
+    return counts
+
+
+def plot_confusion(counts: np.ndarray, names: list[str], threshold: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = names + ["background"]
+    size = 1.6 + 0.7 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1.4, size), dpi=110)
+    shown = counts.astype(float)
+    shown[-1, -1] = np.nan  # background found as background: not counted
+    ax.imshow(shown, cmap="Blues")
+    for (i, j), value in np.ndenumerate(counts):
+        if i == j == len(names) - 1:
+            continue
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=9,
+                color="white" if value > np.nanmax(shown) * 0.6 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(f"Detections at score >= {threshold:.2f}, IoU 0.5 (val)\nbackground row: false detections; "
+                 "column: missed objects", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_pr(evaluator, labels: dict[int, str], path: Path) -> None:
@@ -119,13 +237,16 @@ def plot_pr(evaluator, labels: dict[int, str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipelines.viz import class_color
+
     recall = evaluator.params.recThrs
     precision = evaluator.eval["precision"]
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
     for k, cat_id in enumerate(evaluator.params.catIds):
         curve = precision[0, :, k, 0, -1]
         if (curve > -1).any():
-            ax.plot(recall, np.where(curve > -1, curve, np.nan), label=f"{labels[cat_id]} (AP50 {curve[curve > -1].mean():.2f})")
+            ax.plot(recall, np.where(curve > -1, curve, np.nan), color=np.asarray(class_color(cat_id)) / 255,
+                    label=f"{labels[cat_id]} (AP50 {curve[curve > -1].mean():.2f})")
     mean = np.where(precision[0, :, :, 0, -1] > -1, precision[0, :, :, 0, -1], np.nan)
     if np.isfinite(mean).any():
         ax.plot(recall, np.nanmean(mean, axis=1), color="black", linewidth=2.5, label="all classes")
@@ -137,38 +258,46 @@ def plot_pr(evaluator, labels: dict[int, str], path: Path) -> None:
     plt.close(fig)
 
 
-def draw_predictions(samples: list[tuple[np.ndarray, dict, dict]], labels: dict[int, str], path: Path) -> None:
+def draw_predictions(samples: list[tuple[np.ndarray, dict, dict]], labels: dict[int, str], threshold: float,
+                     path: Path) -> None:
+    """Val images as pairs, the labelled boxes left and the detections at or above `threshold` (what the
+    service returns) right, each box in its class's colour with a readable label, under a legend."""
     from PIL import Image, ImageDraw
 
-    from pipelines.viz import class_color
+    from pipelines.viz import class_color, draw_detections, font
 
-    tile = 320
-    cols = 4
-    rows = max(1, -(-len(samples) // cols))
-    sheet = Image.new("RGB", (cols * tile, rows * tile), (32, 32, 32))
-    for n, (image, gt, det) in enumerate(samples):
-        img = Image.fromarray(image)
-        draw = ImageDraw.Draw(img)
-        width = max(2, round(max(img.size) / 200))
-        for box, cls in zip(gt["boxes"], gt["classes"]):
-            x0, y0, x1, y1 = box
-            color = class_color(int(cls))
-            for i in range(0, 4):  # dashed outline: the truth
-                edge = [((x0, y0), (x1, y0)), ((x1, y0), (x1, y1)), ((x0, y1), (x1, y1)), ((x0, y0), (x0, y1))][i]
-                (ax, ay), (bx, by) = edge
-                length = max(abs(bx - ax), abs(by - ay))
-                for t in np.arange(0, length, 8):
-                    s, e = t / max(length, 1), min(t + 4, length) / max(length, 1)
-                    draw.line([(ax + (bx - ax) * s, ay + (by - ay) * s), (ax + (bx - ax) * e, ay + (by - ay) * e)],
-                              fill=color, width=width)
-        for box, cls, score in zip(det["boxes"], det["classes"], det["scores"]):
-            if score < DRAW_SCORE:
+    tile, pairs_per_row, legend_h = 300, 2, 30
+
+    def boxes(found: dict, scored: bool, scale: float) -> list[dict]:
+        out = []
+        for i, (box, cls) in enumerate(zip(found["boxes"], found["classes"])):
+            if scored and found["scores"][i] < threshold:
                 continue
-            color = class_color(int(cls))
-            draw.rectangle(list(box), outline=color, width=width)
-            draw.text((box[0] + 2, box[1] + 1), f"{labels.get(int(cls), int(cls))} {score:.2f}", fill=color)
-        img.thumbnail((tile - 4, tile - 4))
-        sheet.paste(img, ((n % cols) * tile + (tile - img.width) // 2, (n // cols) * tile + (tile - img.height) // 2))
+            x0, y0, x1, y1 = (float(v) * scale for v in box)
+            out.append({"box": {"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1}, "class_id": int(cls),
+                        "label": labels.get(int(cls), str(int(cls))),
+                        **({"score": float(found["scores"][i])} if scored else {})})
+        return out
+
+    rows = max(1, -(-len(samples) // pairs_per_row))
+    sheet = Image.new("RGB", (pairs_per_row * 2 * tile, legend_h + rows * tile), (32, 32, 32))
+    pen = ImageDraw.Draw(sheet)
+    x = 8
+    for cat, name in sorted(labels.items()):
+        pen.rectangle([x, 8, x + 14, 22], fill=class_color(cat))
+        pen.text((x + 20, 8), name, fill=(255, 255, 255), font=font())
+        x += 34 + int(pen.textlength(name, font=font()))
+    pen.text((x + 12, 8), f"each pair: labelled | predicted at score >= {threshold:.2f}", fill=(200, 200, 200),
+             font=font())
+    for n, (image, gt, det) in enumerate(samples):
+        picture = Image.fromarray(image)
+        scale = (tile - 6) / max(picture.size)
+        picture = np.asarray(picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))))
+        for side, drawn in enumerate((draw_detections(picture, boxes(gt, False, scale)),
+                                      draw_detections(picture, boxes(det, True, scale)))):
+            col = (n % pairs_per_row) * 2 + side
+            sheet.paste(drawn, (col * tile + (tile - drawn.width) // 2,
+                                legend_h + (n // pairs_per_row) * tile + (tile - drawn.height) // 2))
     sheet.save(path)
 
 
@@ -224,11 +353,24 @@ class Evaluator:
 
     def evaluate(self) -> dict:
         stats, per_class, self.coco = coco_eval(self.gt_images, self.gt_annotations, self.detections, self.labels)
+        self.point = choose_threshold(self.coco, self.labels)
+        classes = sorted(self.labels)
+        self.threshold = self.point["score_threshold"] if self.point else DEFAULT_SCORE_THRESHOLD
+        counts = confusion(self.gt_annotations, self.detections, classes, self.threshold)
         return {"objects": len(self.gt_annotations), "detections": len(self.detections), "metrics": stats,
-                "per_class": per_class, "operating_point": choose_threshold(self.coco, self.labels)}
+                "per_class": per_class, "operating_point": self.point,
+                "confusion": {"classes": [self.labels[c] for c in classes] + ["background"],
+                              "score_threshold": self.threshold, "iou": THRESHOLD_IOU, "counts": counts.tolist()}}
 
     def draw(self, folder: Path, samples: list[tuple[examples.Example, dict]]) -> list[str]:
         plot_pr(self.coco, self.labels, folder / "pr_curve.png")
+        pictures = ["pr_curve.png"]
+        if plot_threshold(self.coco, self.point, folder / "threshold.png"):
+            pictures.append("threshold.png")
+        classes = sorted(self.labels)
+        plot_confusion(confusion(self.gt_annotations, self.detections, classes, self.threshold),
+                       [self.labels[c] for c in classes], self.threshold, folder / "confusion_matrix.png")
+        pictures.append("confusion_matrix.png")
         drawn = []
         for record, out in samples:
             h, w = record.height, record.width
@@ -237,8 +379,8 @@ class Evaluator:
             drawn.append((record.image, {"boxes": record.boxes, "classes": record.classes},
                           {"boxes": boxes[:, [1, 0, 3, 2]], "classes": out["detection_classes"][:n].astype(int),
                            "scores": out["detection_scores"][:n]}))
-        draw_predictions(drawn, self.labels, folder / "predictions.png")
-        return ["pr_curve.png", "predictions.png"]
+        draw_predictions(drawn, self.labels, self.threshold, folder / "predictions.png")
+        return pictures + ["predictions.png"]
 
     @staticmethod
     def format(metrics: dict) -> str:

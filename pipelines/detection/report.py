@@ -42,4 +42,11 @@ def metrics_html(metrics: dict, eval_dir: Path) -> tuple[str, Path]:
     heads = ["class", "AP", "AP50"] + ([f"precision @{point['score_threshold']:.2f}",
                                         f"recall @{point['score_threshold']:.2f}"] if point else [])
     out += "<h3>Per class</h3>" + table(heads, [row[:len(heads)] for row in rows])
-    return out, eval_dir / "pr_curve.png"
+    matrix = metrics.get("confusion")
+    if matrix:
+        names, counts = matrix["classes"], matrix["counts"]
+        out += (f"<h3>Confusion at score &ge; {matrix['score_threshold']:.2f}</h3><p>Rows: the labelled class; "
+                f"columns: the predicted one (IoU &ge; {matrix['iou']:.2f}). The background row counts detections "
+                "of nothing labelled, the background column labelled objects the model missed.</p>"
+                + table(["true \\ predicted"] + names, [[name] + row for name, row in zip(names, counts)]))
+    return out, [eval_dir / "pr_curve.png", eval_dir / "threshold.png", eval_dir / "confusion_matrix.png"]
