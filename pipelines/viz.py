@@ -50,6 +50,20 @@ def overlay(image: np.ndarray, mask: np.ndarray, ignore_label: int | None = None
     return out.astype(np.uint8)
 
 
+WRONG_COLOR = (255, 255, 255)  # stripes and outline over wrongly predicted pixels
+
+
+def mark_wrong(image: np.ndarray, wrong: np.ndarray) -> np.ndarray:
+    """`image` with the pixels of `wrong` (bool, same height and width) striped and outlined in WRONG_COLOR,
+    so that a region predicted as another class stands out whatever colours the classes have."""
+    out = image.copy()
+    rows, cols = np.indices(wrong.shape)
+    stripes = wrong & (((rows + cols) // 3) % 3 == 0)
+    out[stripes] = WRONG_COLOR
+    out[wrong & edges(wrong.astype(np.uint8))] = WRONG_COLOR
+    return out
+
+
 def mask_palette() -> list[int]:
     """The PNG palette: index 0 (background) black, index i the colour of class i."""
     colors = [(0, 0, 0)] + [class_color(i) for i in range(1, 256)]

@@ -140,3 +140,16 @@ def test_plots_and_table(tmp_path):
                            "metrics": {k: m[k] for k in ("mean_iou", "mean_iou_foreground", "pixel_accuracy")},
                            "per_class": m["per_class"]})
     assert "cat" in text and "33.3" in text and "n/a" in text and "mean IoU 44.4%" in text
+
+
+def test_wrong_pixels_are_striped_and_right_ones_untouched():
+    from pipelines.viz import WRONG_COLOR, mark_wrong
+
+    image = np.full((40, 50, 3), 100, np.uint8)
+    wrong = np.zeros((40, 50), bool)
+    wrong[10:30, 20:45] = True
+    marked = mark_wrong(image, wrong)
+    white = (marked == WRONG_COLOR).all(axis=-1)
+    assert not white[~wrong].any() and (marked[~wrong] == 100).all()  # right pixels as they were
+    assert 0.2 < white[wrong].mean() < 0.6  # stripes and outline, the region's colour still between them
+    assert white[10, 20:45].all() and white[10:30, 20].all()  # its outline

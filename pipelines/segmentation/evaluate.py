@@ -69,15 +69,16 @@ def plot_confusion_matrix(cm: np.ndarray, names: list[str], path: Path) -> None:
 
 def draw_predictions(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]], names: list[str],
                      path: Path) -> None:
-    """A sheet of val images, each twice: the true mask (ignored pixels grey) and the predicted one,
-    captioned, with a legend of the class colours below."""
+    """A sheet of val images, each twice: the true mask (ignored pixels grey) and the predicted one with
+    its wrong pixels striped white, captioned, with a legend of the class colours below."""
     from PIL import Image, ImageDraw
 
-    from pipelines.viz import IGNORE_COLOR, class_color, font, overlay
+    from pipelines.viz import IGNORE_COLOR, WRONG_COLOR, class_color, font, mark_wrong, overlay
 
     tile, caption, pairs_per_row = 300, 18, 2
     rows = max(1, -(-len(samples) // pairs_per_row))
-    legend = [(name, class_color(c)) for c, name in enumerate(names) if c] + [("ignored", IGNORE_COLOR)]
+    legend = [(name, class_color(c)) for c, name in enumerate(names) if c] + [("ignored", IGNORE_COLOR),
+                                                                             ("wrong (striped)", WRONG_COLOR)]
     legend_rows = -(-len(legend) // 6)
     sheet = Image.new("RGB", (2 * pairs_per_row * tile, rows * (tile + caption) + legend_rows * 20 + 8), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
@@ -86,7 +87,8 @@ def draw_predictions(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str
         valid = truth != IGNORE_LABEL
         accuracy = float(np.mean(truth[valid] == pred[valid])) if valid.any() else float("nan")
         panels = [(overlay(image, truth, ignore_label=IGNORE_LABEL), f"truth: {filename}"),
-                  (overlay(image, pred), f"prediction: {100 * accuracy:.1f}% pixels right")]
+                  (mark_wrong(overlay(image, pred), valid & (truth != pred)),
+                   f"prediction: {100 * accuracy:.1f}% pixels right")]
         for k, (array, text) in enumerate(panels):
             x, y = (2 * (n % pairs_per_row) + k) * tile, (n // pairs_per_row) * (tile + caption)
             img = Image.fromarray(array)
