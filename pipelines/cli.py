@@ -186,9 +186,11 @@ def add_run_parsers(sub) -> None:
     p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder)")
     p.add_argument("--seed", type=_seed, help="seed of initialisation, data order and augmentation, recorded in "
                                            "workspace/RUN/run.json (default: the run's, which make config wrote)")
-    p.add_argument("--with-eval", action="store_true",
-                   help="detection: also compute COCO metrics during training, keeping the best checkpoint by AP "
-                        "(a segmenter is always evaluated when the config has eval files)")
+    p.add_argument("--eval-every", type=_non_negative_int,
+                   help="evaluate on the val shards every N steps (in whole loops) and at the end, keeping the best "
+                        "checkpoint (detection: by COCO AP, segmentation: by mean IoU); 0: no evaluation during "
+                        "training (default: five per run for a detector, ten for a segmenter)")
+    p.add_argument("--with-eval", action="store_true", help=argparse.SUPPRESS)  # evaluation is on by default now
     p = sub.add_parser("eval", help="metrics on the val shards (COCO AP or IoU) -> workspace/RUN/eval/",
                        description="Evaluate a trained run on the validation TFRecords (its best checkpoint when "
                                    "training kept one, else the latest). Detection: COCO metrics with "
@@ -298,7 +300,9 @@ def cmd_train(args) -> int:
     check_memory(task, params, display_path(folder / "pipeline.config"))
     train = task.load("train")
     try:
-        train(params, folder, log=_log, mode="train_and_eval" if args.with_eval else None)
+        evaluate = args.eval_every != 0 and bool(params.eval_files)
+        train(params, folder, log=_log, mode="train_and_eval" if evaluate else "train",
+              eval_every=args.eval_every or None)
     except ValueError as e:  # the data the config points at cannot be used (no files, no masks, bad settings)
         raise UserError(display_path(folder / "pipeline.config"), str(e)) from None
     print(f"next: make eval RUN={args.run}")

@@ -102,8 +102,8 @@ def curves_png(series: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes |
     losses = {tag: points for tag, points in train.items() if "loss" in tag}
     losses.update({f"validation {tag}": points for tag, points in validation.items() if "loss" in tag})
     rate = train.get("learning_rate")
-    metrics = {f"validation {tag}": points for tag, points in validation.items()
-               if "loss" not in tag and not tag.startswith("best_")}
+    metrics = {f"validation {tag}": points for tag, points in validation.items()  # the headline ones (all: the table)
+               if "loss" not in tag and not tag.startswith(("best_", "AR")) and tag not in ("APs", "APm", "APl")}
     metrics.update({f"train {tag}": points for tag, points in train.items()
                     if tag in ("mean_iou", "iou")})
     panels = [(title, lines) for title, lines in (("loss", losses), ("learning rate", {"learning_rate": rate} if rate

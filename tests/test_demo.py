@@ -123,6 +123,10 @@ def test_report_has_every_section(demo, run):
     assert ("COCO metrics" in evaluation) if run == "demo-detector" else ("IoU per class" in evaluation)
     training = re.search(r'<section id="training">(.*?)</section>', page, re.DOTALL).group(1)
     assert "loss" in training and "learning_rate" in training
+    # make train evaluates during training by default: the validation metric over training is on the page
+    assert ("validation/AP" in training) if run == "demo-detector" else ("validation/mean_iou" in training)
+    if run == "demo-detector":  # Model Garden logs its loss as total_loss and training_loss: shown once
+        assert training.count("train/total_loss") == 1 and "train/training_loss" not in training
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it when it can)")

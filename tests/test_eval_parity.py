@@ -53,6 +53,8 @@ def both(sample_dir, tmp_path_factory):
             "--num-steps", str(STEPS), "--optimizer", "adam", "--learning-rate", "0.003", workspace=ws, check=True)
     run_cli("train", "--run", "parity", workspace=ws, check=True)
     run = ws / "parity"
+    evals = json.loads((run / "train" / "evals.json").read_text())  # make train evaluates 5 times a run by default
+    assert [e["step"] for e in evals] == [12, 24, 36, 48, 60] and all("AP" in e for e in evals), evals
     checkpoint = tf.train.latest_checkpoint(str(run / "train"))
     assert checkpoint.endswith(f"ckpt-{STEPS}")
     run_cli("eval", "--run", "parity", "--checkpoint", checkpoint, workspace=ws, check=True)

@@ -208,8 +208,13 @@ def validate(params: DetectorParams) -> None:
         raise ValueError("classification_weight must be positive (it scales Model Garden's whole loss)")
 
 
+def default_eval_every(params: DetectorParams) -> int:
+    """Evaluations during training (make train's default): five per run."""
+    return max(1, params.num_steps // 5)
+
+
 def build_experiment(params: DetectorParams, steps_per_loop: int | None = None,
-                     gpus: int | None = None) -> cfg.ExperimentConfig:
+                     gpus: int | None = None, eval_every: int | None = None) -> cfg.ExperimentConfig:
     """The Model Garden RetinaNet experiment for `params`.
 
     `gpus` defaults to the GPUs TensorFlow sees: mixed precision (float16 compute, dynamic loss
@@ -244,10 +249,11 @@ def build_experiment(params: DetectorParams, steps_per_loop: int | None = None,
     exp.trainer.steps_per_loop = loop
     exp.trainer.summary_interval = loop
     exp.trainer.checkpoint_interval = loop
-    exp.trainer.validation_interval = max(1, min(params.num_steps, 10 * loop))
+    every = eval_every or default_eval_every(params)  # in whole loops, at least one
+    exp.trainer.validation_interval = min(params.num_steps, max(loop, -(-every // loop) * loop))
     exp.trainer.validation_steps = -1  # the whole val set, as the reader does not repeat it
     exp.trainer.max_to_keep = 5
-    # With evaluations during training (`python -m pipelines train --with-eval`), the best by COCO AP is kept.
+    # With evaluations during training (make train's default), the best by COCO AP is kept.
     engine.keep_best(exp, TASK)
     exp.validate()
     exp.lock()

@@ -123,11 +123,12 @@ def describe_eval(values: dict) -> str:
 
 
 def train(params: DetectorParams, run_dir: str | Path, log: Callable[[str], None] = print,
-          mode: str | None = "train", steps_per_loop: int | None = None) -> dict:
+          mode: str | None = "train", steps_per_loop: int | None = None, eval_every: int | None = None) -> dict:
     """Train until `params.num_steps`, resuming from RUN_DIR/train's latest checkpoint if any.
 
-    mode: 'train', or 'train_and_eval' (COCO metrics on eval_files every 10 loops and at the end; the
-    best checkpoint by AP kept in RUN_DIR/train/best/). Returns what `engine.run` returns; its history
+    mode: 'train', or 'train_and_eval' (COCO metrics on eval_files every `eval_every` steps, default a fifth
+    of the run, in whole loops, and at the end; the best checkpoint by AP kept in RUN_DIR/train/best/;
+    `make train`'s default). Returns what `engine.run` returns; its history
     has one dict per loop (step, steps_per_sec, total_loss, cls_loss, box_loss, model_loss,
     learning_rate, ...).
     """
@@ -138,7 +139,7 @@ def train(params: DetectorParams, run_dir: str | Path, log: Callable[[str], None
         raise ValueError("no training files (train_input_reader.input_path)")
     if mode == "train_and_eval" and not params.eval_files:
         raise ValueError("train_and_eval needs eval_files")
-    exp = build_experiment(params, steps_per_loop=steps_per_loop)
+    exp = build_experiment(params, steps_per_loop=steps_per_loop, eval_every=eval_every)
     job = engine.Job(
         make_task=lambda config, logging_dir: DetectionTask(config, logging_dir=logging_dir),
         describe=describe, describe_eval=describe_eval, batch_size=params.batch_size,

@@ -194,7 +194,11 @@ class QuietOrbit(io.TextIOBase):
     passes through."""
 
     PREFIXES = ("train | ", " eval | ", "saved checkpoint to ", "restoring model from ", "restoring or initializing",
-                "restored model from ", "restored from checkpoint: ")
+                "restored model from ", "restored from checkpoint: ",
+                # pycocotools' own prints when Model Garden's COCO evaluator runs during training
+                "creating index...", "index created!", "Loading and preparing results", "Running per image evaluation",
+                "Evaluate annotation type", "Accumulating evaluation results", "DONE (t=", " Average Precision",
+                " Average Recall")
 
     def __init__(self, out):
         self.out = out
