@@ -69,7 +69,7 @@ def prepare(out: Path, env: dict, fresh: bool) -> Path:
         sh([PY, "-m", "pipelines", "data", "--dataset", str(dataset)], env, out / "data.log")
     sh([PY, "-m", "pipelines", "config", "--dataset", "sample", "--model", TEMPLATE, "--run", RUN,
         "--batch-size", "2", "--num-steps", "4"], env, out / "config.log")
-    sh([PY, "-m", "pipelines", "train", "--run", RUN], env, out / "train.log")
+    sh([PY, "-m", "pipelines", "train", "--run", RUN, "--eval-every", "0"], env, out / "train.log")
     sh([PY, "-m", "pipelines", "export", "--run", RUN], env, out / "export.log")
     print(f"set-up: exported {export} in {time.monotonic() - started:.0f} s", flush=True)
     return export

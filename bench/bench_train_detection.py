@@ -148,7 +148,7 @@ def speed(args, out: Path, env: dict) -> None:
             run_dir = prepare(out, env, args.batch, args.steps, f"speed-{round_}")
             if who == "exact":
                 shutil.rmtree(run_dir / "train", ignore_errors=True)
-                wall, output = sh([PY, "-m", "pipelines", "train", "--run", run_dir.name], env,
+                wall, output = sh([PY, "-m", "pipelines", "train", "--run", run_dir.name, "--eval-every", "0"], env,
                                   out / f"exact-{round_}.log")
             else:
                 mg_dir = out / f"previous-{round_}"
@@ -174,7 +174,7 @@ def speed(args, out: Path, env: dict) -> None:
 def learning(args, out: Path, env: dict) -> None:
     run_dir = prepare(out, env, args.batch, args.steps, "learning")
     shutil.rmtree(run_dir / "train", ignore_errors=True)
-    wall, output = sh([PY, "-m", "pipelines", "train", "--run", run_dir.name], env, out / "learning-train.log")
+    wall, output = sh([PY, "-m", "pipelines", "train", "--run", run_dir.name, "--eval-every", "0"], env, out / "learning-train.log")
     _, evaluation = sh([PY, "-m", "pipelines", "eval", "--run", run_dir.name], env, out / "learning-eval.log")
     print(f"trained {args.steps} steps at batch {args.batch} from scratch in {wall / 60:.1f} min "
           f"({steady_steps_per_sec(output) * args.batch:.2f} img/s)")

@@ -135,7 +135,7 @@ def main() -> int:
         print(f"fine-tune start: make train {args.pretrain_steps} steps from the random start (a stand-in for a "
               f"zoo checkpoint)", flush=True)
         config("pretrain", args.pretrain_steps, random_start)
-        sh(["train", "--run", "pretrain"], env, logs / "train-pretrain.log")
+        sh(["train", "--run", "pretrain", "--eval-every", "0"], env, logs / "train-pretrain.log")
         starts["finetune"] = to_od_api("pretrain", env, template, out / "finetune-start")
 
     rows = []
@@ -143,7 +143,7 @@ def main() -> int:
         print(f"\n== start: {start} ({starts[start]})", flush=True)
         cfg = config(f"ours-{start}", args.steps, starts[start])
         t0 = time.perf_counter()
-        stdout = sh(["train", "--run", f"ours-{start}"], env, logs / f"train-ours-{start}.log")
+        stdout = sh(["train", "--run", f"ours-{start}", "--eval-every", "0"], env, logs / f"train-ours-{start}.log")
         ours_wall = time.perf_counter() - t0
         ours = our_progress(stdout, args.batch)
         loop = min(100, max(1, args.steps // 10))  # our steps per loop: the OD API runs as many per call
