@@ -38,7 +38,6 @@ def measure(variant: str, batch: int, size: int, steps: int) -> dict:
 
     from pipelines.config.textproto import TextProto
     from pipelines.detection import config as tr
-    from pipelines.detection import ssd
     from pipelines.detection.experiment import build_experiment
     from pipelines.detection.train import DetectionTask
 
@@ -53,14 +52,7 @@ def measure(variant: str, batch: int, size: int, steps: int) -> dict:
     task = DetectionTask(exp.task)
     model = task.build_model()
     optimizer = task.create_optimizer(exp.trainer.optimizer_config, exp.runtime)
-    m, p = exp.task.model, exp.task.train_data.parser
-    parser = ssd.SSDParser(
-        task=exp.task, output_size=m.input_size[:2], min_level=m.min_level, max_level=m.max_level,
-        num_scales=m.anchor.num_scales, aspect_ratios=m.anchor.aspect_ratios, anchor_size=m.anchor.anchor_size,
-        match_threshold=p.match_threshold, unmatched_threshold=p.unmatched_threshold,
-        box_coder_weights=m.detection_generator.box_coder_weights, aug_rand_hflip=False,
-        skip_crowd_during_training=True, max_num_instances=p.max_num_instances, pad=p.pad,
-        keep_aspect_ratio=p.keep_aspect_ratio, aug_scale_min=1.0, aug_scale_max=1.0)
+    parser = task.parser(exp.task.train_data)
     rng = np.random.default_rng(0)
     images, labels = [], []
     for _ in range(batch):

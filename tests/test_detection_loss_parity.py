@@ -19,7 +19,7 @@ import tensorflow as tf
 from conftest import EXTERNAL
 from pipelines.config.textproto import TextProto
 from pipelines.detection import config as tr
-from pipelines.detection import ssd, zoo
+from pipelines.detection import zoo
 
 ZOO = EXTERNAL / "od_zoo" / "ssd_mobilenet_v2_fpnlite_320x320_coco17_tpu-8"
 PHOTOS = ["tf_od_image1_1024x636.jpg", "voc_000342.jpg"]
@@ -78,15 +78,7 @@ def our_loss(folder: Path, checkpoint: str, photos, training: bool = False):
     model = task.build_model()
     summary = zoo.restore(model, checkpoint, "full")
     assert summary.restored == len(model.weights), summary
-    m = exp.task.model
-    p = exp.task.train_data.parser
-    parser = ssd.SSDParser(
-        task=exp.task, output_size=m.input_size[:2], min_level=m.min_level, max_level=m.max_level,
-        num_scales=m.anchor.num_scales, aspect_ratios=m.anchor.aspect_ratios, anchor_size=m.anchor.anchor_size,
-        match_threshold=p.match_threshold, unmatched_threshold=p.unmatched_threshold,
-        box_coder_weights=m.detection_generator.box_coder_weights, aug_rand_hflip=False,
-        skip_crowd_during_training=True, max_num_instances=p.max_num_instances, pad=p.pad,
-        keep_aspect_ratio=p.keep_aspect_ratio, aug_scale_min=1.0, aug_scale_max=1.0)
+    parser = task.parser(exp.task.train_data)  # Model Garden's own flip and scale jitter are off (experiment FIELDS)
     images, labels = [], []
     for photo, (boxes, classes) in zip(photos, GROUNDTRUTH):
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * 320 * 320

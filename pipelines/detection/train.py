@@ -77,10 +77,10 @@ class DetectionTask(retinanet_task.RetinaNetTask):
         total = model_loss + tf.reduce_sum(aux_losses) if aux_losses else model_loss
         return params.loss_weight * total, cls_loss, box_loss, model_loss
 
-    def build_inputs(self, params, input_context=None):
+    def parser(self, params) -> ssd.SSDParser:
+        """The parser of a DataConfig of this task (train_data or validation_data): images and anchor labels."""
         model = self.task_config.model
-        decoder = tf_example_decoder.TfExampleDecoder(regenerate_source_id=params.decoder.get().regenerate_source_id)
-        parser = ssd.SSDParser(
+        return ssd.SSDParser(
             task=self.task_config, output_size=model.input_size[:2], min_level=model.min_level,
             max_level=model.max_level, num_scales=model.anchor.num_scales, aspect_ratios=model.anchor.aspect_ratios,
             anchor_size=model.anchor.anchor_size, dtype=params.dtype, match_threshold=params.parser.match_threshold,
@@ -91,6 +91,10 @@ class DetectionTask(retinanet_task.RetinaNetTask):
             skip_crowd_during_training=params.parser.skip_crowd_during_training,
             max_num_instances=params.parser.max_num_instances, pad=params.parser.pad,
             keep_aspect_ratio=params.parser.keep_aspect_ratio)
+
+    def build_inputs(self, params, input_context=None):
+        decoder = tf_example_decoder.TfExampleDecoder(regenerate_source_id=params.decoder.get().regenerate_source_id)
+        parser = self.parser(params)
         reader = input_reader_factory.input_reader_generator(
             params, dataset_fn=dataset_fn.pick_dataset_fn(params.file_type), decoder_fn=decoder.decode,
             combine_fn=input_reader.create_combine_fn(params), parser_fn=parser.parse_fn(params.is_training))
