@@ -555,8 +555,9 @@ COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "impor
             "train": cmd_train, "eval": cmd_eval,
             "export": cmd_export, "predict": cmd_predict, "report": cmd_report, "prelabel": cmd_prelabel,
             "serve": cmd_serve, "bento": cmd_bento, "demo": cmd_demo}
-# Stages that run no TensorFlow in this process (the server's workers start their own).
-WITHOUT_TENSORFLOW = ("sample", "serve", "bento")
+# Stages that start no TensorFlow devices in this process (the data stage writes records without a model;
+# the server's workers start their own).
+WITHOUT_TENSORFLOW = ("sample", "data", "serve", "bento")
 
 
 def main(argv: list[str] | None = None) -> int:
