@@ -77,8 +77,8 @@ def training_series(train_dir: Path) -> dict[str, dict[str, list[tuple[int, floa
     for split in ("train", "validation"):
         tags = read_scalars(train_dir / split) if (train_dir / split).is_dir() else {}
         kept: dict[str, list[tuple[int, float]]] = {}
-        for tag, points in sorted(tags.items()):  # one curve once (Model Garden logs the loss as two tags)
-            if points not in kept.values():
+        for tag, points in sorted(tags.items()):  # one loss curve once (Model Garden logs it as two tags)
+            if "loss" not in tag or points not in [v for k, v in kept.items() if "loss" in k]:
                 kept[tag] = points
         series[split] = kept
     return series
@@ -169,6 +169,18 @@ def _missing(what: str, command: str) -> str:
     return f'<p class="missing">No {_esc(what)} yet: <code>{_esc(command)}</code> writes it.</p>'
 
 
+def _written_for(task_name) -> str:
+    """What the data stage wrote the records for: its TASK, and whether they hold class masks (which a
+    detector does not need but reads the boxes beside)."""
+    from pipelines import tasks
+
+    try:
+        masks = tasks.get(str(task_name)).class_masks
+    except ValueError:
+        masks = False
+    return f"TASK={task_name}" + (" (with class masks; a detector reads its boxes)" if masks else "")
+
+
 def dataset_section(data_dir: Path | None, run: str) -> str:
     summary_path = data_dir / "summary.json" if data_dir else None
     if not summary_path or not summary_path.is_file():
@@ -177,8 +189,8 @@ def dataset_section(data_dir: Path | None, run: str) -> str:
     images = summary.get("images", {})
     source = summary.get("source", {})
     facts = [["dataset", summary.get("dataset")], ["source", f"{source.get('format', '?')}: {source.get('folder', '')}"],
-             ["written for", f"TASK={summary.get('task')}" + (" (with class masks; a detector reads its boxes)"
-                                                              if summary.get("task") == "segmentation" else "")], ["images (train / val)", f"{images.get('train', 0)} / {images.get('val', 0)}"],
+             ["written for", _written_for(summary.get("task"))],
+             ["images (train / val)", f"{images.get('train', 0)} / {images.get('val', 0)}"],
              ["images without objects (train / val)",
               f"{images.get('without_objects', {}).get('train', 0)} / {images.get('without_objects', {}).get('val', 0)}"],
              ["items dropped / repaired / skipped",
