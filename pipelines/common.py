@@ -105,10 +105,16 @@ def start_tensorflow():
             import tensorflow as tf
 
             gpus = tf.config.list_physical_devices("GPU")
-        finally:
+        except BaseException:  # TensorFlow failed to start: all it wrote is news, nothing held back
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            held.seek(0)
+            sys.stderr.write(held.read().decode("utf-8", "replace"))
+            raise
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
         held.seek(0)
         lines = held.read().decode("utf-8", "replace").splitlines()
     _started = True
