@@ -48,7 +48,8 @@ OPTIMIZER ?=
 q = '$(subst ','\'',$(1))'
 
 .PHONY: help setup browser lock sample data config import train eval predict report export prelabel serve bento containerize test bench bench-data bench-train-detection \
-        bench-train-segmentation bench-serve bench-export bench-prelabel serve-spectrogram demo clean
+        bench-train-segmentation bench-serve bench-export bench-prelabel serve-spectrogram demo clean \
+        train-image podman-setup base-image test-containers
 
 help:
 	@echo "make setup                         create .venv and install requirements.lock"
@@ -80,7 +81,13 @@ help:
 	@echo "make serve RUN=NAME [PORT=3000] [HOST=127.0.0.1] | make serve MODEL=name:version (a BentoML model-store tag)"
 	@echo "make serve-spectrogram [PORT=3000]  POST /spectrogram: WAV in, spectrogram PNG out (no model)"
 	@echo "make bento RUN=NAME | make bento MODEL=name:version   a Bento (model + code + requirements.lock) in the bento store"
-	@echo "make containerize BENTO=name:version                 its Docker image (bentoml containerize; needs Docker)"
+	@echo "          [BASE_IMAGE=image]: its image's base instead of python:3.11-slim (e.g. make base-image's)"
+	@echo "make containerize BENTO=name:version [IMAGE=name:tag] [ENGINE=podman|docker]   the Bento's image (bentoml containerize)"
+	@echo "make train-image [BASE_IMAGE=image] [TRAIN_IMAGE=annotator-pipelines-train] [ENGINE=podman|docker]"
+	@echo "          docker/Dockerfile.train: TensorFlow with its CUDA libraries, the project, make as entrypoint"
+	@echo "make podman-setup                  (root, Debian) install podman, runc, mmdebstrap and this project's podman settings"
+	@echo "make base-image                    (root) localhost/annotator-pipelines-base:bookworm, Python 3.11 from Debian packages"
+	@echo "make test-containers               build, run and test both images with podman (minutes; needs the two above)"
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
 	@echo "                                   bench-train-segmentation, bench-serve, bench-export, bench-prelabel)"
 	@echo "make lock                          re-resolve pyproject.toml's pins into requirements.lock (needs the registry)"
@@ -174,12 +181,47 @@ serve-spectrogram: $(STAMP)
 	$(PY) -m pipelines.serving.serve pipelines.serving.audio:Spectrogram --host $(call q,$(HOST)) --port $(call q,$(PORT))
 
 bento: $(STAMP)
-	$(PY) -m pipelines bento $(SERVED)
+	$(PY) -m pipelines bento $(SERVED) $(if $(BASE_IMAGE),--base-image $(call q,$(BASE_IMAGE)))
+
+# Images (docs/packaging.md, docker/README.md). ENGINE: podman when it is installed, else docker.
+# BASE_IMAGE: the base image instead of python:3.11-slim (make bento: the Bento's docker.base_image) or
+# python:3.11-slim-bookworm (make train-image), e.g. $(LOCAL_BASE_IMAGE) from make base-image.
+ENGINE  ?= $(if $(shell command -v podman 2>/dev/null),podman,docker)
+BASE_IMAGE ?=
+LOCAL_BASE_IMAGE ?= localhost/annotator-pipelines-base:bookworm
+IMAGE   ?=
+TRAIN_IMAGE ?= annotator-pipelines-train
 
 containerize: $(STAMP)
 	@test -n $(call q,$(BENTO)) || { echo "error: give BENTO=name:version (printed by make bento; bentoml list)"; exit 2; }
-	@command -v docker >/dev/null || { echo "error: bentoml containerize needs Docker (docker not found)"; exit 2; }
-	$(VENV)/bin/bentoml containerize $(call q,$(BENTO))
+	@command -v $(call q,$(ENGINE)) >/dev/null || { echo "error: bentoml containerize needs podman or Docker ($(ENGINE) not found; make podman-setup)"; exit 2; }
+	@test -z $(call q,$(BASE_IMAGE)) || { echo "error: the base image is the Bento's: make bento RUN=NAME BASE_IMAGE=... then make containerize"; exit 2; }
+	BENTOML_DO_NOT_TRACK=True $(VENV)/bin/bentoml containerize --backend $(call q,$(ENGINE)) \
+	  $(if $(IMAGE),--image-tag $(call q,$(IMAGE))) $(call q,$(BENTO))
+
+train-image:
+	@command -v $(call q,$(ENGINE)) >/dev/null || { echo "error: building the image needs podman or Docker ($(ENGINE) not found; make podman-setup)"; exit 2; }
+	$(call q,$(ENGINE)) build -f docker/Dockerfile.train -t $(call q,$(TRAIN_IMAGE)) \
+	  $(if $(filter podman,$(ENGINE)),--ignorefile docker/Dockerfile.train.dockerignore) \
+	  $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(call q,$(BASE_IMAGE))) .
+
+# podman on a fresh Debian machine, as root: Debian's podman (4.3 on bookworm) with runc, cgroupfs and no
+# default ulimits (docker/containers.conf, installed as a containers.conf.d drop-in), and mmdebstrap.
+podman-setup:
+	@[ "$$(id -u)" = 0 ] || { echo "error: run as root (apt-get install, /etc/containers)"; exit 2; }
+	export DEBIAN_FRONTEND=noninteractive; pkgs="podman runc netavark aardvark-dns iptables uidmap mmdebstrap"; \
+	  apt-get install -y -q --no-install-recommends $$pkgs >/dev/null || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$pkgs >/dev/null; }
+	install -D -m 0644 docker/containers.conf /etc/containers/containers.conf.d/50-annotator-pipelines.conf
+	podman info --format 'podman {{.Version.Version}}: runtime {{.Host.OCIRuntime.Name}}, cgroups {{.Host.CgroupManager}}, storage {{.Store.GraphDriverName}}'
+
+# Python 3.11 from Debian bookworm's packages (mmdebstrap), imported into podman: docker/base-image.sh.
+base-image: $(STAMP)
+	BASE_IMAGE=$(call q,$(LOCAL_BASE_IMAGE)) PYTHON=$(PY) bash docker/base-image.sh
+
+# The images built and run for real with podman (tests/test_containers.py): minutes; not part of make test.
+test-containers: $(STAMP)
+	PIPELINES_CONTAINER_TESTS=1 PIPELINES_TEST_BASE_IMAGE=$(call q,$(LOCAL_BASE_IMAGE)) $(PY) -m pytest tests/test_containers.py -v -s
 
 # make demo: both models; TASK=detection or TASK=segmentation (given on the command line) for one.
 demo: $(STAMP)

@@ -183,9 +183,12 @@ def test_training_dockerfile():
     text = (DOCKER / "Dockerfile.train").read_text()
     instructions = [line.split(None, 1) for line in text.splitlines() if line.strip() and not line.startswith("#")]
     froms = [rest for word, *rest in instructions if word == "FROM"]
-    assert froms == [["tensorflow/tensorflow:2.20.0-gpu"]]
-    assert re.search(r"COPY requirements\.lock", text)
-    assert re.search(r"pip install --no-deps -r requirements\.lock", text)
+    assert froms == [["${BASE_IMAGE}"]] and ["ARG", "BASE_IMAGE=python:3.11-slim-bookworm"] in instructions
+    assert re.search(r"COPY requirements\.lock docker/requirements-cuda\.txt", text)
+    assert re.search(r"pip install --no-deps -r requirements\.lock -r requirements-cuda\.txt", text)
+    # tensorflow[and-cuda]'s CUDA libraries, pinned
+    cuda = pins((DOCKER / "requirements-cuda.txt").read_text())
+    assert {"nvidia-cudnn-cu12", "nvidia-cublas-cu12"} <= set(cuda) and not set(cuda) & set(pins((REPO / "requirements.lock").read_text()))
     assert 'ENTRYPOINT ["make"]' in text and "VOLUME" in text
 
 

@@ -6,7 +6,10 @@ The Bento (BentoML's deployable unit, in the bento store under $BENTOML_HOME/ben
 - requirements.lock as its Python requirements, taken as they are: no locking step, nothing is
   downloaded while building (the image build installs them later, `bentoml containerize`);
 - PIPELINES_MODEL=<model tag> in its environment, so the service finds its model in the container
-  (docker/bento-setup.sh links the Bento's models/ as the image's model store, $BENTOML_HOME/models).
+  (docker/bento-setup.sh links the Bento's models/ as the image's model store, $BENTOML_HOME/models);
+- its image's base: BentoML's python:3.11-slim (with Debian's build tools added), unless --base-image
+  names another (the bentofile's docker.base_image: `make bento BASE_IMAGE=...`), which must have
+  python3.11 and groupadd; docker/base-image.sh makes one from Debian packages (`make base-image`).
 
 `bentoml serve BENTO_TAG` serves it here, `bentoml containerize BENTO_TAG` turns it into an image.
 """
@@ -75,8 +78,10 @@ def model_of_tag(tag: str):
                         "(`bentoml models list` shows what is there)") from None
 
 
-def build(model_tag: str, name: str | None = None, version: str | None = None, build_ctx: Path = REPO_ROOT):
-    """Build the Bento serving model `model_tag` (in the store under $BENTOML_HOME); returns the Bento."""
+def build(model_tag: str, name: str | None = None, version: str | None = None, build_ctx: Path = REPO_ROOT,
+          base_image: str | None = None):
+    """Build the Bento serving model `model_tag` (in the store under $BENTOML_HOME); returns the Bento.
+    base_image: its image's base instead of BentoML's default (python:3.11-slim)."""
     import bentoml
     from bentoml._internal.bento.build_config import BentoEnvSchema
 
@@ -101,7 +106,8 @@ def build(model_tag: str, name: str | None = None, version: str | None = None, b
             exclude=EXCLUDE,
             envs=[BentoEnvSchema(name=MODEL_ENV, value=tag)],
             python={"requirements_txt": REQUIREMENTS, "lock_packages": False},
-            docker={"python_version": PYTHON_VERSION, "setup_script": SETUP_SCRIPT},
+            docker={"python_version": PYTHON_VERSION, "setup_script": SETUP_SCRIPT,
+                    **({"base_image": base_image} if base_image else {})},
             models=[tag],
             build_ctx=str(build_ctx),
         )
@@ -128,6 +134,8 @@ def add_arguments(parser) -> None:
     which.add_argument("--model", help="a model-store tag, NAME or NAME:VERSION (`bentoml models list`)")
     parser.add_argument("--name", help="the Bento's name (default: MODEL-service)")
     parser.add_argument("--version", help="the Bento's version (default: a new one)")
+    parser.add_argument("--base-image", help="the base of its container image instead of python:3.11-slim: an image "
+                        "with python3.11 and groupadd (`make base-image` makes one from Debian packages)")
 
 
 def run(args) -> int:
@@ -136,7 +144,8 @@ def run(args) -> int:
     try:
         model = model_of_run(args.run) if args.run else model_of_tag(args.model)
         print(f"model {model.tag} ({tasks.name_in(model.info.metadata)}) from {model.path}", flush=True)
-        bento = build(str(model.tag), name=args.name, version=args.version)
+        bento = build(str(model.tag), name=args.name, version=args.version,
+                      base_image=getattr(args, "base_image", None))
     except UserError as e:
         eprint(f"error: {e}")
         return e.exit_code
@@ -147,7 +156,7 @@ def run(args) -> int:
         raise
     print(f"built Bento {bento.tag} in {bento.path}")
     print(f"serve it:       PIPELINES_MODEL={model.tag} bentoml serve {bento.tag} --port 3000")
-    print(f"make an image:  bentoml containerize {bento.tag}   (needs Docker; or: make containerize BENTO={bento.tag})")
+    print(f"make an image:  make containerize BENTO={bento.tag}   (podman or Docker: bentoml containerize)")
     return 0
 
 
