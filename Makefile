@@ -47,7 +47,7 @@ OPTIMIZER ?=
 # Every user variable reaches the shell through it; the $(if $(X),...) tests stay as they were.
 q = '$(subst ','\'',$(1))'
 
-.PHONY: help setup browser lock sample data config import train eval predict report export prelabel serve bento containerize test bench bench-data bench-train-detection \
+.PHONY: help setup browser lock sample data config import train eval predict report export prelabel serve bento containerize test test-recipes bench bench-data bench-train-detection \
         bench-train-segmentation bench-serve bench-export bench-prelabel serve-spectrogram demo clean \
         train-image podman-setup base-image test-containers
 
@@ -55,6 +55,7 @@ help:
 	@echo "make setup                         create .venv and install requirements.lock"
 	@echo "make demo [TASK=detection|segmentation]   the whole job on the bundled sample (both tasks by default)"
 	@echo "make test                          run the test suite"
+	@echo "make test-recipes                  run README.md's and docs/' own-data recipes and check the models find objects"
 	@echo "make sample [IMAGES=300]           (re)generate the bundled sample in datasets/sample"
 	@echo "make data DATASET=NAME [TASK=detection|segmentation] [MASKS=0|1] [VAL_RATIO=0.2] [SEED=0]"
 	@echo "          [ANNOTATIONS=file.json] [SHARDS=N] [WORKERS=N] [SKIP_INVALID=0|1] [MAX_PIXELS=N] [ALLOW_OUTSIDE_IMAGES=0|1]"
@@ -229,6 +230,10 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m pytest tests
+
+# The own-data recipes of README.md and docs/, run as written on a copy of the sample (about 40 min on 2 cores).
+test-recipes: $(STAMP)
+	PIPELINES_RECIPES=1 $(PY) -m pytest tests/test_recipes.py -s
 
 # The run report's browser test needs Debian's chromium: installed here where apt-get can (as root);
 # elsewhere that one test is skipped with a reason.

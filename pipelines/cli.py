@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipelines import tasks
 from pipelines.common import eprint, start_tensorflow
-from pipelines.workspace import DATASETS_DIR, UserError, display_path
+from pipelines.workspace import UserError, datasets_dir, display_path
 
 SAMPLE_NAME = "sample"
 
@@ -123,7 +123,7 @@ def cmd_data(args) -> int:
 def _ensure_sample(num_images: int = 300) -> None:
     from pipelines.data.sample import ensure_sample
 
-    target = DATASETS_DIR / SAMPLE_NAME
+    target = datasets_dir() / SAMPLE_NAME
     if not (target / ".exports").is_dir():
         print(f"generating the bundled sample dataset in {display_path(target)} ({num_images} images)")
         ensure_sample(target, num_images)
@@ -459,7 +459,7 @@ def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate the bundled sample dataset (coco-annotator layout)",
                        description="Write a deterministic coco-annotator dataset folder of shapes, with the "
                                    "export quirks of the real tool.")
-    p.add_argument("--out", default=str(DATASETS_DIR / SAMPLE_NAME), help="folder to write (replaced)")
+    p.add_argument("--out", default=str(datasets_dir() / SAMPLE_NAME), help="folder to write (replaced)")
     p.add_argument("--images", "--num-images", dest="num_images", type=_positive_int, default=300,
                    help="number of images (default 300)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")

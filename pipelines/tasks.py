@@ -84,7 +84,7 @@ def _registered() -> dict[str, Task]:
             if (folder / "__init__.py").is_file() and (folder / "params.py").is_file():
                 importlib.import_module(f"{__package__}.{folder.name}")
         _DISCOVERED.append(True)
-    return _TASKS
+    return dict(sorted(_TASKS.items()))  # by name, whichever task package was imported first
 
 
 def names() -> list[str]:

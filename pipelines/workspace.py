@@ -16,7 +16,9 @@ from pathlib import Path
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATASETS_DIR = REPO_ROOT / "datasets"
+def datasets_dir() -> Path:
+    """Where `DATASET=NAME` is looked for (datasets/NAME); `PIPELINES_DATASETS` moves it (tests use a temporary one)."""
+    return Path(os.environ.get("PIPELINES_DATASETS", REPO_ROOT / "datasets"))
 
 
 def workspace_dir() -> Path:
@@ -48,7 +50,7 @@ def resolve_dataset(name_or_path: str) -> Path:
     """`DATASET=NAME` means `datasets/NAME`; anything else that exists is taken as a path."""
     candidates = [Path(name_or_path)]
     if not Path(name_or_path).is_absolute():
-        candidates.insert(0, DATASETS_DIR / name_or_path)
+        candidates.insert(0, datasets_dir() / name_or_path)
     for candidate in candidates:
         if candidate.exists():
             return candidate.resolve()

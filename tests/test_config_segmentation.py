@@ -57,7 +57,8 @@ def make_config(workspace, *args, check=True):
 
 
 def test_rewrite_rules_are_the_detectors(workspace):
-    proc = make_config(workspace, "--run", "s1", "--batch-size", "4", "--num-steps", "200")
+    # OPTIMIZER given: the template's learning rate, scaled with the batch (not the default LR=0.003 from scratch)
+    proc = make_config(workspace, "--run", "s1", "--batch-size", "4", "--num-steps", "200", "--optimizer", "adam")
     doc = TextProto((workspace / "s1" / "pipeline.config").read_text())
     data = (workspace / "shapes" / "data").resolve()
     assert doc.get("model.segmentation.num_classes") == 4

@@ -254,6 +254,28 @@ def rules(doc: TextProto, opts) -> list[str]:
     return notes
 
 
+DEFAULT_BATCH = 8
+DEFAULT_STEPS = 2000
+SCRATCH_LR = 0.003
+
+
 def defaults(doc, opts):
-    """make config's settings for options not given (one of our templates): the templates' own values."""
-    return opts, []
+    """(opts with make config's defaults filled in, the notes saying so), for one of our templates: BATCH 8,
+    STEPS 2,000, and from random encoder weights (no CHECKPOINT) LR=0.003 unless OPTIMIZER or LR is given
+    (the demo's recipe; the templates' batch 16 and 10,000 steps are for a GPU)."""
+    import dataclasses
+
+    notes, changes = [], {}
+    if opts.batch_size is None and int(doc.get("train_config.batch_size") or 0) != DEFAULT_BATCH:
+        changes["batch_size"] = DEFAULT_BATCH
+    if opts.num_steps is None:
+        changes["num_steps"] = DEFAULT_STEPS
+    scratch = not opts.checkpoint and str(doc.get(f"{SEG}.encoder_weights") or "none").strip('"') == "none"
+    if scratch and opts.optimizer is None and opts.learning_rate is None:
+        changes["learning_rate"] = SCRATCH_LR
+        notes.append(f"from random weights: LR={SCRATCH_LR} (what learns from scratch on a CPU, as in the demo)")
+    given = [f"{var}={changes[key]}" for var, key in (("BATCH", "batch_size"), ("STEPS", "num_steps")) if key in changes]
+    if given:
+        notes.append(f"defaults: {' '.join(given)} (the template's batch 16 and 10,000 steps are for a GPU; "
+                     "BATCH= and STEPS= set others)")
+    return dataclasses.replace(opts, **changes), notes
