@@ -40,6 +40,7 @@ UPLOAD  ?=
 SKIP_DRAFTS ?= 0
 FILES   ?=
 EVAL_EVERY ?=
+REPLICAS ?=
 OUT     ?=
 OPTIMIZER ?=
 
@@ -66,8 +67,9 @@ help:
 	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
 	@echo "make import ZOO=DIR [RUN=NAME] [LABEL_MAP=file]   an Object Detection API zoo model as a run"
-	@echo "make train RUN=NAME [SEED=N] [EVAL_EVERY=N|0]   train (resumes from the last checkpoint); evaluates on val"
+	@echo "make train RUN=NAME [SEED=N] [EVAL_EVERY=N|0] [REPLICAS=N]   train (resumes from the last checkpoint); evaluates on val"
 	@echo "          every N steps (default: 5 times a run for a detector, 10 for a segmenter; 0: never) and keeps the best"
+	@echo "          REPLICAS: GPUs to use (default all); on a CPU, N logical devices (a check of the multi-GPU path)"
 	@echo "make eval RUN=NAME [CHECKPOINT=path/ckpt-N] [MODEL=workspace/RUN/export/model_int8.tflite|model.onnx]"
 	@echo "make export RUN=NAME [CHECKPOINT=path/ckpt-N] [FORMAT=savedmodel|tflite|onnx|all] [QUANT=none,float16,int8]"
 	@echo "          device files measured beside the SavedModel"
@@ -150,7 +152,7 @@ BENTO   ?=
 
 train: $(STAMP)
 	$(PY) -m pipelines train --run $(call q,$(RUN_OR_DATASET)) $(if $(SEED),--seed $(call q,$(SEED))) \
-	  $(if $(EVAL_EVERY),--eval-every $(call q,$(EVAL_EVERY)))
+	  $(if $(EVAL_EVERY),--eval-every $(call q,$(EVAL_EVERY))) $(if $(REPLICAS),--replicas $(call q,$(REPLICAS)))
 
 eval: $(STAMP)
 	$(PY) -m pipelines eval --run $(call q,$(RUN_OR_DATASET)) $(if $(CHECKPOINT),--checkpoint $(call q,$(CHECKPOINT))) \

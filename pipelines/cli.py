@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from pipelines import tasks
-from pipelines.common import eprint, start_tensorflow
+from pipelines.common import eprint, start_tensorflow, use_replicas
 from pipelines.workspace import UserError, datasets_dir, display_path
 
 SAMPLE_NAME = "sample"
@@ -191,6 +191,10 @@ def add_run_parsers(sub) -> None:
                         "checkpoint (detection: by COCO AP, segmentation: by mean IoU); 0: no evaluation during "
                         "training (default: five per run for a detector, ten for a segmenter)")
     p.add_argument("--with-eval", action="store_true", help=argparse.SUPPRESS)  # evaluation is on by default now
+    p.add_argument("--replicas", type=_positive_int,
+                   help="replicas of the model, the batch split between them (tf.distribute.MirroredStrategy): with "
+                        "GPUs the first N (default all); on a CPU N logical devices (default 1: a check of the "
+                        "multi-GPU path, not faster)")
     p = sub.add_parser("eval", help="metrics on the val shards (COCO AP or IoU) -> workspace/RUN/eval/",
                        description="Evaluate a trained run on the validation TFRecords (its best checkpoint when "
                                    "training kept one, else the latest). Detection: COCO metrics with "
@@ -565,6 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in WITHOUT_TENSORFLOW:
             start_tensorflow()
+        if args.command == "train":
+            try:
+                use_replicas(args.replicas)
+            except ValueError as e:
+                raise UserError(None, str(e)) from None
         return COMMANDS[args.command](args)
     except UserError as e:
         eprint(f"error: {e}")

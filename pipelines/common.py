@@ -127,3 +127,22 @@ def start_tensorflow():
         reason = next((line.split("] ", 1)[-1] for line in reasons if "cuInit" in line), "no reason given")
         eprint(f"warning: {devices[0]} is present but TensorFlow found no usable GPU ({reason}); running on the CPU")
     return tf
+
+
+def use_replicas(replicas: int | None) -> None:
+    """The devices training replicates its model over (`make train REPLICAS=N`), set before TensorFlow's
+    runtime starts: with GPUs, the first N of them (default all); without, the CPU split into N logical
+    devices (default 1). N > 1 on a CPU runs the same per-replica code as N GPUs (batch split, gradients
+    summed across replicas, synchronised batch norm), for checking that path; it is not faster.
+    Raises ValueError for more GPUs than there are."""
+    tf = start_tensorflow()
+    gpus = tf.config.list_physical_devices("GPU")
+    if replicas is None:
+        return
+    if gpus:
+        if replicas > len(gpus):
+            raise ValueError(f"REPLICAS={replicas}: TensorFlow sees {len(gpus)} GPU(s)")
+        tf.config.set_visible_devices(gpus[:replicas], "GPU")
+    elif replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)

@@ -21,6 +21,7 @@ import tf_keras
 
 from pipelines import checkpoints
 from pipelines.detection.experiment import build_experiment
+from pipelines.engine import distribute
 from pipelines.engine import train as engine
 from pipelines.detection import ssd
 from pipelines.detection.model import network
@@ -58,10 +59,12 @@ class DetectionTask(retinanet_task.RetinaNetTask):
         """The OD API's SSD loss: Model Garden's (sigmoid focal loss on every anchor and class, Huber
         on the matched anchors' encoded boxes, averaged over the 4 coordinates, plus the L2 losses),
         normalised as the OD API's `normalize_loss_by_num_matches` does: by the number of matched
-        anchors in the batch, at least 1 (Model Garden divides by that number plus one).
+        anchors in the batch, at least 1 (Model Garden divides by that number plus one). With several
+        replicas, the matches of the global batch, the replica's part times the replicas (engine/distribute.py).
         Returns (total, classification, box, model loss), as RetinaNetTask.build_losses does."""
         params = self.task_config.losses
-        matches = tf.maximum(tf.reduce_sum(labels["box_weights"]), 1.0)
+        matches = tf.maximum(distribute.replica_sum(tf.reduce_sum(labels["box_weights"])), 1.0)
+        matches /= distribute.num_replicas()
         focal = focal_loss.FocalLoss(alpha=params.focal_loss_alpha, gamma=params.focal_loss_gamma,
                                      reduction=tf_keras.losses.Reduction.SUM)
         huber = tf_keras.losses.Huber(params.huber_loss_delta, reduction=tf_keras.losses.Reduction.SUM)

@@ -30,9 +30,9 @@ import tf_keras
 
 from pipelines import checkpoints
 from pipelines.common import duration
+from pipelines.engine import distribute
 from pipelines.workspace import output_lock, write_text_atomic
 
-from official.common import distribute_utils  # isort: skip
 from official.core import train_lib, train_utils  # isort: skip
 from official.modeling import performance  # isort: skip
 
@@ -48,12 +48,12 @@ def num_gpus() -> int:
 
 def set_runtime(exp, gpus: int | None = None) -> int:
     """Hardware settings of an experiment: with GPUs, mixed precision (float16 compute, dynamic loss
-    scale) and MirroredStrategy over them (one_device for one); MultiWorkerMirrored with TF_CONFIG.
+    scale) and MirroredStrategy over them (one_device for one), or over the logical CPU devices
+    REPLICAS=N made; MultiWorkerMirrored with TF_CONFIG (engine/distribute.py).
     Returns the number of GPUs used (default: the ones TensorFlow sees)."""
     gpus = num_gpus() if gpus is None else gpus
     exp.runtime.num_gpus = gpus
-    exp.runtime.distribution_strategy = ("multi_worker_mirrored" if os.environ.get("TF_CONFIG") else
-                                         "mirrored" if gpus > 1 else "one_device")
+    exp.runtime.distribution_strategy = distribute.strategy_name(gpus, bool(os.environ.get("TF_CONFIG")))
     exp.runtime.mixed_precision_dtype = "float16" if gpus else "float32"  # 'float16' = mixed_float16 policy
     return gpus
 
@@ -321,12 +321,11 @@ def _run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None]) 
     seed = exp.task.train_data.seed
     try:
         exact = stack.enter_context(seeded(seed))
-        strategy = distribute_utils.get_distribution_strategy(
-            distribution_strategy=exp.runtime.distribution_strategy, num_gpus=exp.runtime.num_gpus,
-            all_reduce_alg=exp.runtime.all_reduce_alg)
+        strategy = distribute.make_strategy(exp.runtime)
+        replicas = strategy.num_replicas_in_sync
         global_batch = exp.task.train_data.global_batch_size
-        if global_batch % strategy.num_replicas_in_sync:
-            raise ValueError(f"batch_size {global_batch} does not divide over {strategy.num_replicas_in_sync} replicas")
+        if global_batch % replicas:
+            raise ValueError(f"batch_size {global_batch} does not divide over {replicas} replicas")
         if strategy.extended.should_checkpoint:
             model_dir.mkdir(parents=True, exist_ok=True)
             train_utils.serialize_config(exp, str(model_dir))
@@ -336,9 +335,11 @@ def _run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None]) 
                 exp, task, train=mode != "eval", evaluate=mode != "train",
                 checkpoint_exporter=train_utils.maybe_create_best_ckpt_exporter(exp, str(model_dir)))
         model = trainer.model
+        synced = distribute.synchronize_batch_norm(model) if replicas > 1 or distribute.sync_batch_norm_asked() else 0
         frozen = model.frozen_variables() if hasattr(model, "frozen_variables") else []
-        log(f"training {model.name} ({model.count_params():,} parameters, batch {global_batch}) on "
-            f"{strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__}, {exp.runtime.num_gpus} GPU(s), "
+        log(f"training {model.name} ({model.count_params():,} parameters, batch {global_batch}"
+            + (f" = {replicas} x {global_batch // replicas} per replica" if replicas > 1 else "") + ") on "
+            f"{replicas} replica(s) ({type(strategy).__name__}, {exp.runtime.num_gpus} GPU(s), "
             f"{'mixed_float16' if exp.runtime.mixed_precision_dtype == 'float16' else 'float32'}); "
             + (f"resuming from step {start_step}" if start_step else job.start_note)
             + (f"; seed {seed}" + (" (repeatable on this machine)" if exact else " (GPU kernels vary between runs)")
@@ -347,6 +348,9 @@ def _run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None]) 
             + (f", evaluation every {exp.trainer.validation_interval} steps" if mode == "train_and_eval" else ""))
         for note in job.notes:
             log(note)
+        if synced:
+            log(f"batch norm: statistics over the global batch of {global_batch} ({synced} layers synchronised "
+                "across replicas), as on one device")
         if frozen:
             log(f"froze {len(frozen)} of {len(frozen) + len(model.trainable_weights)} trainable variables "
                 "(train_config.freeze_variables / update_trainable_variables): they get no gradient")

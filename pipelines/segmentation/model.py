@@ -134,7 +134,11 @@ def load_encoder_file(network: tf.keras.Model, path: Path) -> int:
 
 def loss_fn(params: SegmenterParams):
     """labels int [B, H, W] (255 ignored), logits [B, H, W, C] -> scalar loss: weighted sum of
-    Dice, categorical focal and cross-entropy terms, each over the valid pixels only."""
+    Dice, categorical focal and cross-entropy terms, each over the valid pixels only. With several
+    replicas, Dice's sums and the pixel count are those of the global batch, and the per-pixel terms
+    are multiplied by the replicas (engine/distribute.py): they add up to one device's loss."""
+    from pipelines.engine.distribute import num_replicas, replica_sum
+
     num = params.output_classes
     eps = 1e-5
 
@@ -144,11 +148,11 @@ def loss_fn(params: SegmenterParams):
         valid = tf.cast(tf.not_equal(labels, IGNORE_LABEL), tf.float32)
         onehot = tf.one_hot(tf.where(labels == IGNORE_LABEL, 0, labels), num) * valid[..., None]
         probs = tf.nn.softmax(logits) * valid[..., None]
-        count = tf.maximum(tf.reduce_sum(valid), 1.0)
+        count = tf.maximum(replica_sum(tf.reduce_sum(valid)), 1.0) / num_replicas()
         total = tf.constant(0.0)
         if params.dice_weight:
-            inter = tf.reduce_sum(probs * onehot, axis=[0, 1, 2])
-            denom = tf.reduce_sum(probs, axis=[0, 1, 2]) + tf.reduce_sum(onehot, axis=[0, 1, 2])
+            inter = replica_sum(tf.reduce_sum(probs * onehot, axis=[0, 1, 2]))
+            denom = replica_sum(tf.reduce_sum(probs, axis=[0, 1, 2]) + tf.reduce_sum(onehot, axis=[0, 1, 2]))
             dice = 1.0 - tf.reduce_mean((2.0 * inter + eps) / (denom + eps))
             total += params.dice_weight * dice
         log_probs = tf.nn.log_softmax(logits)
