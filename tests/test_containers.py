@@ -3,7 +3,8 @@
 - Serving: a fresh Bento of a tiny export, `make containerize` from the base image made here (`make
   base-image`: public container registries are out of reach), run with its port published on 127.0.0.1;
   /detect on a photo answers what `make serve` answers for the same export; /readyz, the bearer token and
-  the body limit set through the container's environment; a non-root user; `podman stop` ends it in 10 s.
+  the body limit set through the container's environment; a non-root user; `podman stop` ends it in 10 s;
+  a tiny segmenter's image answers /segment as `make serve` does.
 - Training: `make train-image`, then make data/config/train/export inside it on this CPU with datasets/ and
   workspace/ mounted, run as the host user, whose files the outputs are.
 
@@ -138,19 +139,15 @@ def _latencies(url: str, name: str, data: bytes, content_type: str, headers: dic
 # ------------------------------------------------------------------------------------------- serving
 
 
-@pytest.fixture(scope="module")
-def serving(tmp_path_factory):
-    """A tiny detector exported into a temporary workspace and store, a fresh Bento of it, and its image
-    built by `make containerize` FROM the local base image."""
-    from test_serving import make_detector
-
-    root = tmp_path_factory.mktemp("containers")
+def bento_image(root: Path, maker) -> dict:
+    """A tiny model exported by `maker` into a temporary workspace and store, a fresh Bento of it, and its
+    image built by `make containerize` FROM the local base image."""
     env = {"BENTOML_HOME": str(root / "bentoml"), "PIPELINES_WORKSPACE": str(root / "workspace"),
            "BENTOML_DO_NOT_TRACK": "True"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the export stage records the model in $BENTOML_HOME's store
     try:
-        make_detector(root / "workspace" / "tiny")
+        maker(root / "workspace" / "tiny")
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
@@ -166,9 +163,18 @@ def serving(tmp_path_factory):
     size = image_size_mb(image)
     print(f"\n[containers] make bento BASE_IMAGE={BASE_IMAGE}, make containerize BENTO={bento}: {seconds:.0f} s "
           f"({cached} steps from cache), image {image} {size:.0f} MB", flush=True)
-    yield {"root": root, "env": env, "bento": bento, "model": model, "image": image, "build_s": seconds,
-           "size_mb": size}
-    podman("rmi", "-f", image, check=False)
+    return {"root": root, "env": env, "bento": bento, "model": model, "image": image, "build_s": seconds,
+            "size_mb": size}
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory):
+    """The image of a tiny detector's Bento."""
+    from test_serving import make_detector
+
+    built = bento_image(tmp_path_factory.mktemp("containers"), make_detector)
+    yield built
+    podman("rmi", "-f", built["image"], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +277,42 @@ def test_podman_stop_ends_it_within_10_s(serving):
         assert took < 10 and code != "137", (took, code, box.logs())  # 137: killed after the 10 s grace
     finally:
         box.remove()
+
+
+def test_segmenter_image_answers_as_make_serve_does(tmp_path_factory, tmp_path):
+    """The same for a segmenter: its Bento's image and `make serve` give the same /segment answer."""
+    from test_serving import Server, make_segmenter
+
+    built = bento_image(tmp_path_factory.mktemp("segmenter"), make_segmenter)
+    name, data, content_type = photo()
+    box = Container(built["image"], {})
+    local = Server(None, built["root"] / "bentoml", tmp_path / "serve.log", make={"MODEL": built["model"]})
+    try:
+        box.wait_ready()
+        local.wait_ready(240)
+        answers = []
+        for url in (box.url, local.url):
+            r = httpx.post(url + "/segment", files={"image": (name, data, content_type)}, timeout=120)
+            assert r.status_code == 200, r.text
+            answers.append(r.json())
+        boxed, served = answers
+        assert boxed["classes"] and boxed["model"]["name"] == "tiny-segmenter"
+        assert boxed == served  # same classes, pixel counts, fractions and polygons
+        latencies = {}
+        for label, url in (("container", box.url), ("make serve", local.url)):
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                assert httpx.post(url + "/segment", files={"image": (name, data, content_type)},
+                                  timeout=120).status_code == 200
+                times.append(time.perf_counter() - started)
+            latencies[label] = statistics.median(times) * 1e3
+        print(f"[containers] /segment {name}, median of 5: container {latencies['container']:.0f} ms, "
+              f"make serve {latencies['make serve']:.0f} ms", flush=True)
+    finally:
+        local.stop()
+        box.remove()
+        podman("rmi", "-f", built["image"], check=False)
 
 
 # ------------------------------------------------------------------------------------------- training
