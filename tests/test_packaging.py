@@ -115,6 +115,18 @@ def test_bento_in_store_with_model_code_requirements_env(built):
     assert built["bento"] in listed.stdout, listed.stdout + listed.stderr
 
 
+def test_base_image_is_a_setting_of_the_bento(built):
+    """`make bento BASE_IMAGE=...` (--base-image): the Bento's docker.base_image, its Dockerfile's FROM."""
+    proc = bento_cli("--run", "tiny", "--base-image", "registry.example.com/py:3.11", env=built["env"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "option is ignored" not in proc.stderr, proc.stderr
+    path = Path(re.search(r"built Bento (\S+) in (\S+)", proc.stdout).group(2))
+    dockerfile = (path / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM registry.example.com/py:3.11 AS base-container" in dockerfile and "python:3.11-slim" not in dockerfile
+    assert "uv venv --python 3.11 " in dockerfile
+    assert yaml.safe_load((path / "bento.yaml").read_text())["image"]["base_image"] == "registry.example.com/py:3.11"
+
+
 def test_one_line_errors(built, tmp_path):
     proc = bento_cli("--run", "nothing-here", env=built["env"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

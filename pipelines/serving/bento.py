@@ -106,8 +106,9 @@ def build(model_tag: str, name: str | None = None, version: str | None = None, b
             exclude=EXCLUDE,
             envs=[BentoEnvSchema(name=MODEL_ENV, value=tag)],
             python={"requirements_txt": REQUIREMENTS, "lock_packages": False},
-            docker={"python_version": PYTHON_VERSION, "setup_script": SETUP_SCRIPT,
-                    **({"base_image": base_image} if base_image else {})},
+            # with a base image of its own, BentoML takes the Python version from this interpreter (3.11)
+            docker=({"base_image": base_image} if base_image else {"python_version": PYTHON_VERSION})
+            | {"setup_script": SETUP_SCRIPT},
             models=[tag],
             build_ctx=str(build_ctx),
         )
