@@ -231,7 +231,7 @@ demo: $(STAMP)
 	$(PY) -m pipelines demo $(if $(filter command line environment,$(origin TASK)),--task $(call q,$(TASK)))
 
 test: $(STAMP) browser
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 # The own-data recipes of README.md and docs/, run as written on a copy of the sample (about 40 min on 2 cores).
 test-recipes: $(STAMP)
