@@ -39,7 +39,7 @@ if os.environ.get("PIPELINES_RECIPES") != "1":
     pytestmark.append(pytest.mark.skip(reason="the recipes train real models (about 40 min): make test-recipes"))
 
 # The step count each block runs with (STEPS= in the environment): enough for the sample's shapes.
-STEPS = {"detection": 600, "segmentation": 500, "zoo": 300}
+STEPS = {"detection": 600, "segmentation": 1000, "zoo": 300}
 if os.environ.get("PIPELINES_RECIPES_STEPS"):  # a quick look at the plumbing only: the models then find little
     STEPS = dict.fromkeys(STEPS, int(os.environ["PIPELINES_RECIPES_STEPS"]))
 NAME = "shapes"
