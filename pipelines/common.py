@@ -1,5 +1,5 @@
 """Small helpers every stage uses: settings read from the environment, printing to stderr, durations in
-progress lines, an ordered process-parallel map, and starting TensorFlow quietly."""
+progress lines, an ordered process-parallel map, a free local port, and starting TensorFlow quietly."""
 
 from __future__ import annotations
 
@@ -7,8 +7,16 @@ import glob
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a server or a training worker then binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def env_number(name: str, default: float) -> float:
