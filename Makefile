@@ -49,7 +49,7 @@ OPTIMIZER ?=
 q = '$(subst ','\'',$(1))'
 
 .PHONY: help setup browser lock sample data config import train eval predict report export prelabel serve bento containerize test test-recipes bench bench-data bench-train-detection \
-        bench-train-segmentation bench-serve bench-export bench-prelabel serve-spectrogram demo clean \
+        bench-train-segmentation bench-serve bench-export bench-prelabel bench-distribute serve-spectrogram demo clean \
         train-image podman-setup base-image test-containers
 
 help:
@@ -67,9 +67,10 @@ help:
 	@echo "          segmentation: MODEL=unet_efficientnetb0_320x320 (or fpn_/linknet_..., pspnet_efficientnetb0_384x384),"
 	@echo "          CHECKPOINT=backbone_notop.h5|imagenet (encoder weights)"
 	@echo "make import ZOO=DIR [RUN=NAME] [LABEL_MAP=file]   an Object Detection API zoo model as a run"
-	@echo "make train RUN=NAME [SEED=N] [EVAL_EVERY=N|0] [REPLICAS=N]   train (resumes from the last checkpoint); evaluates on val"
+	@echo "make train RUN=NAME [SEED=N] [EVAL_EVERY=N|0] [REPLICAS=N] [WORKERS=N]   train (resumes from the last checkpoint); evaluates on val"
 	@echo "          every N steps (default: 5 times a run for a detector, 10 for a segmenter; 0: never) and keeps the best"
 	@echo "          REPLICAS: GPUs to use (default all); on a CPU, N logical devices (a check of the multi-GPU path)"
+	@echo "          WORKERS: training processes here, one multi-worker cluster (worker 0 writes the run; docs/training.md)"
 	@echo "make eval RUN=NAME [CHECKPOINT=path/ckpt-N] [MODEL=workspace/RUN/export/model_int8.tflite|model.onnx]"
 	@echo "make export RUN=NAME [CHECKPOINT=path/ckpt-N] [FORMAT=savedmodel|tflite|onnx|all] [QUANT=none,float16,int8]"
 	@echo "          device files measured beside the SavedModel"
@@ -92,7 +93,8 @@ help:
 	@echo "make base-image                    (root) localhost/annotator-pipelines-base:bookworm, Python 3.11 from Debian packages"
 	@echo "make test-containers               build, run and test both images with podman (minutes; needs the two above)"
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
-	@echo "                                   bench-train-segmentation, bench-serve, bench-export, bench-prelabel)"
+	@echo "                                   bench-train-segmentation, bench-serve, bench-export, bench-prelabel;"
+	@echo "                                   bench-distribute: one device against 2 replicas and 2 workers)"
 	@echo "make lock                          re-resolve pyproject.toml's pins into requirements.lock (needs the registry)"
 	@echo "make clean                         remove every run under workspace/ and bench/out (datasets/ is kept)"
 	@echo "Every target runs python -m pipelines STAGE; .venv/bin/python -m pipelines STAGE --help lists its options."
@@ -152,7 +154,8 @@ BENTO   ?=
 
 train: $(STAMP)
 	$(PY) -m pipelines train --run $(call q,$(RUN_OR_DATASET)) $(if $(SEED),--seed $(call q,$(SEED))) \
-	  $(if $(EVAL_EVERY),--eval-every $(call q,$(EVAL_EVERY))) $(if $(REPLICAS),--replicas $(call q,$(REPLICAS)))
+	  $(if $(EVAL_EVERY),--eval-every $(call q,$(EVAL_EVERY))) $(if $(REPLICAS),--replicas $(call q,$(REPLICAS))) \
+	  $(if $(WORKERS),--workers $(call q,$(WORKERS)))
 
 eval: $(STAMP)
 	$(PY) -m pipelines eval --run $(call q,$(RUN_OR_DATASET)) $(if $(CHECKPOINT),--checkpoint $(call q,$(CHECKPOINT))) \
@@ -270,6 +273,10 @@ bench-export: $(STAMP)
 # make prelabel's drafts against the sample's labels, on the runs make demo leaves.
 bench-prelabel: $(STAMP)
 	$(PY) bench/bench_prelabel.py --min-area 16 --min-area 200
+
+# One device against 2 replicas and 2 workers, both tasks (a generated 40-image sample).
+bench-distribute: $(STAMP)
+	$(PY) bench/bench_distribute.py
 
 clean:
 	rm -rf workspace/*/ bench/out

@@ -195,6 +195,10 @@ def add_run_parsers(sub) -> None:
                    help="replicas of the model, the batch split between them (tf.distribute.MirroredStrategy): with "
                         "GPUs the first N (default all); on a CPU N logical devices (default 1: a check of the "
                         "multi-GPU path, not faster)")
+    p.add_argument("--workers", type=_positive_int,
+                   help="training processes on this machine, one tf.distribute.MultiWorkerMirroredStrategy cluster "
+                        "on loopback ports (worker 0, the chief, writes the run); on a cluster, run make train on "
+                        "each node with its TF_CONFIG instead (docs/training.md)")
     p = sub.add_parser("eval", help="metrics on the val shards (COCO AP or IoU) -> workspace/RUN/eval/",
                        description="Evaluate a trained run on the validation TFRecords (its best checkpoint when "
                                    "training kept one, else the latest). Detection: COCO metrics with "
@@ -295,6 +299,12 @@ def cmd_train(args) -> int:
 
     if args.seed is not None:
         _record_train_seed(args.run, args.seed)
+    if args.workers and args.workers > 1:
+        from pipelines.engine.workers import launch
+
+        load_run(args.run)  # what is missing, said once here rather than by every worker
+        passed = [("--eval-every", args.eval_every), ("--replicas", args.replicas)]
+        return launch(args.workers, ["--run", args.run, *[f"{o}={v}" for o, v in passed if v is not None]], log=_log)
     params, folder, notes, task = load_run(args.run)
     told = folder / "pipeline.config.diff"  # `make config` wrote its notes there after printing them
     told = told.read_text(encoding="utf-8").splitlines() if told.is_file() else []
@@ -309,6 +319,13 @@ def cmd_train(args) -> int:
               eval_every=args.eval_every or None)
     except ValueError as e:  # the data the config points at cannot be used (no files, no masks, bad settings)
         raise UserError(display_path(folder / "pipeline.config"), str(e)) from None
+    except Exception as e:  # noqa: BLE001  a worker of a cluster gone: TensorFlow aborts the collectives
+        from pipelines.engine import distribute
+
+        lost = distribute.lost_worker(e)
+        if lost is None:
+            raise
+        raise UserError(None, lost) from None
     print(f"next: make eval RUN={args.run}")
     return 0
 
@@ -570,8 +587,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in WITHOUT_TENSORFLOW:
             start_tensorflow()
         if args.command == "train":
+            from pipelines.engine import distribute
+
             try:
                 use_replicas(args.replicas)
+                if distribute.multi_worker() and not (args.workers or 0) > 1:
+                    distribute.start_cluster()  # before TensorFlow runs anything
             except ValueError as e:
                 raise UserError(None, str(e)) from None
         return COMMANDS[args.command](args)

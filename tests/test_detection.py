@@ -449,50 +449,6 @@ def test_predict_prints_json_and_draws_boxes(trained, exported, tmp_path):
     assert proc.returncode == 2 and "no SavedModel here" in proc.stderr
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def test_two_workers_train_together_with_tf_config(data_dir, tmp_path):
-    """TF_CONFIG selects TensorFlow's multi-worker strategy: two worker processes on this machine
-    (loopback) train one model together, each step all-reducing across both."""
-    params = tiny_params(data_dir, num_steps=6)
-    (tmp_path / "params.json").write_text(json.dumps(dataclasses.asdict(params)))
-    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "pipelines.detection.train", str(tmp_path / "params.json"), str(tmp_path / f"w{index}"),
-             "--steps-per-loop", "3"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, output in zip(procs, outputs):
-        assert proc.returncode == 0, output[-3000:]
-        # tf.distribute.MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy.
-        assert "on 2 replica(s) (CollectiveAllReduceStrategy" in output, output[-3000:]
-    assert latest_step(tmp_path / "w0" / "train") == 6  # the chief writes the checkpoints
-    # Synchronous training: each loop's loss is reduced across both workers, so both report the
-    # same numbers; two independent runs over different data shards would not.
-    import re
-
-    losses = [re.findall(r"step (\d+)/6\s+loss ([\d.]+)", output) for output in outputs]
-    assert len(losses[0]) == 2 and losses[0] == losses[1]
-
-
 def test_evaluate_scores_what_the_export_serves(trained, exported, data_dir):
     """`make eval` (the engine's loop, detection's evaluator) against the exported SavedModel run on the
     same val records and scored with pycocotools here, independently: the same AP."""

@@ -101,9 +101,12 @@ class DetectionTask(retinanet_task.RetinaNetTask):
         reader = input_reader_factory.input_reader_generator(
             params, dataset_fn=dataset_fn.pick_dataset_fn(params.file_type), decoder_fn=decoder.decode,
             combine_fn=input_reader.create_combine_fn(params), parser_fn=parser.parse_fn(params.is_training))
-        dataset = reader.read(input_context=input_context)
+        # With several workers, each reads the whole stream (Model Garden's reader would give each its own
+        # files and shuffle) and keeps its replicas' part of every global batch (engine/distribute.py): the
+        # batches, augmentation included, of a single machine. Validation is the whole set on every worker.
+        dataset = reader.read(input_context=distribute.one_pipeline(input_context))
         if params.is_training:
-            return dataset
+            return distribute.keep_worker_batches(dataset, input_context)
 
         def flat_counts(images, labels):
             truth = labels["groundtruths"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import sys
 import time
@@ -53,7 +52,7 @@ def set_runtime(exp, gpus: int | None = None) -> int:
     Returns the number of GPUs used (default: the ones TensorFlow sees)."""
     gpus = num_gpus() if gpus is None else gpus
     exp.runtime.num_gpus = gpus
-    exp.runtime.distribution_strategy = distribute.strategy_name(gpus, bool(os.environ.get("TF_CONFIG")))
+    exp.runtime.distribution_strategy = distribute.strategy_name(gpus, distribute.multi_worker())
     exp.runtime.mixed_precision_dtype = "float16" if gpus else "float32"  # 'float16' = mixed_float16 policy
     return gpus
 
@@ -257,10 +256,58 @@ def run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None] = 
     'elapsed_s'}."""
     if mode not in ("train", "train_and_eval"):
         raise ValueError(f"mode {mode!r}: expected 'train' or 'train_and_eval'")
+    if not distribute.is_chief():  # a worker besides the chief: its files go to a folder of its own
+        with worker_dir(model_dir) as private:
+            return _run(exp, job, private, mode, log)
     # One training per run at a time (RUN_DIR/.train.lock); holding the lock, what killed trainings left in
     # train/ is removed (printed): no other training can be writing there.
     with output_lock(model_dir, what="training", log=log, leftovers=train_leftovers):
         return _run(exp, job, model_dir, mode, log)
+
+
+class _Runner(train_lib.OrbitExperimentRunner):
+    """Model Garden's experiment runner (what `train_lib.run_experiment` runs), except that a worker besides
+    the chief keeps its checkpoints in its own folder (`worker_dir`, which holds a copy of the chief's
+    latest): in the fresh temporary folder Model Garden gives it, it would initialise the model while the
+    chief restores, and the two would run different collectives (TensorFlow stops both: "Collective
+    instance N expected ... but got ...")."""
+
+    def _maybe_build_checkpoint_manager(self):
+        if not self.trainer.checkpoint or self.strategy.extended.should_checkpoint:
+            return super()._maybe_build_checkpoint_manager()
+        return tf.train.CheckpointManager(
+            self.trainer.checkpoint, directory=self.model_dir, max_to_keep=1, step_counter=self.trainer.global_step,
+            checkpoint_interval=self.params.trainer.checkpoint_interval, init_fn=self.trainer.initialize)
+
+
+@contextlib.contextmanager
+def worker_dir(model_dir: Path):
+    """For a worker that is not the chief: a temporary RUN_DIR/train/ of its own, holding a copy of the
+    chief's latest checkpoint and evals.json (every worker must start from the step the chief restores,
+    and agree with it on what is left to do), removed when training ends. Every worker writes checkpoints
+    (saving reads variables, which all workers must join) and summaries: here they go nowhere the user
+    looks."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="pipelines-worker-"))
+    private = root / "train"
+    private.mkdir()
+    before = tempfile.tempdir
+    tempfile.tempdir = str(root)  # what else a worker puts in temporary folders goes with this one
+    try:
+        latest = tf.train.latest_checkpoint(str(model_dir)) if Path(model_dir).is_dir() else None
+        if latest:
+            for path in Path(latest).parent.glob(Path(latest).name + ".*"):
+                shutil.copy2(path, private / path.name)
+            (private / "checkpoint").write_text(f'model_checkpoint_path: "{Path(latest).name}"\n'
+                                                f'all_model_checkpoint_paths: "{Path(latest).name}"\n')
+        if (Path(model_dir) / EVALS_JSON).is_file():
+            shutil.copy2(Path(model_dir) / EVALS_JSON, private / EVALS_JSON)
+        yield private
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # TensorFlow's own temporary names: a sharded checkpoint save writes PREFIX_temp/ and moves its files out
@@ -344,7 +391,8 @@ def _run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None]) 
             + (f"resuming from step {start_step}" if start_step else job.start_note)
             + (f"; seed {seed}" + (" (repeatable on this machine)" if exact else " (GPU kernels vary between runs)")
                if seed is not None else "")
-            + f"; checkpoints and summaries in {model_dir}"
+            + (f"; checkpoints and summaries in {model_dir}" if distribute.is_chief() else
+               f"; {distribute.task_address()}: the chief writes the run's checkpoints and summaries")
             + (f", evaluation every {exp.trainer.validation_interval} steps" if mode == "train_and_eval" else ""))
         for note in job.notes:
             log(note)
@@ -374,9 +422,8 @@ def _run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None]) 
             progress.restart()  # evaluating (and the checkpoint before it) is not training speed
 
         with contextlib.redirect_stdout(QuietOrbit(sys.stdout)):
-            train_lib.run_experiment(distribution_strategy=strategy, task=task, mode=mode, params=exp,
-                                     model_dir=str(model_dir), trainer=trainer, train_actions=[progress],
-                                     eval_actions=[after_eval])
+            _Runner(distribution_strategy=strategy, task=task, mode=mode, params=exp, model_dir=str(model_dir),
+                    trainer=trainer, train_actions=[progress], eval_actions=[after_eval]).run()
         final_step = int(trainer.global_step.numpy())
     finally:
         stack.close()
@@ -385,7 +432,7 @@ def _run(exp, job: Job, model_dir: Path, mode: str, log: Callable[[str], None]) 
     steady = out["steps_per_sec"]
     log(f"trained to step {final_step} in {duration(out['elapsed_s'])}"
         + (f" ({steady:.2f} steps/s, {out['images_per_sec']:.1f} img/s)" if steady else "")
-        + f"; latest checkpoint {out['checkpoint']}"
+        + (f"; latest checkpoint {out['checkpoint']}" if distribute.is_chief() else "; the chief wrote the checkpoints")
         + (f"; best {out['best_checkpoint']} ({exp.trainer.best_checkpoint_eval_metric} "
            f"{out['best'].get(exp.trainer.best_checkpoint_eval_metric, float('nan')):.4f} at step "
            f"{out['best'].get('step')})" if out["best"] and out["best_checkpoint"] else ""))

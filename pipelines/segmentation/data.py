@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from pipelines.engine import distribute
 from pipelines.examples import IGNORE_LABEL, check_class_masks, find_files, parse
 from pipelines.segmentation.params import SegmenterParams
 
@@ -105,14 +106,8 @@ def check_inputs(params: SegmenterParams) -> None:
         check_class_masks(find_files(params.eval_files, "eval_files"), "eval_files")
 
 
-def _shard(files: list[str], batch_size: int, input_context: tf.distribute.InputContext | None):
-    """This input pipeline's files and per-replica batch size (all files and the whole batch without a
-    distribution strategy's input context)."""
-    if input_context is None:
-        return files, batch_size
-    if input_context.num_input_pipelines > 1 and len(files) >= input_context.num_input_pipelines:
-        files = files[input_context.input_pipeline_id::input_context.num_input_pipelines]
-    return files, input_context.get_per_replica_batch_size(batch_size)
+def _per_replica(batch_size: int, input_context: tf.distribute.InputContext | None) -> int:
+    return input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
 
 
 def train_dataset(params: SegmenterParams,
@@ -121,11 +116,12 @@ def train_dataset(params: SegmenterParams,
     masks uint8 [B, H, W]) from `params.train_files`, B = batch_size (per replica with an input context)."""
     files = find_files(params.train_files, "train_files")
     check_class_masks(files, "train_files")
-    files, batch_size = _shard(files, params.batch_size, input_context)
-    # params.seed fixes the order and every augmentation; each input pipeline of a multi-worker run
-    # gets its own stream.
-    pipeline = input_context.input_pipeline_id if input_context else 0
-    seed = params.seed * 1009 + pipeline
+    batch_size = _per_replica(params.batch_size, input_context)
+    # params.seed fixes the order and every augmentation (drawn from the seed and the record's place in the
+    # stream). Every worker of a multi-worker run reads the same stream and decodes only the places of each
+    # global batch its replicas train on: together they train on the batches of a single machine.
+    seed = params.seed * 1009
+    start, stop = distribute.worker_part(params.batch_size, input_context)
 
     def load(index, serialized):
         example = parse(serialized)
@@ -134,6 +130,9 @@ def train_dataset(params: SegmenterParams,
 
     # Shuffle the serialized records (small), then decode and augment in parallel.
     dataset = _read(files, shuffle_seed=seed).shuffle(SHUFFLE_BUFFER, seed=seed).repeat().enumerate()
+    if (start, stop) != (0, params.batch_size):
+        dataset = dataset.filter(lambda index, _: (index % params.batch_size >= start) &
+                                 (index % params.batch_size < stop))
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
@@ -141,10 +140,11 @@ def train_dataset(params: SegmenterParams,
 def val_dataset(params: SegmenterParams,
                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """One pass over `params.eval_files` in order, resized to the input size, not augmented:
-    batches (last one possibly smaller) of eval_batch_size (images float32, masks uint8)."""
+    batches (last one possibly smaller) of eval_batch_size (images float32, masks uint8). Not split between
+    the workers of a multi-worker run: each evaluates the whole set (engine/distribute.py)."""
     files = find_files(params.eval_files, "eval_files")
     check_class_masks(files, "eval_files")
-    files, batch_size = _shard(files, params.eval_batch_size, input_context)
+    batch_size = _per_replica(params.eval_batch_size, input_context)
 
     def load(serialized):
         example = parse(serialized)
