@@ -41,6 +41,7 @@ SKIP_DRAFTS ?= 0
 FILES   ?=
 EVAL_EVERY ?=
 REPLICAS ?=
+LAUNCHER ?=
 OUT     ?=
 OPTIMIZER ?=
 
@@ -50,7 +51,7 @@ q = '$(subst ','\'',$(1))'
 
 .PHONY: help setup browser lock sample data config import train eval predict report export prelabel serve bento containerize test test-recipes bench bench-data bench-train-detection \
         bench-train-segmentation bench-serve bench-export bench-prelabel bench-distribute serve-spectrogram demo clean \
-        train-image podman-setup base-image test-containers
+        train-image podman-setup base-image test-containers ray-setup test-ray
 
 help:
 	@echo "make setup                         create .venv and install requirements.lock"
@@ -71,6 +72,7 @@ help:
 	@echo "          every N steps (default: 5 times a run for a detector, 10 for a segmenter; 0: never) and keeps the best"
 	@echo "          REPLICAS: GPUs to use (default all); on a CPU, N logical devices (a check of the multi-GPU path)"
 	@echo "          WORKERS: training processes here, one multi-worker cluster (worker 0 writes the run; docs/training.md)"
+	@echo "          LAUNCHER=ray: Ray Train starts the WORKERS (default 2; RAY_ADDRESS's cluster or a local one; make ray-setup)"
 	@echo "make eval RUN=NAME [CHECKPOINT=path/ckpt-N] [MODEL=workspace/RUN/export/model_int8.tflite|model.onnx]"
 	@echo "make export RUN=NAME [CHECKPOINT=path/ckpt-N] [FORMAT=savedmodel|tflite|onnx|all] [QUANT=none,float16,int8]"
 	@echo "          device files measured beside the SavedModel"
@@ -92,6 +94,8 @@ help:
 	@echo "make podman-setup                  (root, Debian) install podman, runc, mmdebstrap and this project's podman settings"
 	@echo "make base-image                    (root) localhost/annotator-pipelines-base:bookworm, Python 3.11 from Debian packages"
 	@echo "make test-containers               build, run and test both images with podman (minutes; needs the two above)"
+	@echo "make ray-setup                     the optional Ray extra (requirements-ray.lock) for LAUNCHER=ray"
+	@echo "make test-ray                      install it and train through Ray Train (tests/test_ray.py; minutes)"
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
 	@echo "                                   bench-train-segmentation, bench-serve, bench-export, bench-prelabel;"
 	@echo "                                   bench-distribute: one device against 2 replicas and 2 workers)"
@@ -155,7 +159,7 @@ BENTO   ?=
 train: $(STAMP)
 	$(PY) -m pipelines train --run $(call q,$(RUN_OR_DATASET)) $(if $(SEED),--seed $(call q,$(SEED))) \
 	  $(if $(EVAL_EVERY),--eval-every $(call q,$(EVAL_EVERY))) $(if $(REPLICAS),--replicas $(call q,$(REPLICAS))) \
-	  $(if $(WORKERS),--workers $(call q,$(WORKERS)))
+	  $(if $(WORKERS),--workers $(call q,$(WORKERS))) $(if $(LAUNCHER),--launcher $(call q,$(LAUNCHER)))
 
 eval: $(STAMP)
 	$(PY) -m pipelines eval --run $(call q,$(RUN_OR_DATASET)) $(if $(CHECKPOINT),--checkpoint $(call q,$(CHECKPOINT))) \
@@ -228,6 +232,15 @@ base-image: $(STAMP)
 # The images built and run for real with podman (tests/test_containers.py): minutes; not part of make test.
 test-containers: $(STAMP)
 	PIPELINES_CONTAINER_TESTS=1 PIPELINES_TEST_BASE_IMAGE=$(call q,$(LOCAL_BASE_IMAGE)) $(PY) -m pytest tests/test_containers.py -v -s
+
+# The optional Ray extra: Ray Train starts the training workers (make train WORKERS=N LAUNCHER=ray).
+ray-setup: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-ray.lock
+	$(PY) -m pip check
+
+# Training through Ray Train on a local Ray cluster (tests/test_ray.py): minutes; not part of make test.
+test-ray: ray-setup
+	$(PY) -m pytest tests/test_ray.py -v -s
 
 # make demo: both models; TASK=detection or TASK=segmentation (given on the command line) for one.
 demo: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 
 from pipelines import tasks
@@ -199,6 +200,10 @@ def add_run_parsers(sub) -> None:
                    help="training processes on this machine, one tf.distribute.MultiWorkerMirroredStrategy cluster "
                         "on loopback ports (worker 0, the chief, writes the run); on a cluster, run make train on "
                         "each node with its TF_CONFIG instead (docs/training.md)")
+    p.add_argument("--launcher", choices=("local", "ray"), default="local",
+                   help="who starts the --workers: local (processes on this machine) or ray (Ray Train's "
+                        "TensorflowTrainer, on the cluster RAY_ADDRESS names or a local one; make ray-setup "
+                        "installs it; default 2 workers)")
     p = sub.add_parser("eval", help="metrics on the val shards (COCO AP or IoU) -> workspace/RUN/eval/",
                        description="Evaluate a trained run on the validation TFRecords (its best checkpoint when "
                                    "training kept one, else the latest). Detection: COCO metrics with "
@@ -299,12 +304,15 @@ def cmd_train(args) -> int:
 
     if args.seed is not None:
         _record_train_seed(args.run, args.seed)
-    if args.workers and args.workers > 1:
-        from pipelines.engine.workers import launch
+    if (args.workers and args.workers > 1) or args.launcher == "ray":
+        from pipelines.engine import workers
 
         load_run(args.run)  # what is missing, said once here rather than by every worker
         passed = [("--eval-every", args.eval_every), ("--replicas", args.replicas)]
-        return launch(args.workers, ["--run", args.run, *[f"{o}={v}" for o, v in passed if v is not None]], log=_log)
+        train_args = ["--run", args.run, *[f"{o}={v}" for o, v in passed if v is not None]]
+        if args.launcher == "ray":
+            return workers.launch_ray(args.workers or 2, train_args, log=_log)
+        return workers.launch(args.workers, train_args, log=_log)
     params, folder, notes, task = load_run(args.run)
     told = folder / "pipeline.config.diff"  # `make config` wrote its notes there after printing them
     told = told.read_text(encoding="utf-8").splitlines() if told.is_file() else []
@@ -319,9 +327,17 @@ def cmd_train(args) -> int:
               eval_every=args.eval_every or None)
     except ValueError as e:  # the data the config points at cannot be used (no files, no masks, bad settings)
         raise UserError(display_path(folder / "pipeline.config"), str(e)) from None
-    except Exception as e:  # noqa: BLE001  a worker of a cluster gone: TensorFlow aborts the collectives
+    except Exception as e:  # noqa: BLE001  damaged records, or a worker of a cluster gone
+        import tensorflow as tf
+
         from pipelines.engine import distribute
 
+        if isinstance(e, tf.errors.DataLossError):  # TensorFlow's message names no file
+            first = next((line.strip() for line in str(e.message).splitlines() if line.strip()), "")
+            first = re.sub(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$", "", first)
+            raise UserError(display_path(folder / "pipeline.config"),
+                            f"a record of {', '.join(params.train_files + params.eval_files)} cannot be read "
+                            f"({first[:200]}): make data again") from None
         lost = distribute.lost_worker(e)
         if lost is None:
             raise
@@ -591,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 use_replicas(args.replicas)
-                if distribute.multi_worker() and not (args.workers or 0) > 1:
+                if distribute.multi_worker() and not (args.workers or 0) > 1 and args.launcher != "ray":
                     distribute.start_cluster()  # before TensorFlow runs anything
             except ValueError as e:
                 raise UserError(None, str(e)) from None

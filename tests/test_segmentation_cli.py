@@ -80,3 +80,22 @@ def test_train_without_masks_is_a_one_line_error(sample_dir, tmp_path):
     assert proc.returncode == 2, proc.stdout
     assert "no class masks" in proc.stderr or "no segmentation masks" in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_damaged_records_are_a_one_line_error(workspace, tmp_path):
+    """Records that exist but are not TFRecords (a copy cut short, a file overwritten): one line naming the
+    config and the records, not TensorFlow's traceback."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "train-00000-of-00001.tfrecord").write_bytes(b"not a TFRecord file" * 100)
+    run_cli("config", "--dataset", "shapes", "--model", workspace / "unet_tiny.config", "--run", "damaged",
+            "--num-steps", "2", workspace=workspace, check=True)
+    config = workspace / "damaged" / "pipeline.config"
+    config.write_text(config.read_text().replace(str(workspace / "shapes" / "data" / "train-*.tfrecord"),
+                                                 str(damaged / "train-*.tfrecord")))
+    assert str(damaged) in config.read_text()
+    proc = run_cli("train", "--run", "damaged", "--eval-every", "0", workspace=workspace)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"error: {config}: a record of {damaged / 'train-*.tfrecord'}"), proc.stderr
+    assert "cannot be read (corrupted record at 0" in proc.stderr and "make data again" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -171,3 +172,78 @@ def watch(pid: int, wait: float, who: str, peers: list[str]) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--watch"]:
     watch(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5:])
+
+
+def launch_ray(workers: int, train_args: list[str], log: Callable[[str], None] = print) -> int:
+    """Run `python -m pipelines train TRAIN_ARGS` as `workers` workers of Ray Train's TensorflowTrainer: Ray
+    starts the workers (on the Ray cluster RAY_ADDRESS names, else on a local one it starts here) and sets
+    their TF_CONFIG; each runs the training command with it. The exit status (0 when training finished).
+    Needs the Ray extra (make ray-setup)."""
+    if os.environ.get("TF_CONFIG"):
+        raise UserError(None, "LAUNCHER=ray makes its own cluster: unset TF_CONFIG")
+    try:
+        import ray
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.tensorflow import TensorflowTrainer
+    except ImportError:
+        raise UserError(None, "LAUNCHER=ray needs Ray Train, an optional extra: make ray-setup "
+                              "(installs requirements-ray.lock into .venv)") from None
+    import logging
+
+    # What a worker needs from here: this checkout and the settings of the pipelines (workspace, limits).
+    settings = {k: v for k, v in os.environ.items() if k.startswith("PIPELINES_")}
+    address = os.environ.get("RAY_ADDRESS")
+    storage = Path(tempfile.mkdtemp(prefix="pipelines-ray-"))
+    log(f"{workers} workers of Ray Train's TensorflowTrainer on "
+        + (f"the Ray cluster at {address}" if address else "a local Ray cluster")
+        + "; worker 0 is the chief and writes the run, its output follows")
+    sys.stdout.flush()
+
+    def train_loop_per_worker(config):
+        import json
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        # Ray has set TF_CONFIG (this worker's index and every worker's address); the training command reads it.
+        # The chief's output is shown (Ray forwards it); the others' goes to a file, its end told on failure.
+        index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+        with tempfile.TemporaryFile("w+") as out:
+            status = subprocess.run([sys.executable, "-m", "pipelines", "train", *config["args"]], cwd=config["repo"],
+                                    env={**os.environ, **config["settings"], "PYTHONUNBUFFERED": "1"},
+                                    stdout=out if index else None, stderr=subprocess.STDOUT if index else None).returncode
+            out.seek(0)
+            last = [line.strip() for line in out.read().splitlines() if line.strip()][-1:]
+        if status:
+            raise RuntimeError(f"training worker {index} exited with status {status}" + "".join(f": {w}" for w in last))
+
+    try:
+        if not ray.is_initialized():
+            ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=True, configure_logging=True,
+                     # A local cluster offers a CPU per worker and one for Ray Train's controller, however
+                     # many cores there are (the workers share them, as with WORKERS=N).
+                     **({} if address else {"num_cpus": max(os.cpu_count() or 1, workers + 1)}))
+        gpus = ray.cluster_resources().get("GPU", 0)  # with GPUs, Ray gives each worker one
+        trainer = TensorflowTrainer(
+            train_loop_per_worker, train_loop_config={"args": train_args, "repo": str(REPO_ROOT), "settings": settings},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0),
+            run_config=RunConfig(name="pipelines-train", storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=0)))
+        trainer.fit()
+        failed = None
+    except Exception as e:  # noqa: BLE001  Ray Train's error when a worker failed (its output is above)
+        text = str(e)
+        told = re.search(r"training worker \d+ exited with status \d+[^\n]*", text)  # ours, from a worker
+        failed = told.group(0) if told else next((line.strip() for line in text.splitlines() if line.strip()),
+                                                 type(e).__name__)
+    finally:
+        if not address:
+            ray.shutdown()  # before the last line: Ray forwards its workers' output until then
+        shutil.rmtree(storage, ignore_errors=True)
+    if failed:
+        eprint(f"error: Ray Train stopped the training: {failed[:300]}; make train again resumes from the last "
+               "checkpoint")
+        return 1
+    return 0
