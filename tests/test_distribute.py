@@ -122,8 +122,21 @@ def check(runs, parts: dict[str, float]):
 
 @pytest.mark.slow
 def test_detector_two_replicas_and_two_workers_equal_one_device(sample_dir, tmp_path):
-    runs = train_all(tmp_path / "ws", sample_dir, ["--size", "128"], [])
+    workspace = tmp_path / "ws"
+    runs = train_all(workspace, sample_dir, ["--size", "128"], [])
     check(runs, DETECTOR_BOUNDS)
+
+    # Started again with one more step, both workers resume from the chief's last checkpoint (the second
+    # from a copy of it) and train to the end.
+    config = workspace / "workers" / "pipeline.config"
+    config.write_text(re.sub(rf"\b(num_steps|total_steps): {STEPS}\b", rf"\1: {STEPS + 1}", config.read_text()))
+    temp = workspace.parent / "tmp"
+    again = run_cli("train", "--run", "workers", "--eval-every", "0", "--workers", "2", workspace=workspace,
+                    check=True, env={"TMPDIR": str(temp)})
+    assert f"; resuming from step {STEPS};" in again.stdout, again.stdout
+    assert re.search(rf"^trained to step {STEPS + 1} ", again.stdout, re.M), again.stdout
+    assert tf.train.latest_checkpoint(str(workspace / "workers" / "train")).endswith(f"ckpt-{STEPS + 1}")
+    assert not list(temp.iterdir()), list(temp.iterdir())
 
 
 @pytest.mark.slow

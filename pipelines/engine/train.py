@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -284,13 +285,23 @@ class _Runner(train_lib.OrbitExperimentRunner):
 def worker_dir(model_dir: Path):
     """For a worker that is not the chief: a temporary RUN_DIR/train/ of its own, holding a copy of the
     chief's latest checkpoint and evals.json (every worker must start from the step the chief restores,
-    and agree with it on what is left to do), removed when training ends. Every worker writes checkpoints
+    and agree with it on what is left to do): $TMPDIR/pipelines-train-worker-PID, removed when training
+    ends (a killed worker's, by the next worker started on the machine). Every worker writes checkpoints
     (saving reads variables, which all workers must join) and summaries: here they go nowhere the user
     looks."""
     import shutil
     import tempfile
 
-    root = Path(tempfile.mkdtemp(prefix="pipelines-worker-"))
+    from pipelines.workspace import pid_alive
+
+    # Named by the process: the folders of workers killed on this machine (nothing else removes them) go here.
+    for stale in Path(tempfile.gettempdir()).glob("pipelines-train-worker-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    root = Path(tempfile.gettempdir()) / f"pipelines-train-worker-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
     private = root / "train"
     private.mkdir()
     before = tempfile.tempdir
