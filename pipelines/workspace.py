@@ -116,6 +116,17 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def dead_process_dirs(root: Path, prefix: str) -> list[tuple[int, Path]]:
+    """The folders ROOT/PREFIXPID whose process no longer runs: (pid, folder), for the clean-up of what
+    killed processes left (serving workers' and training workers' temporary folders)."""
+    found = []
+    for folder in Path(root).glob(prefix + "*"):
+        pid = folder.name[len(prefix):]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            found.append((int(pid), folder))
+    return found
+
+
 def _newest_change(path: Path) -> float:
     newest = path.lstat().st_mtime
     if path.is_dir() and not path.is_symlink():

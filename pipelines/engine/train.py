@@ -292,13 +292,11 @@ def worker_dir(model_dir: Path):
     import shutil
     import tempfile
 
-    from pipelines.workspace import pid_alive
+    from pipelines.workspace import dead_process_dirs
 
     # Named by the process: the folders of workers killed on this machine (nothing else removes them) go here.
-    for stale in Path(tempfile.gettempdir()).glob("pipelines-train-worker-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    for _, stale in dead_process_dirs(Path(tempfile.gettempdir()), "pipelines-train-worker-"):
+        shutil.rmtree(stale, ignore_errors=True)
     root = Path(tempfile.gettempdir()) / f"pipelines-train-worker-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()

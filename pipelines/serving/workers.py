@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.workspace import pid_alive
+from pipelines.workspace import dead_process_dirs
 
 WORKER_DIR_PREFIX = "pipelines-worker-"
 
@@ -21,13 +21,11 @@ def worker_temp_dir() -> Path:
     import tempfile
 
     root = Path(tempfile.gettempdir())
-    for folder in root.glob(WORKER_DIR_PREFIX + "*"):
-        pid = folder.name[len(WORKER_DIR_PREFIX):]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            files = sum(1 for p in folder.rglob("*") if p.is_file())
-            shutil.rmtree(folder, ignore_errors=True)
-            print(f"worker {pid} ended without stopping (killed or crashed): its requests in flight were "
-                  f"cut off; removed its {files} temporary upload file(s)", file=sys.stderr, flush=True)
+    for pid, folder in dead_process_dirs(root, WORKER_DIR_PREFIX):
+        files = sum(1 for p in folder.rglob("*") if p.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"worker {pid} ended without stopping (killed or crashed): its requests in flight were "
+              f"cut off; removed its {files} temporary upload file(s)", file=sys.stderr, flush=True)
     mine = root / f"{WORKER_DIR_PREFIX}{os.getpid()}"
     mine.mkdir(exist_ok=True)
     tempfile.tempdir = str(mine)
