@@ -37,6 +37,9 @@ SCORE   ?=
 MAX_DETECTIONS ?=
 MIN_AREA ?=
 UPLOAD  ?=
+SUGGESTED ?=
+COUNT   ?= 50
+STRATEGY ?= hybrid
 SKIP_DRAFTS ?= 0
 FILES   ?=
 EVAL_EVERY ?=
@@ -49,8 +52,8 @@ OPTIMIZER ?=
 # Every user variable reaches the shell through it; the $(if $(X),...) tests stay as they were.
 q = '$(subst ','\'',$(1))'
 
-.PHONY: help setup browser lock sample data config import train eval predict report export prelabel serve bento containerize test test-recipes bench bench-data bench-train-detection \
-        bench-train-segmentation bench-serve bench-export bench-prelabel bench-distribute serve-spectrogram demo clean \
+.PHONY: help setup browser lock sample data config import train eval predict report export prelabel suggest serve bento containerize test test-recipes bench bench-data bench-train-detection \
+        bench-train-segmentation bench-serve bench-export bench-prelabel bench-suggest bench-distribute serve-spectrogram demo clean \
         train-image podman-setup base-image test-containers ray-setup test-ray
 
 help:
@@ -83,7 +86,9 @@ help:
 	@echo "          the model drafts labels -> workspace/RUN/prelabel/DATASET-TIME.json for coco-annotator's import;"
 	@echo "          SCORE: the export's threshold unless given;"
 	@echo "          ANNOTATOR_URL=http://localhost:5000 ANNOTATOR_USER=... ANNOTATOR_PASSWORD=... [ANNOTATOR_DATASET=id|name]"
-	@echo "          also uploads it (UPLOAD=file uploads an earlier one)"
+	@echo "          also uploads it (UPLOAD=file uploads an earlier one); SUGGESTED=file drafts exactly make suggest's images"
+	@echo "make suggest RUN=NAME DATASET=NAME [COUNT=50] [STRATEGY=hybrid|uncertainty|diversity|random] [SEED=0]"
+	@echo "          the model picks the unlabelled images to label next -> workspace/RUN/suggest/DATASET-TIME.json"
 	@echo "make serve RUN=NAME [PORT=3000] [HOST=127.0.0.1] | make serve MODEL=name:version (a BentoML model-store tag)"
 	@echo "make serve-spectrogram [PORT=3000]  POST /spectrogram: WAV in, spectrogram PNG out (no model)"
 	@echo "make bento RUN=NAME | make bento MODEL=name:version   a Bento (model + code + requirements.lock) in the bento store"
@@ -98,7 +103,8 @@ help:
 	@echo "make test-ray                      install it and train through Ray Train (tests/test_ray.py; minutes)"
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
 	@echo "                                   bench-train-segmentation, bench-serve, bench-export, bench-prelabel;"
-	@echo "                                   bench-distribute: one device against 2 replicas and 2 workers)"
+	@echo "                                   bench-distribute: one device against 2 replicas and 2 workers;"
+	@echo "                                   bench-suggest [DATASET=path/to/BCCD]: make suggest against random, simulated)"
 	@echo "make lock                          re-resolve pyproject.toml's pins into requirements.lock (needs the registry)"
 	@echo "make clean                         remove every run under workspace/ and bench/out (datasets/ is kept)"
 	@echo "Every target runs python -m pipelines STAGE; .venv/bin/python -m pipelines STAGE --help lists its options."
@@ -182,7 +188,14 @@ prelabel: $(STAMP)
 	$(PY) -m pipelines prelabel --run $(call q,$(RUN)) --dataset $(call q,$(DATASET)) \
 	  --only-unlabelled $(call q,$(ONLY_UNLABELLED)) $(if $(ANNOTATIONS),--annotations $(call q,$(ANNOTATIONS))) \
 	  $(if $(SCORE),--score $(call q,$(SCORE))) $(if $(MAX_DETECTIONS),--max-detections $(call q,$(MAX_DETECTIONS))) \
-	  $(if $(MIN_AREA),--min-area $(call q,$(MIN_AREA))) $(if $(UPLOAD),--upload $(call q,$(UPLOAD)))
+	  $(if $(MIN_AREA),--min-area $(call q,$(MIN_AREA))) $(if $(SUGGESTED),--suggested $(call q,$(SUGGESTED))) \
+	  $(if $(UPLOAD),--upload $(call q,$(UPLOAD)))
+
+suggest: $(STAMP)
+	@test -n $(call q,$(RUN)) || { echo "error: give RUN=NAME (a run with an export) and DATASET=NAME"; exit 2; }
+	$(PY) -m pipelines suggest --run $(call q,$(RUN)) --dataset $(call q,$(DATASET)) --count $(call q,$(COUNT)) \
+	  --strategy $(call q,$(STRATEGY)) $(if $(SEED),--seed $(call q,$(SEED))) \
+	  $(if $(ANNOTATIONS),--annotations $(call q,$(ANNOTATIONS)))
 
 serve: $(STAMP)
 	$(PY) -m pipelines serve $(SERVED) --host $(call q,$(HOST)) --port $(call q,$(PORT))
@@ -286,6 +299,10 @@ bench-export: $(STAMP)
 # make prelabel's drafts against the sample's labels, on the runs make demo leaves.
 bench-prelabel: $(STAMP)
 	$(PY) bench/bench_prelabel.py --min-area 16 --min-area 200
+
+# make suggest's strategies against random, by simulation on real labels (rounds of train, suggest, reveal).
+bench-suggest: $(STAMP)
+	$(PY) bench/bench_suggest.py --dataset $(call q,$(DATASET))
 
 # One device against 2 replicas and 2 workers, both tasks (a generated 40-image sample).
 bench-distribute: $(STAMP)

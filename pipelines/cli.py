@@ -448,8 +448,44 @@ def add_prelabel_parser(sub) -> None:
     p.add_argument("--max-detections", type=_positive_int, help="detection: at most this many boxes per image")
     p.add_argument("--min-area", type=_non_negative_int, help="segmentation: draft regions of at least this many pixels "
                                                 "(default: PIPELINES_ANNOTATE_MIN_AREA, else 16)")
+    p.add_argument("--suggested", metavar="FILE", help="a make suggest file (workspace/RUN/suggest/*.json): draft "
+                                                      "exactly its images, in its order")
     p.add_argument("--upload", metavar="FILE", help="upload this prelabel file instead of drafting a new one")
     add_annotator_arguments(p)
+
+
+def add_suggest_parser(sub) -> None:
+    from pipelines.annotator.suggest import CANDIDATES, DEFAULT_COUNT, DEFAULT_STRATEGY, STRATEGIES
+
+    p = sub.add_parser("suggest", help="a run's model picks which unlabelled images of a dataset to label next",
+                       description="Rank the images of a dataset folder that have no annotation in its newest "
+                                   "coco-annotator export with workspace/RUN/export, print the COUNT best with each "
+                                   "one's reason, and write workspace/RUN/suggest/<dataset>-<time>.json (make "
+                                   "prelabel SUGGESTED=that file drafts exactly them). Strategies: uncertainty (what "
+                                   "the model is least sure of), diversity (k-center on image features: no two "
+                                   f"near-copies), hybrid (k-center among the {CANDIDATES} x COUNT most uncertain; "
+                                   "the default), random (the baseline).")
+    p.add_argument("--run", required=True, help="run name under workspace/ (or a run folder) with an export")
+    p.add_argument("--dataset", required=True, help="a folder name under datasets/, or a path to the dataset folder")
+    p.add_argument("--count", type=_positive_int, default=DEFAULT_COUNT,
+                   help=f"how many images to suggest (default {DEFAULT_COUNT})")
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
+                   help=f"how to pick them (default {DEFAULT_STRATEGY})")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of random draws and ties (default 0)")
+    p.add_argument("--annotations", help="the COCO file that says which images are labelled (default: the newest "
+                                         "export, .exports/coco-*.json)")
+
+
+def cmd_suggest(args) -> int:
+    from pipelines.annotator.suggest import suggest, summary_lines
+
+    if args.dataset == SAMPLE_NAME:
+        _ensure_sample()
+    result = suggest(args.run, args.dataset, count=args.count, strategy=args.strategy, seed=args.seed,
+                     annotations=args.annotations, log=_log)
+    for line in summary_lines(result, args.run, args.dataset):
+        print(line, flush=True)
+    return 0
 
 
 def add_annotator_arguments(p) -> None:
@@ -475,7 +511,7 @@ def cmd_prelabel(args) -> int:
         if args.dataset == SAMPLE_NAME:
             _ensure_sample()
         result = prelabel(args.run, args.dataset, only_unlabelled=bool(args.only_unlabelled) and not args.all_images, annotations=args.annotations,
-                          log=_log, score_threshold=args.score_threshold, max_detections=args.max_detections,
+                          suggested=args.suggested, log=_log, score_threshold=args.score_threshold, max_detections=args.max_detections,
                           min_area=args.min_area)
         for line in summary_lines(result):
             print(line, flush=True)
@@ -583,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_import_parser(sub)
     add_run_parsers(sub)
     add_prelabel_parser(sub)
+    add_suggest_parser(sub)
     add_serving_parsers(sub)
     add_demo_parser(sub)
     return parser
@@ -591,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"sample": cmd_sample, "data": cmd_data, "config": cmd_config, "import": cmd_import,
             "train": cmd_train, "eval": cmd_eval,
             "export": cmd_export, "predict": cmd_predict, "report": cmd_report, "prelabel": cmd_prelabel,
+            "suggest": cmd_suggest,
             "serve": cmd_serve, "bento": cmd_bento, "demo": cmd_demo}
 # Stages that start no TensorFlow devices in this process (the data stage writes records without a model;
 # the server's workers start their own).

@@ -24,6 +24,11 @@ DETECTION_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "d
 MASK_OUTPUT = "segmentation_mask"  # int32 [batch, height, width]: 0 = background, 1..K = label-map ids
 PROBABILITIES_OUTPUT = "probabilities"  # float32 [batch, height, width, K + 1]
 SEGMENTATION_OUTPUTS = (MASK_OUTPUT, PROBABILITIES_OUTPUT)
+# A second signature, for `make suggest` (pipelines/annotator/suggest.py): the same input, one image at a time;
+# out, from one forward pass, what the task's uncertainty reads and FEATURES_OUTPUT, float32 [batch, D]: the
+# network's deepest features averaged over the image, for telling near-duplicates apart.
+SUGGEST_SIGNATURE = "suggest"
+FEATURES_OUTPUT = "image_features"
 
 
 def tag_name(text: str, fallback: str) -> str:

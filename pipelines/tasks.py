@@ -21,6 +21,8 @@ The parts have the same module and name in every task package, imported only whe
     predict.Predictions(labels, metadata, **options)  per image: (image, outputs, out stem) -> its JSON, pictures;
                                                    run(serve, image) -> outputs, drafts(image, outputs, model)
                                                    -> coco-annotator annotations (make prelabel)
+    suggest.Uncertainty(metadata)                  make suggest: (suggest signature's outputs on one image)
+                                                   -> (uncertainty, reason); .outputs: what it reads
     service.Service                                the BentoML service class serving its exports
     report.metrics_html(metrics, eval_dir)         `make report`'s evaluation section: (HTML, its plot)
     report.metrics_line(metrics)                   metrics.json in one line (`make demo` prints it)
@@ -39,6 +41,7 @@ PARTS = {"translate": ("config", "translate"), "config_rules": ("config", "rules
          "check_engine": ("check", "check_engine"), "train": ("train", "train"),
          "evaluator": ("evaluate", "Evaluator"), "exporter": ("export", "Exporter"),
          "predict": ("predict", "Predictions"), "service": ("service", "Service"),
+         "uncertainty": ("suggest", "Uncertainty"),
          "report": ("report", "metrics_html"), "summary": ("report", "metrics_line")}
 
 

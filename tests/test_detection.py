@@ -368,7 +368,9 @@ def test_export_serves_od_api_outputs_and_is_in_bentoml(trained, exported, monke
     assert metadata["score_threshold_source"] == "default: the run has no eval/metrics.json"
 
     loaded = tf.saved_model.load(str(saved_model))
-    assert list(loaded.signatures) == ["serving_default"]
+    assert sorted(loaded.signatures) == ["serving_default", "suggest"]  # suggest: make suggest's (test_suggest.py)
+    features = loaded.signatures["suggest"](input_tensor=tf.zeros([1, 60, 90, 3], tf.uint8))["image_features"]
+    assert features.shape == (1, 5 * 16)  # the five FPN levels (3..7) of depth fpn_num_filters, averaged
     serve = loaded.signatures["serving_default"]
     (spec,) = serve.structured_input_signature[1].values()
     assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, None, None, 3]

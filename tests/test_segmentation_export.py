@@ -155,7 +155,11 @@ def test_signature_and_outputs_at_the_input_resolution(run, exported, serve):
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".export")]  # no temporary folder left
     assert any(line.startswith("export check: the SavedModel matches") for line in lines)
 
-    assert list(tf.saved_model.load(str(saved_model)).signatures) == ["serving_default"]
+    signatures = tf.saved_model.load(str(saved_model)).signatures
+    assert sorted(signatures) == ["serving_default", "suggest"]  # suggest: make suggest's (test_suggest.py)
+    ranked = {k: v.numpy() for k, v in signatures["suggest"](input_tensor=tf.zeros([1, 50, 70, 3], tf.uint8)).items()}
+    assert ranked["probabilities"].shape == (1, *params.input_size, params.output_classes)
+    assert ranked["image_features"].ndim == 2 and ranked["image_features"].shape[0] == 1
     (name, spec), = serve.structured_input_signature[1].items()
     assert name == "input_tensor" and spec.dtype == tf.uint8 and spec.shape.as_list() == [None, None, None, 3]
     outputs = serve.structured_outputs

@@ -87,8 +87,10 @@ def _earlier_prelabels(run_folder: Path, name: str, after: float) -> list[Path]:
     return sorted(p for p in run_folder.parent.glob(f"*/{PRELABEL_DIR}/{name}-*.json") if p.stat().st_mtime > after)
 
 
-def select_images(folder: Path, only_unlabelled: bool, annotations: Path | None) -> tuple[list[Path], list[str]]:
-    """The dataset's images to draft, and notes on those left out (shared base names, already annotated)."""
+def select_images(folder: Path, only_unlabelled: bool, annotations: Path | None,
+                  drafting: bool = True) -> tuple[list[Path], list[str]]:
+    """The dataset's images to draft, and notes on those left out (shared base names, already annotated;
+    `drafting` False: no note on the annotated ones)."""
     images = dataset_images(folder)
     if not images:
         raise UserError(display_path(folder), f"no images here (looked for {', '.join(IMAGE_SUFFIXES)}, "
@@ -109,11 +111,11 @@ def select_images(folder: Path, only_unlabelled: bool, annotations: Path | None)
     annotated = annotated_names(export)
     already = [p for p in images if p.name in annotated]
     if only_unlabelled:
-        if already:
+        if already and drafting:
             notes.append(f"{len(already)} image(s) already have annotations in {display_path(export)}: "
                          "not drafted (ONLY_UNLABELLED=0, --only-unlabelled 0, drafts them too)")
         images = [p for p in images if p.name not in annotated]
-    elif already:
+    elif already and drafting:
         notes.append(f"{len(already)} image(s) already have annotations in {display_path(export)}: their drafts "
                      "are added beside them (and importing the file again brings back drafts deleted there)")
     return images, notes
@@ -130,22 +132,59 @@ def _usable(annotation: dict) -> bool:
     return bool(annotation["segmentation"]) and annotation["area"] >= 1
 
 
-def prelabel(run: str, dataset: str, only_unlabelled: bool = True, annotations: str | None = None,
-             log=print, **options) -> Prelabel:
-    """Draft the labels of DATASET's images with RUN's export; write workspace/RUN/prelabel/<dataset>-<time>.json.
-    `options`: the task's (detection: score_threshold, max_detections; segmentation: min_area)."""
-    from tqdm import tqdm
-
+def open_export(run: str):
+    """(run folder, its export folder, the export's task); UserError when the run has no export."""
     from pipelines import tasks
-    from pipelines.engine.predict import load_serving, predict_part
-    from pipelines.model_store import export_identity
     from pipelines.runs import run_dir
 
     folder = run_dir(run)
     export_dir = folder / "export"
     if not (export_dir / "saved_model" / "saved_model.pb").is_file():
         raise UserError(display_path(export_dir), f"no export here: run `make export RUN={run}` first")
-    task = tasks.of_export(export_dir)
+    return folder, export_dir, tasks.of_export(export_dir)
+
+
+def open_dataset(dataset: str, annotations: str | None) -> tuple[Path, Path | None]:
+    """(the dataset folder, the annotation file given instead of its newest export or None); UserError for a
+    missing one."""
+    source = resolve_dataset(dataset)
+    if not source.is_dir():
+        raise UserError(display_path(source), "a dataset folder is needed (the folder coco-annotator scans)")
+    if annotations is not None and not Path(annotations).is_file():
+        raise UserError(annotations, "annotation file not found")
+    return source, Path(annotations) if annotations else None
+
+
+def suggested_images(path: Path, source: Path) -> list[Path]:
+    """The images a `make suggest` file lists, best first, as files of the dataset folder `source`;
+    UserError when the file is not one, is of another dataset, or names a file that is not there."""
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or "strategy" not in data:
+        raise UserError(display_path(path), "not a make suggest file (workspace/RUN/suggest/*.json)")
+    if data.get("dataset") != dataset_name(source):
+        raise UserError(display_path(path), f"suggests images of dataset '{data.get('dataset')}', not of "
+                                            f"'{dataset_name(source)}'")
+    found = []
+    for n, item in enumerate(data["images"]):
+        relative = item.get("path") if isinstance(item, dict) else None
+        image = (source / relative).resolve() if isinstance(relative, str) else None
+        if image is None or not image.is_relative_to(source.resolve()) or not image.is_file():
+            raise UserError(display_path(path), f"images[{n}]: {relative!r} is not an image of {display_path(source)}")
+        found.append(source / relative)
+    return found
+
+
+def prelabel(run: str, dataset: str, only_unlabelled: bool = True, annotations: str | None = None,
+             suggested: str | None = None, log=print, **options) -> Prelabel:
+    """Draft the labels of DATASET's images with RUN's export; write workspace/RUN/prelabel/<dataset>-<time>.json.
+    `suggested`: a `make suggest` file: only its images are drafted, in its order. `options`: the task's
+    (detection: score_threshold, max_detections; segmentation: min_area)."""
+    from tqdm import tqdm
+
+    from pipelines.engine.predict import load_serving, predict_part
+    from pipelines.model_store import export_identity
+
+    folder, export_dir, task = open_export(run)
     given = {k: v for k, v in options.items() if v is not None}
     other = [k for k in given if k not in task.draft_options]
     if other:
@@ -153,14 +192,21 @@ def prelabel(run: str, dataset: str, only_unlabelled: bool = True, annotations: 
         raise UserError(display_path(export_dir), f"a {task.name} model: --{', --'.join(other).replace('_', '-')} does "
                                                   f"not apply to it (its options: {flags})")
     task, saved_model, part = predict_part(export_dir, **given)
-    source = resolve_dataset(dataset)
-    if not source.is_dir():
-        raise UserError(display_path(source), "a dataset folder is needed (the folder coco-annotator scans)")
-    if annotations is not None and not Path(annotations).is_file():
-        raise UserError(annotations, "annotation file not found")
+    source, annotations_file = open_dataset(dataset, annotations)
+    if suggested is not None and not Path(suggested).is_file():
+        raise UserError(suggested, "suggest file not found (make suggest writes workspace/RUN/suggest/*.json)")
     name = dataset_name(source)
-    images, notes = select_images(source, only_unlabelled, Path(annotations) if annotations else None)
-    export = Path(annotations) if annotations else newest_export(source)
+    images, notes = select_images(source, only_unlabelled, annotations_file, drafting=suggested is None)
+    if suggested is not None:
+        listed = suggested_images(Path(suggested), source)
+        eligible = set(images)
+        left = [p for p in listed if p not in eligible]
+        if left:
+            notes.append(f"{len(left)} suggested image(s) not drafted (labelled since, or sharing a base name): "
+                         f"{', '.join(p.relative_to(source).as_posix() for p in left[:5])}{' ...' if len(left) > 5 else ''}")
+        images = [p for p in listed if p in eligible]
+        notes.append(f"drafting the {len(images)} image(s) suggested in {display_path(Path(suggested))}")
+    export = annotations_file or newest_export(source)
     later = _earlier_prelabels(folder, name, export.stat().st_mtime if export else 0.0)
     if later:
         notes.append(f"{display_path(later[-1])} is newer than the dataset's newest export: if it was imported, "

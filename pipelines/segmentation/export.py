@@ -27,8 +27,8 @@ import tensorflow as tf
 
 from pipelines.workspace import UserError
 from pipelines.engine.export import ExportCheckError
-from pipelines.model_store import (INPUT_NAME, MASK_OUTPUT, PROBABILITIES_OUTPUT, SEGMENTATION_OUTPUTS,
-                                   check_images)
+from pipelines.model_store import (FEATURES_OUTPUT, INPUT_NAME, MASK_OUTPUT, PROBABILITIES_OUTPUT,
+                                   SEGMENTATION_OUTPUTS, SUGGEST_SIGNATURE, check_images)
 from pipelines.segmentation.params import SegmenterParams
 
 # Graph and eager runs of the same weights differ by float rounding only; a pixel whose two best
@@ -67,21 +67,56 @@ def segment(model, input_size: tuple[int, int], images: tf.Tensor) -> dict[str, 
     return {MASK_OUTPUT: tf.argmax(probabilities, axis=-1, output_type=tf.int32), PROBABILITIES_OUTPUT: probabilities}
 
 
+def deepest_layer(network: tf.keras.Model):
+    """The layer of a segmentation_models network whose output is the smallest in space (the last such one):
+    the encoder's output, where the decoder starts (PSPNet: its coarsest pooled branch)."""
+    deepest, smallest = None, None
+    for layer in network.layers[1:]:
+        shape = layer.output_shape
+        if not isinstance(shape, tuple) or len(shape) != 4 or shape[1] is None or shape[2] is None:
+            continue
+        if smallest is None or shape[1] * shape[2] <= smallest:
+            deepest, smallest = layer, shape[1] * shape[2]
+    return deepest
+
+
+def suggest_function(params: SegmenterParams, model: tf.keras.Model):
+    """uint8 [B, h, w, 3] of any size -> {probabilities: float32 [B, H, W, K + 1] at the model's input size,
+    FEATURES_OUTPUT: float32 [B, C], the deepest layer's output averaged over space}: one forward pass."""
+    from pipelines.segmentation.model import preprocess
+
+    network = next(layer for layer in model.layers if isinstance(layer, tf.keras.Model))
+    both = tf.keras.Model(network.input, [network.output, deepest_layer(network).output])
+    size = tuple(params.input_size)
+
+    def suggest(images):
+        x = tf.image.resize(tf.cast(images, tf.float32), size, method="bilinear")
+        logits, deep = both(preprocess(params, x), training=False)
+        return {PROBABILITIES_OUTPUT: tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1),
+                FEATURES_OUTPUT: tf.reduce_mean(tf.cast(deep, tf.float32), axis=[1, 2])}
+    return suggest
+
+
 class SegmentationModule(tf.Module):
-    """The serving signature around a Keras segmenter.
+    """The serving signature around a Keras segmenter, and the suggest signature (make suggest's).
 
     Only the model's variables are tracked, not the Keras model itself: saving a tracked Keras
     model makes tf.saved_model.save trace every layer's call for Keras' own loader, which makes the
     export about 5x and its loading about 10x slower, for functions serving never calls."""
 
-    def __init__(self, model: tf.keras.Model, input_size: tuple[int, int]):
+    def __init__(self, model: tf.keras.Model, params: SegmenterParams):
         super().__init__(name="segmenter")
         self.model_variables = list(model.variables)
-        self._segment = functools.partial(segment, model, tuple(input_size))  # not a Trackable: not tracked
+        self._segment = functools.partial(segment, model, tuple(params.input_size))  # not a Trackable: not tracked
+        self._suggest = suggest_function(params, model)  # a plain function: not tracked either
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME)])
     def serve(self, input_tensor):
         return self._segment(input_tensor)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME)])
+    def suggest(self, input_tensor):
+        return self._suggest(input_tensor)
 
 
 def check_export(saved_model_dir: str | Path, params: SegmenterParams, checkpoint: str,
@@ -126,8 +161,9 @@ class Exporter:
 
     def save(self, checkpoint: str, saved_model_dir: Path, folder: Path) -> tf.keras.Model:
         model = restore_model(self.params, checkpoint)
-        module = SegmentationModule(model, self.params.input_size)
-        tf.saved_model.save(module, str(saved_model_dir), signatures={"serving_default": module.serve})
+        module = SegmentationModule(model, self.params)
+        tf.saved_model.save(module, str(saved_model_dir),
+                            signatures={"serving_default": module.serve, SUGGEST_SIGNATURE: module.suggest})
         return model
 
     def check(self, saved_model_dir: Path, checkpoint: str, model: tf.keras.Model) -> dict:

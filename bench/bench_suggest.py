@@ -1,0 +1,330 @@
+"""`make suggest` against picking at random, by simulation on real labels, side by side in one run.
+
+    .venv/bin/python bench/bench_suggest.py [--dataset ../shared/external/bccd_voc/BCCD | sample]
+        [--strategies random,hybrid,uncertainty,diversity] [--seeds 0,1] [--initial 20] [--per-round 20]
+        [--rounds 5] [--steps 600] [--size 256] [--batch 8] [--out /tmp/bench-suggest]
+
+A labelled dataset is split once into a pool and a fixed test set (BCCD: its own test list; a
+coco-annotator folder such as the bundled sample: 20% drawn with seed 0); the pool leaves out images without
+any object (make suggest would take them for unlabelled ones). The pool's images are linked into
+a dataset folder whose labels are hidden: a COCO file lists the labelled ones only. For each seed, `--initial`
+pool images drawn with that seed are labelled; then, round after round, each strategy's arm goes through
+what a user runs, each command in its own process: `make data` (the labelled images, the test set as val),
+`make config` (the same schedule every round: --steps of --batch at --size, seeded), `make train` (no
+evaluation during training), `make eval` (COCO AP on the test set, or mean IoU with --task segmentation),
+`make export`, and `make suggest --strategy S --count PER_ROUND`, whose images' labels are then revealed.
+The first round is the same for every strategy of a seed (trained once).
+
+With `--cost RUN_FOLDER [--cost-images 1000]` it measures instead what ranking costs against predicting:
+the bundled sample generator writes that many images, all taken as unlabelled (an empty annotation
+file), and RUN_FOLDER's export drafts them all (`make prelabel`: one prediction pass, drafts written) and
+ranks them all (`make suggest`, hybrid), each command timed as a whole, start-up included.
+
+Printed and written (OUT/results.json, OUT/curves.png): the metric against the number of labelled images
+per strategy and seed, and their mean; for each strategy, the labelled images it needed to reach what
+`random` reaches at the last round (linear interpolation between rounds; "not reached" otherwise) and the
+saving against random's count; the mean time of a suggest against its training round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def sh(args: list[str], env: dict, log: Path) -> str:
+    """One of our CLI commands (what the make target runs), its output kept in `log`."""
+    proc = subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    log.write_text(f"$ {' '.join(args)}\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    if proc.returncode != 0:
+        raise SystemExit(f"`python -m pipelines {' '.join(args)}` failed ({log}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def voc_as_coco(root: Path) -> dict:
+    """A Pascal VOC folder's boxes as one COCO dict (file names: the JPEGImages files)."""
+    from lxml import etree
+
+    names, images, annotations = {}, [], []
+    for xml in sorted((root / "Annotations").glob("*.xml")):
+        tree = etree.parse(str(xml))
+        file_name = tree.findtext("filename").strip()
+        if not (root / "JPEGImages" / file_name).is_file():
+            file_name = xml.stem + ".jpg"
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": file_name, "width": int(float(tree.findtext("size/width"))),
+                       "height": int(float(tree.findtext("size/height")))})
+        for obj in tree.iterfind("object"):
+            name = obj.findtext("name").strip()
+            box = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+            if box[2] <= box[0] or box[3] <= box[1]:
+                continue
+            category = names.setdefault(name, len(names) + 1)
+            x0, y0, x1, y1 = box
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                                "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": i, "name": n, "supercategory": ""} for n, i in sorted(names.items(), key=lambda x: x[1])]}
+
+
+def load_dataset(dataset: str) -> tuple[dict, dict[str, Path], set[str] | None]:
+    """(COCO dict with base file names, {file name: image file}, the test set's names when the dataset has its own)."""
+    from pipelines.annotator.prelabel import dataset_images
+    from pipelines.data.sources import newest_export
+    from pipelines.workspace import resolve_dataset
+
+    folder = resolve_dataset(dataset)
+    if (folder / "Annotations").is_dir():
+        coco = voc_as_coco(folder)
+        files = {p.name: p for p in (folder / "JPEGImages").iterdir()}
+        test_list = folder / "ImageSets" / "Main" / "test.txt"
+        test = {line.strip() + ".jpg" for line in test_list.read_text().split()} if test_list.is_file() else None
+        return coco, files, test
+    export = newest_export(folder)
+    if export is None:
+        raise SystemExit(f"{folder}: neither a VOC folder nor a dataset folder with an export")
+    coco = json.loads(export.read_text())
+    files = {p.name: p for p in dataset_images(folder)}
+    for image in coco["images"]:
+        image["file_name"] = Path(str(image.get("file_name") or image.get("path")).replace("\\", "/")).name
+    return coco, files, None
+
+
+def subset(coco: dict, names: set[str]) -> dict:
+    images = [im for im in coco["images"] if im["file_name"] in names]
+    ids = {im["id"] for im in images}
+    return {"images": images, "categories": coco["categories"],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+
+
+def metric(workspace: Path, task: str) -> float:
+    m = json.loads((workspace / "al" / "eval" / "metrics.json").read_text())["metrics"]
+    return m["AP"] if task == "detection" else m["mean_iou"]
+
+
+def train_round(arm: Path, labelled: set[str], coco: dict, out: Path, args, seed: int, export: bool) -> dict:
+    """make data, config, train, eval (and export) on the labelled images; the round's folder is `arm`."""
+    arm.mkdir(parents=True, exist_ok=True)
+    ws = arm / "ws"
+    env = {**os.environ, "PIPELINES_WORKSPACE": str(ws), "BENTOML_HOME": str(out / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "True"}
+    labels = arm / "labelled.json"
+    labels.write_text(json.dumps(subset(coco, labelled)))
+    started = time.perf_counter()
+    data = ["data", "--dataset", str(out / "pool"), "--annotations", str(labels), "--val-annotations",
+            str(out / "test.json"), "--images", str(out / "test"), "--workers", "2"]
+    if args.task == "segmentation":
+        data += ["--task", "segmentation"]
+    sh(data, env, arm / "data.log")
+    config = ["config", "--dataset", "pool", "--run", "al", "--batch-size", str(args.batch), "--num-steps",
+              str(args.steps), "--size", str(args.size), "--seed", str(seed)]
+    if args.model:
+        config += ["--model", args.model]
+    sh(config, env, arm / "config.log")
+    sh(["train", "--run", "al", "--eval-every", "0"], env, arm / "train.log")
+    sh(["eval", "--run", "al"], env, arm / "eval.log")
+    if export:
+        sh(["export", "--run", "al"], env, arm / "export.log")
+    return {"metric": metric(ws, args.task), "labelled": len(labelled), "seconds": time.perf_counter() - started,
+            "workspace": str(ws), "labels": str(labels)}
+
+
+def suggest(arm: Path, strategy: str, count: int, seed: int, out: Path) -> tuple[list[str], float]:
+    env = {**os.environ, "PIPELINES_WORKSPACE": str(arm / "ws")}
+    started = time.perf_counter()
+    stdout = sh(["suggest", "--run", "al", "--dataset", str(out / "pool"), "--annotations", str(arm / "labelled.json"),
+                 "--count", str(count), "--strategy", strategy, "--seed", str(seed)], env, arm / f"suggest-{strategy}.log")
+    seconds = time.perf_counter() - started
+    written = re.search(r"^wrote (.+\.json)$", stdout, re.M)
+    if not written:
+        return [], seconds  # nothing left to suggest
+    path = Path(written.group(1))
+    path = path if path.is_absolute() else REPO / path
+    return [item["file_name"] for item in json.loads(path.read_text())["images"]], seconds
+
+
+def labels_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The labelled images at which a curve (labelled, metric), linearly interpolated, first reaches `target`."""
+    for (n0, m0), (n1, m1) in zip(curve, curve[1:]):
+        if m0 >= target:
+            return float(n0)
+        if m1 >= target:
+            return n0 + (n1 - n0) * (target - m0) / (m1 - m0)
+    return float(curve[0][0]) if curve and curve[0][1] >= target else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default=str(REPO.parent / "shared" / "external" / "bccd_voc" / "BCCD"))
+    ap.add_argument("--task", choices=("detection", "segmentation"), default="detection")
+    ap.add_argument("--model", help="make config's --model (default: the task's template)")
+    ap.add_argument("--strategies", default="random,hybrid,uncertainty,diversity")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--initial", type=int, default=20)
+    ap.add_argument("--per-round", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5, help="trainings per arm, the first included")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench-suggest"))
+    ap.add_argument("--cost", type=Path, metavar="RUN_FOLDER", help="measure ranking against predicting instead")
+    ap.add_argument("--cost-images", type=int, default=1000)
+    ap.add_argument("--report-only", action="store_true", help="print the results OUT holds, train nothing")
+    args = ap.parse_args()
+    if args.cost:
+        return cost(args.cost.resolve(), args.cost_images, args.out)
+    strategies = args.strategies.split(",")
+    if "random" not in strategies:
+        raise SystemExit("--strategies must include random (the baseline)")
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    coco, files, test = load_dataset(args.dataset)
+    names = sorted(im["file_name"] for im in coco["images"] if im["file_name"] in files)
+    if test is None:
+        test = set(random.Random(0).sample(names, len(names) // 5))
+    # An image without any object counts as unlabelled for make suggest (as for make prelabel): the pool has
+    # none, so that every revealed image stays labelled.
+    with_objects = {im["file_name"] for im in coco["images"]
+                    if any(a["image_id"] == im["id"] for a in coco["annotations"])}
+    pool = [n for n in names if n not in test and n in with_objects]
+    for folder, members in (("pool", pool), ("test", sorted(test & set(names)))):
+        (out / folder).mkdir(exist_ok=True)
+        for n in members:
+            link = out / folder / n
+            if not link.exists():
+                link.symlink_to(files[n].resolve())
+    (out / "test.json").write_text(json.dumps(subset(coco, test)))
+    print(f"{args.dataset}: pool {len(pool)}, test {len(test)} images; {args.rounds} rounds from {args.initial}, "
+          f"+{args.per_round} each; {args.steps} steps of {args.batch} at {args.size}", flush=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for seed in [] if args.report_only else (int(s) for s in args.seeds.split(",")):
+        start = set(random.Random(seed).sample(pool, args.initial))
+        first_key = f"seed{seed}/round0"
+        if first_key not in results:
+            results[first_key] = train_round(out / f"seed{seed}" / "round0", start, coco, out, args, seed, export=True)
+            results_path.write_text(json.dumps(results, indent=1))
+        first = results[first_key]
+        print(f"seed {seed} round 0: {len(start)} labelled, metric {first['metric']:.3f}", flush=True)
+        for strategy in strategies:
+            labelled, previous = set(start), out / f"seed{seed}" / "round0"
+            for r in range(1, args.rounds):
+                key = f"seed{seed}/{strategy}/round{r}"
+                arm = out / f"seed{seed}" / strategy / f"round{r}"
+                if key not in results:
+                    picked, seconds = suggest(previous, strategy, args.per_round, seed, out)
+                    new = set(picked) - labelled
+                    if len(new) != len(picked):
+                        raise SystemExit(f"{key}: make suggest named an already labelled image")
+                    labelled |= new
+                    results[key] = {**train_round(arm, labelled, coco, out, args, seed, export=r + 1 < args.rounds),
+                                    "suggest_seconds": seconds, "picked": sorted(new)}
+                    results_path.write_text(json.dumps(results, indent=1))
+                else:
+                    labelled |= set(results[key]["picked"])
+                previous = arm
+                print(f"seed {seed} {strategy} round {r}: {results[key]['labelled']} labelled, metric "
+                      f"{results[key]['metric']:.3f}", flush=True)
+    report(results, strategies, [int(s) for s in args.seeds.split(",")], args, out)
+    return 0
+
+
+def cost(run: Path, images: int, out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    folder = out / f"cost-{images}"
+    env = {**os.environ, "PIPELINES_WORKSPACE": str(run.parent)}
+    if not folder.is_dir():
+        sh(["sample", "--out", str(folder), "--images", str(images), "--seed", "7"], env, out / "cost-sample.log")
+    empty = out / "no-labels.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    timings = {}
+    for name, command in (("predict (make prelabel, every image)", ["prelabel", "--run", run.name, "--dataset",
+                                                                     str(folder), "--annotations", str(empty)]),
+                          ("rank (make suggest, hybrid)", ["suggest", "--run", run.name, "--dataset", str(folder),
+                                                           "--annotations", str(empty), "--count", "50"])):
+        started = time.perf_counter()
+        sh(command, env, out / f"cost-{command[0]}.log")
+        timings[name] = time.perf_counter() - started
+    base = timings["predict (make prelabel, every image)"]
+    for name, seconds in timings.items():
+        print(f"{name:<40} {seconds:7.1f} s  {images / seconds:6.1f} images/s  {seconds / base:.2f}x")
+    return 0
+
+
+def report(results: dict, strategies: list[str], seeds: list[int], args, out: Path) -> None:
+    import numpy as np
+
+    name = "AP" if args.task == "detection" else "mean IoU"
+    curves = {}
+    for strategy in strategies:
+        per_seed = []
+        for seed in [seed for seed in seeds if f"seed{seed}/{strategy}/round1" in results]:
+            points = [(results[f"seed{seed}/round0"]["labelled"], results[f"seed{seed}/round0"]["metric"])]
+            points += [(results[f"seed{seed}/{strategy}/round{r}"]["labelled"], results[f"seed{seed}/{strategy}/round{r}"]["metric"])
+                       for r in range(1, args.rounds) if f"seed{seed}/{strategy}/round{r}" in results]
+            per_seed.append(points)
+        if not per_seed:
+            continue
+        rounds = min(len(p) for p in per_seed)
+        mean = [(per_seed[0][r][0], float(np.mean([p[r][1] for p in per_seed]))) for r in range(rounds)]
+        curves[strategy] = {"seeds": per_seed, "mean": mean}
+    strategies = [s for s in strategies if s in curves]
+    target = curves["random"]["mean"][-1]
+    print(f"\n{name} against labelled images (mean of the seeds each strategy ran: "
+          + ", ".join(f"{s} {len(curves[s]['seeds'])}" for s in strategies) + "; per seed in brackets)")
+    header = "labelled".ljust(10) + "".join(s.rjust(24) for s in strategies)
+    print(header)
+    for r, (n, _) in enumerate(curves["random"]["mean"]):
+        row = str(n).ljust(10)
+        for s in strategies:
+            if r < len(curves[s]["mean"]):
+                seeds_text = "/".join(f"{p[r][1]:.3f}" for p in curves[s]["seeds"])
+                row += f"{curves[s]['mean'][r][1]:.3f} ({seeds_text})".rjust(24)
+        print(row)
+    print(f"\nrandom reaches {name} {target[1]:.3f} with {target[0]} labelled images; to reach it:")
+    summary = {}
+    for s in strategies:
+        needed = labels_to_reach(curves[s]["mean"], target[1])
+        saving = None if needed is None else 1.0 - needed / target[0]
+        summary[s] = {"labelled_to_reach_random_last": needed, "saving": saving}
+        print(f"  {s:<12} " + ("not reached" if needed is None else
+                               f"{needed:.1f} labelled ({100 * saving:.0f}% fewer than random's {target[0]})"))
+    trainings = [v["seconds"] for v in results.values() if "seconds" in v]
+    suggests = [v["suggest_seconds"] for k, v in results.items() if "suggest_seconds" in v and "/random/" not in k]
+    if trainings and suggests:
+        print(f"mean round (data, config, train, eval, export): {np.mean(trainings):.0f} s; mean make suggest "
+              f"(model strategies, whole command): {np.mean(suggests):.0f} s")
+    (out / "summary.json").write_text(json.dumps({"curves": curves, "target": target, "reach": summary}, indent=1))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for s in strategies:
+        xs, ys = zip(*curves[s]["mean"])
+        ax.plot(xs, ys, marker="o", label=s, linewidth=2.5 if s in ("random", "hybrid") else 1.2)
+    ax.axhline(target[1], color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("labelled images")
+    ax.set_ylabel(f"test {name}")
+    ax.set_title(f"{Path(args.dataset).name}: test {name}, mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png")
+    print(f"wrote {out / 'results.json'}, {out / 'summary.json'}, {out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
