@@ -53,13 +53,13 @@ OPTIMIZER ?=
 q = '$(subst ','\'',$(1))'
 
 .PHONY: help setup browser lock sample data config import train eval predict report export prelabel suggest serve bento containerize test test-recipes bench bench-data bench-train-detection \
-        bench-train-segmentation bench-serve bench-export bench-prelabel bench-suggest bench-distribute serve-spectrogram demo clean \
+        bench-train-segmentation bench-serve bench-export bench-prelabel bench-suggest bench-distribute serve-spectrogram demo clean test-slow \
         train-image podman-setup base-image test-containers ray-setup test-ray
 
 help:
 	@echo "make setup                         create .venv and install requirements.lock"
 	@echo "make demo [TASK=detection|segmentation]   the whole job on the bundled sample (both tasks by default)"
-	@echo "make test                          run the test suite"
+	@echo "make test                          run the test suite (make test-slow: the slow tier, distribution and OD API trainer)"
 	@echo "make test-recipes                  run README.md's and docs/' own-data recipes and check the models find objects"
 	@echo "make sample [IMAGES=300]           (re)generate the bundled sample in datasets/sample"
 	@echo "make data DATASET=NAME [TASK=detection|segmentation] [MASKS=0|1] [VAL_RATIO=0.2] [SEED=0]"
@@ -260,7 +260,12 @@ demo: $(STAMP)
 	$(PY) -m pipelines demo $(if $(filter command line environment,$(origin TASK)),--task $(call q,$(TASK)))
 
 test: $(STAMP) browser
-	$(PY) -m pytest tests --durations=25
+	$(PY) -m pytest tests -m "not slow" --durations=25
+
+# The slow tier (pytest -m slow): distribution strategies against one device, the OD API's own trainer; .ci/run
+# runs it after make test.
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -m slow --durations=10
 
 # The own-data recipes of README.md and docs/, run as written on a copy of the sample (about 40 min on 2 cores).
 test-recipes: $(STAMP)

@@ -30,6 +30,7 @@ def run_config(sample_dir, tmp_path_factory) -> Path:
     return ws / "tiny" / "pipeline.config"
 
 
+@pytest.mark.slow
 def test_odapi_train_loop_and_evaluation(run_config, tmp_path):
     from odapi_trainer import LOSS_KEYS, evaluate_odapi, train_odapi
 
