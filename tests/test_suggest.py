@@ -44,9 +44,9 @@ def shapes(sample_dir, tmp_path_factory):
     return folder, labelled
 
 
-def _suggest(demo, folder: Path, run: str, *options):
+def _suggest(demo, folder: Path, run: str, *options, env=None):
     workspace, _ = demo
-    proc = run_cli("suggest", "--run", run, "--dataset", folder, *options, workspace=workspace)
+    proc = run_cli("suggest", "--run", run, "--dataset", folder, *options, workspace=workspace, env=env)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     written = re.search(r"^wrote (.+\.json)$", proc.stdout, re.M)
     assert written, proc.stdout
@@ -66,15 +66,17 @@ def hybrid(demo, shapes):
 def test_random_is_a_seeded_permutation_of_the_unlabelled_images(demo, shapes):
     folder, labelled = shapes
     unlabelled = [p for p in image_paths(folder) if Path(p).name not in labelled]
-    first, _, out = _suggest(demo, folder, "demo-detector", "--strategy", "random", "--count", "1000", "--seed", "3")
+    first, _, first_out = _suggest(demo, folder, "demo-detector", "--strategy", "random", "--count", "1000", "--seed", "3")
     ranked = [item["path"] for item in first["images"]]
     assert sorted(ranked) == unlabelled and len(set(ranked)) == len(ranked)
     assert ranked != unlabelled  # shuffled, not the folder's order
     again, _, _ = _suggest(demo, folder, "demo-detector", "--strategy", "random", "--count", "1000", "--seed", "3")
-    other, _, _ = _suggest(demo, folder, "demo-detector", "--strategy", "random", "--count", "1000", "--seed", "4")
+    other, _, out = _suggest(demo, folder, "demo-detector", "--strategy", "random", "--count", "1000", "--seed", "4",
+                             env={"ANNOTATOR_URL": "http://annotator:5000/", "ANNOTATOR_DATASET": "7"})
+    assert f"in coco-annotator, these images alone: http://annotator:5000/#/dataset/7?{other['coco_annotator_query']}" in out
     assert [item["path"] for item in again["images"]] == ranked
     assert [item["path"] for item in other["images"]] != ranked
-    assert f"suggested {len(unlabelled)} of {len(unlabelled)} unlabelled image(s) ({len(labelled)} labelled)" in out
+    assert f"suggested {len(unlabelled)} of {len(unlabelled)} unlabelled image(s) ({len(labelled)} labelled)" in first_out
 
 
 def test_hybrid_ranks_only_unlabelled_images_deterministically_with_reasons(demo, shapes, hybrid):

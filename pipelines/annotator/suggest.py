@@ -275,6 +275,6 @@ def summary_lines(result: Suggestion, run: str, dataset: str) -> list[str]:
     if url and dataset_id.isdigit():
         lines.append(f"in coco-annotator, these images alone: {url}/#/dataset/{dataset_id}?{query}")
     else:
-        lines.append("in coco-annotator, these images alone: the dataset's page address (…/#/dataset/ID) followed by "
-                     "?coco_annotator_query of the file")
+        lines.append("in coco-annotator, these images alone: the dataset's page, .../#/dataset/ID?QUERY with the file's "
+                     "coco_annotator_query (ANNOTATOR_URL and ANNOTATOR_DATASET=ID print the whole address)")
     return lines
