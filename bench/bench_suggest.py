@@ -269,8 +269,9 @@ def report(results: dict, strategies: list[str], seeds: list[int], args, out: Pa
     name = "AP" if args.task == "detection" else "mean IoU"
     curves = {}
     for strategy in strategies:
+        ran = [seed for seed in seeds if f"seed{seed}/{strategy}/round1" in results]
         per_seed = []
-        for seed in [seed for seed in seeds if f"seed{seed}/{strategy}/round1" in results]:
+        for seed in ran:
             points = [(results[f"seed{seed}/round0"]["labelled"], results[f"seed{seed}/round0"]["metric"])]
             points += [(results[f"seed{seed}/{strategy}/round{r}"]["labelled"], results[f"seed{seed}/{strategy}/round{r}"]["metric"])
                        for r in range(1, args.rounds) if f"seed{seed}/{strategy}/round{r}" in results]
@@ -279,34 +280,44 @@ def report(results: dict, strategies: list[str], seeds: list[int], args, out: Pa
             continue
         rounds = min(len(p) for p in per_seed)
         mean = [(per_seed[0][r][0], float(np.mean([p[r][1] for p in per_seed]))) for r in range(rounds)]
-        curves[strategy] = {"seeds": per_seed, "mean": mean}
+        curves[strategy] = {"seeds": ran, "per_seed": per_seed, "mean": mean}
     strategies = [s for s in strategies if s in curves]
-    target = curves["random"]["mean"][-1]
-    print(f"\n{name} against labelled images (mean of the seeds each strategy ran: "
-          + ", ".join(f"{s} {len(curves[s]['seeds'])}" for s in strategies) + "; per seed in brackets)")
-    header = "labelled".ljust(10) + "".join(s.rjust(24) for s in strategies)
-    print(header)
+    print(f"\n{name} against labelled images: mean over seeds (each seed's value in brackets)")
+    print("labelled".ljust(10) + "".join(f"{s} (seeds {','.join(map(str, curves[s]['seeds']))})".rjust(34)
+                                          for s in strategies))
     for r, (n, _) in enumerate(curves["random"]["mean"]):
         row = str(n).ljust(10)
         for s in strategies:
             if r < len(curves[s]["mean"]):
-                seeds_text = "/".join(f"{p[r][1]:.3f}" for p in curves[s]["seeds"])
-                row += f"{curves[s]['mean'][r][1]:.3f} ({seeds_text})".rjust(24)
+                seeds_text = "/".join(f"{p[r][1]:.3f}" for p in curves[s]["per_seed"])
+                row += f"{curves[s]['mean'][r][1]:.3f} ({seeds_text})".rjust(34)
         print(row)
-    print(f"\nrandom reaches {name} {target[1]:.3f} with {target[0]} labelled images; to reach it:")
+    print(f"\nlabelled images each strategy needs to reach the {name} random reaches at the last round, on the same "
+          "seeds (linear between rounds):")
     summary = {}
+    random_by_seed = dict(zip(curves["random"]["seeds"], curves["random"]["per_seed"]))
     for s in strategies:
-        needed = labels_to_reach(curves[s]["mean"], target[1])
-        saving = None if needed is None else 1.0 - needed / target[0]
-        summary[s] = {"labelled_to_reach_random_last": needed, "saving": saving}
-        print(f"  {s:<12} " + ("not reached" if needed is None else
-                               f"{needed:.1f} labelled ({100 * saving:.0f}% fewer than random's {target[0]})"))
+        same = [random_by_seed[seed] for seed in curves[s]["seeds"] if seed in random_by_seed]
+        if s == "random" or not same:
+            continue
+        last = len(curves[s]["mean"]) - 1
+        target_n, target = same[0][last][0], float(np.mean([p[last][1] for p in same]))
+        needed = labels_to_reach(curves[s]["mean"], target)
+        saving = None if needed is None else 1.0 - needed / target_n
+        summary[s] = {"seeds": curves[s]["seeds"], "random_last": [target_n, target],
+                      "labelled_to_reach_random_last": needed, "saving": saving,
+                      "mean_gain_over_rounds": float(np.mean([m for _, m in curves[s]["mean"][1:]]) - np.mean(
+                          [np.mean([p[r][1] for p in same]) for r in range(1, last + 1)]))}
+        print(f"  {s:<12} random: {name} {target:.3f} at {target_n}; " +
+              ("not reached" if needed is None else f"{s} reaches it at {needed:.1f} ({100 * saving:.0f}% fewer)") +
+              f"; mean {name} gain over rounds 1-{last}: {summary[s]['mean_gain_over_rounds']:+.3f}")
+    target = curves["random"]["mean"][-1]
     trainings = [v["seconds"] for v in results.values() if "seconds" in v]
     suggests = [v["suggest_seconds"] for k, v in results.items() if "suggest_seconds" in v and "/random/" not in k]
     if trainings and suggests:
         print(f"mean round (data, config, train, eval, export): {np.mean(trainings):.0f} s; mean make suggest "
               f"(model strategies, whole command): {np.mean(suggests):.0f} s")
-    (out / "summary.json").write_text(json.dumps({"curves": curves, "target": target, "reach": summary}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"curves": curves, "reach": summary}, indent=1))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
