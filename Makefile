@@ -104,7 +104,7 @@ help:
 	@echo "make bench                         run the benchmarks in bench/ (bench-data, bench-train-detection,"
 	@echo "                                   bench-train-segmentation, bench-serve, bench-export, bench-prelabel;"
 	@echo "                                   bench-distribute: one device against 2 replicas and 2 workers;"
-	@echo "                                   bench-suggest [DATASET=path/to/BCCD]: make suggest against random, simulated)"
+	@echo "                                   bench-suggest [DATASET=sample] (or a VOC folder such as BCCD): make suggest against random, simulated)"
 	@echo "make lock                          re-resolve pyproject.toml's pins into requirements.lock (needs the registry)"
 	@echo "make clean                         remove every run under workspace/ and bench/out (datasets/ is kept)"
 	@echo "Every target runs python -m pipelines STAGE; .venv/bin/python -m pipelines STAGE --help lists its options."
