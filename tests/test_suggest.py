@@ -144,8 +144,7 @@ def test_suggested_file_drives_prelabel(demo, shapes, hybrid):
     proc = run_cli("prelabel", "--run", "demo-detector", "--dataset", folder, "--suggested", path,
                    "--score-threshold", "0.01", workspace=workspace)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"note: drafting the 12 image(s) suggested in {path}" in proc.stdout or \
-        "note: drafting the 12 image(s) suggested in " in proc.stdout
+    assert "note: drafting the 12 image(s) suggested in " in proc.stdout
     written = Path(re.search(r"^wrote (.+\.json)$", proc.stdout, re.M).group(1))
     coco = json.loads((written if written.is_absolute() else REPO / written).read_text())
     assert {im["file_name"] for im in coco["images"]} == {item["file_name"] for item in document["images"]}

@@ -242,7 +242,7 @@ def _suggest_signature(export_dir: Path, task, metadata: dict):
 
     signatures = tf.saved_model.load(str(export_dir / "saved_model")).signatures
     part = task.load("uncertainty")(metadata)
-    signature = signatures.get(SUGGEST_SIGNATURE) if hasattr(signatures, "get") else None
+    signature = signatures.get(SUGGEST_SIGNATURE)
     produced = set(signature.structured_outputs) if signature is not None else set()
     missing = [key for key in (*part.outputs, FEATURES_OUTPUT) if key not in produced]
     if missing:
