@@ -13,15 +13,19 @@ dataset's newest export). Strategies:
 - `random`: a permutation of the unlabelled images drawn with the seed, the baseline; the model is not run.
 
 Scores and features come from one forward pass of the export's suggest signature per image
-(pipelines/model_store.py SUGGEST_SIGNATURE); the labelled images are run too (features only) when the
-strategy needs them, at most MAX_CENTRES of them, drawn with the seed. Features are L2-normalized and
-projected to FEATURE_DIMS dimensions with a fixed random projection (distances kept within a few percent),
-so 100,000 images take 51 MB.
+(pipelines/model_store.py SUGGEST_SIGNATURE), the pass predicting them once costs; a task whose score takes a
+second view (the detector's mirror image) runs it on the SHORTLIST x COUNT images the first pass finds most
+doubtful only, and ranks those first by their two-view score, so the cost does not double with the folder.
+The labelled images are run too (features only) when the strategy needs them, at most MAX_CENTRES of them,
+drawn with the seed. Features are L2-normalized and projected to FEATURE_DIMS dimensions with a fixed random
+projection (distances kept within a few percent), so 100,000 images take 51 MB; besides them each image keeps
+one score, and the shortlisted ones their detections.
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import os
 import re
@@ -38,6 +42,7 @@ STRATEGIES = ("hybrid", "uncertainty", "diversity", "random")
 DEFAULT_STRATEGY = "hybrid"
 DEFAULT_COUNT = 50
 CANDIDATES = 3  # hybrid: k-center among the CANDIDATES x COUNT most uncertain images
+SHORTLIST = 2 * CANDIDATES  # the SHORTLIST x COUNT most uncertain images by the first view get the second view
 FEATURE_DIMS = 128
 MAX_CENTRES = 5000  # labelled images whose features k-center starts from
 SAME = 1e-6  # feature distance (of unit vectors) at or below which two images are copies
@@ -102,23 +107,19 @@ def k_center(features: np.ndarray, centres: np.ndarray, count: int, first: int) 
     return picks, distances
 
 
-def _order(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Indices by score, highest first; ties in an order drawn with `rng`."""
-    return np.lexsort((rng.permutation(len(scores)), -scores))
-
-
-def rank(strategy: str, count: int, seed: int, uncertainty: np.ndarray | None, features: np.ndarray | None,
+def rank(strategy: str, count: int, seed: int, order: np.ndarray | None, features: np.ndarray | None,
          centres: np.ndarray | None, total: int) -> tuple[list[int], dict[int, float]]:
-    """(indices of the suggested images best first, each one's k-center distance where it has one)."""
+    """(indices of the suggested images best first, each one's k-center distance where it has one). `order`:
+    the images' indices, the most uncertain first (uncertainty and hybrid)."""
     rng = np.random.default_rng(seed)
     if strategy == "random":
         return [int(i) for i in rng.permutation(total)[:count]], {}
     if strategy == "uncertainty":
-        return [int(i) for i in _order(uncertainty, rng)[:count]], {}
+        return [int(i) for i in order[:count]], {}
     if strategy == "diversity":
         rows, distances = k_center(features, centres, count, first=int(rng.integers(total)))
         return rows, dict(zip(rows, distances))
-    pool = _order(uncertainty, rng)[:max(count, CANDIDATES * count)]  # hybrid: most uncertain first
+    pool = order[:max(count, CANDIDATES * count)]  # hybrid: most uncertain first
     rows, distances = k_center(features[pool], centres, count, first=0)
     return [int(pool[r]) for r in rows], {int(pool[r]): d for r, d in zip(rows, distances)}
 
@@ -160,20 +161,23 @@ def suggest(run: str, dataset: str, count: int = DEFAULT_COUNT, strategy: str = 
     labelled = [p for p in dataset_images(source) if p.name in annotated]
     result = Suggestion(path=None, strategy=strategy, seed=seed, labelled=len(labelled), notes=notes)
     started = time.perf_counter()
-    uncertainty = features = centres = None
+    uncertainty = order = features = centres = None
     reasons: dict[int, str] = {}
     if strategy != "random" and images:
-        from pipelines.model_store import export_identity, read_metadata
+        from pipelines.model_store import FEATURES_OUTPUT, export_identity, read_metadata
 
         serve, part = _suggest_signature(export_dir, task, read_metadata(export_dir) or {})
         needs_centres = strategy in ("diversity", "hybrid")
         rng = np.random.default_rng(seed)
         centre_images = [labelled[i] for i in sorted(rng.permutation(len(labelled))[:MAX_CENTRES])] \
             if needs_centres else []
+        ties = np.random.default_rng(seed).permutation(len(images))  # equal scores: an order drawn with the seed
+        shortlist_size = SHORTLIST * count if part.mirrored and strategy in ("uncertainty", "hybrid") else 0
         model = ":".join(export_identity(export_dir))
         log(f"ranking {len(images)} unlabelled image(s) of {display_path(source)} with {task.name} model {model}"
             + (f" ({len(centre_images)} labelled one(s) run for their features)" if centre_images else ""))
-        kept, scores, vectors, unreadable = [], [], [], []
+        kept, scores, tie, vectors, unreadable = [], [], [], [], []
+        shortlist: list[tuple] = []  # a heap of (score, -tie, row, view): the shortlist_size most uncertain so far
         for n, path in enumerate(tqdm(images + centre_images, desc="suggest", unit="image", mininterval=2.0)):
             try:
                 pixels = read_pixels(path)
@@ -182,23 +186,37 @@ def suggest(run: str, dataset: str, count: int = DEFAULT_COUNT, strategy: str = 
                     unreadable.append(f"{path.relative_to(source).as_posix()} ({type(e).__name__})")
                 continue
             outputs = serve(pixels)
-            vectors.append(project(outputs["image_features"])[0])  # compact from the start
+            vectors.append(project(outputs[FEATURES_OUTPUT])[0])  # compact from the start
             if n < len(images):
+                view = part.view(outputs)
+                score, reasons[len(kept)] = part(view)
+                if shortlist_size:
+                    entry = (score, -int(ties[n]), len(kept), view)
+                    (heapq.heappush if len(shortlist) < shortlist_size else heapq.heappushpop)(shortlist, entry)
                 kept.append(path)
-                score, reason = part(outputs)
                 scores.append(score)
-                reasons[len(kept) - 1] = reason
+                tie.append(ties[n])
         if unreadable:
             notes.append(f"{len(unreadable)} file(s) not readable as images: not ranked: {', '.join(unreadable[:5])}"
                          f"{' ...' if len(unreadable) > 5 else ''}")
+        second = np.zeros(len(kept), bool)
+        if shortlist:
+            log(f"second view (the mirror image) of the {len(shortlist)} most uncertain")
+            for _, _, row, view in tqdm(sorted(shortlist, reverse=True), desc="suggest: mirror images", unit="image",
+                                        mininterval=2.0):
+                mirror = np.ascontiguousarray(read_pixels(kept[row])[:, ::-1])
+                scores[row], reasons[row] = part(view, part.view(serve(mirror), mirror=True))
+                second[row] = True
         all_features = np.stack(vectors) if vectors else np.zeros((0, FEATURE_DIMS), np.float32)
         images, uncertainty = kept, np.asarray(scores, np.float64)
         features, centres = all_features[:len(kept)], all_features[len(kept):]
+        # The images with both views first (the shortlist), each group by score; ties in the drawn order.
+        order = np.lexsort((np.asarray(tie), -uncertainty, ~second))
     result.unlabelled = len(images)
     if not images:
         result.seconds = time.perf_counter() - started
         return result
-    rows, distances = rank(strategy, count, seed, uncertainty, features, centres, len(images))
+    rows, distances = rank(strategy, count, seed, order, features, centres, len(images))
     if strategy in ("diversity", "hybrid") and len(rows) < min(count, len(images)):
         notes.append(f"{min(count, len(images)) - len(rows)} fewer than asked: the "
                      f"{'' if strategy == 'diversity' else 'most uncertain '}images left have the features of labelled "
@@ -251,7 +269,7 @@ def _suggest_signature(export_dir: Path, task, metadata: dict):
                         f"no '{SUGGEST_SIGNATURE}' signature with {', '.join(missing)} (exported before make suggest "
                         f"existed?): make export RUN={run} again")
 
-    def serve(pixels: np.ndarray) -> dict:
+    def serve(pixels: np.ndarray) -> dict:  # one image
         return {k: v.numpy() for k, v in signature(**{INPUT_NAME: tf.constant(pixels[None])}).items()}
     return serve, part
 

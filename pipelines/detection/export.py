@@ -78,32 +78,21 @@ class ODAPIDetectionModule(detection.DetectionModule):
         return {key: outputs[key] for key in DETECTION_OUTPUTS}
 
     def suggest(self, images):
-        """uint8 [B, H, W, 3] -> serve's four outputs of the images; the same of their mirror images
-        (`mirror_` + the name, boxes mapped back into the image's frame); and FEATURES_OUTPUT: each FPN level
-        averaged over space, the levels concatenated, [B, levels * depth]. One forward pass of 2B images."""
+        """uint8 [B, H, W, 3] -> serve's four outputs and FEATURES_OUTPUT: each FPN level averaged over space,
+        the levels concatenated, [B, levels * depth]; one forward pass. (make suggest runs it on an image's
+        mirror image for the second view: pipelines/detection/suggest.py.)"""
         x, anchors, info = self.preprocess(images)
-        batch = tf.shape(x)[0]
-        both = tf.concat([x, tf.reverse(x, axis=[2])], 0)
-        info = tf.concat([info, info], 0)
         model = self.model
-        features = model.decoder(model.backbone(both, training=False), training=False)
+        features = model.decoder(model.backbone(x, training=False), training=False)
         logits, codes, _ = model.head(features, training=False)
-        found = model.detection_generator(codes, logits, {k: tf.concat([a, a], 0) for k, a in anchors.items()},
-                                          info[:, 1, :])
+        found = model.detection_generator(codes, logits, anchors, info[:, 1, :])
         found = self._normalize_coordinates(dict(found), ["detection_boxes"], info)
-        found = {"num_detections": tf.cast(found["num_detections"], tf.float32),
-                 "detection_boxes": found["detection_boxes"], "detection_scores": found["detection_scores"],
-                 "detection_classes": tf.cast(found["detection_classes"], tf.float32)}
-        out = {key: value[:batch] for key, value in found.items()}
-        for key, value in found.items():
-            value = value[batch:]
-            if key == "detection_boxes":  # [ymin, xmin, ymax, xmax] of the mirror image -> of the image
-                value = tf.stack([value[..., 0], 1.0 - value[..., 3], value[..., 2], 1.0 - value[..., 1]], axis=-1)
-            out[f"mirror_{key}"] = value
         levels = sorted(features, key=int)
-        out[FEATURES_OUTPUT] = tf.concat([tf.reduce_mean(tf.cast(features[k][:batch], tf.float32), axis=[1, 2])
-                                          for k in levels], axis=-1)
-        return out
+        return {"num_detections": tf.cast(found["num_detections"], tf.float32),
+                "detection_boxes": found["detection_boxes"], "detection_scores": found["detection_scores"],
+                "detection_classes": tf.cast(found["detection_classes"], tf.float32),
+                FEATURES_OUTPUT: tf.concat([tf.reduce_mean(tf.cast(features[k], tf.float32), axis=[1, 2])
+                                            for k in levels], axis=-1)}
 
 
 def save_signature(module: ODAPIDetectionModule, folder: Path) -> None:

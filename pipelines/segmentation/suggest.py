@@ -19,14 +19,22 @@ FOREGROUND_PROBABILITY = 0.25
 
 
 class Uncertainty:
-    """uncertainty(outputs of the suggest signature on one image) -> (score, reason): module docstring."""
+    """view(signature outputs) -> the compact (score, share of the image scored) kept per image;
+    uncertainty(view, None) -> (score, reason): module docstring. One view: no mirror image."""
 
     outputs = (PROBABILITIES_OUTPUT,)
+    mirrored = False
 
     def __init__(self, metadata: dict):
         del metadata
 
-    def __call__(self, outputs: dict) -> tuple[float, str]:
+    def __call__(self, view: tuple[float, float] | None, mirror=None) -> tuple[float, str]:
+        if view is None:
+            return 0.0, "no foreground found"
+        score, share = view
+        return score, f"mean pixel entropy {score:.2f} over {100 * share:.0f}% of the image (objects and their borders)"
+
+    def view(self, outputs: dict, mirror: bool = False) -> tuple[float, float] | None:
         import cv2
 
         p = np.asarray(outputs[PROBABILITIES_OUTPUT][0], np.float64)
@@ -34,9 +42,7 @@ class Uncertainty:
         entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=-1) / np.log(max(classes, 2))
         foreground = (p.argmax(axis=-1) != 0) | (1.0 - p[..., 0] >= FOREGROUND_PROBABILITY)
         if not foreground.any():
-            return 0.0, "no foreground found"
+            return None
         radius = max(1, round(min(p.shape[:2]) / 32))
         region = cv2.dilate(foreground.astype(np.uint8), np.ones((2 * radius + 1,) * 2, np.uint8)) > 0
-        score = float(entropy[region].mean())
-        return score, f"mean pixel entropy {score:.2f} over {100 * region.mean():.0f}% of the image (objects and " \
-                      "their borders)"
+        return float(entropy[region].mean()), float(region.mean())
