@@ -23,7 +23,9 @@ ranks them all (`make suggest`, hybrid), each command timed as a whole, start-up
 Printed and written (OUT/results.json, OUT/curves.png): the metric against the number of labelled images
 per strategy and seed, and their mean; for each strategy, the labelled images it needed to reach what
 `random` reaches at the last round (linear interpolation between rounds; "not reached" otherwise) and the
-saving against random's count; the mean time of a suggest against its training round.
+saving against random's count, and the same counted in labelled boxes (the objects a person draws: a
+strategy that picks fuller images labels more boxes per image); the mean time of a suggest against its
+training round.
 """
 
 from __future__ import annotations
@@ -263,6 +265,19 @@ def cost(run: Path, images: int, out: Path) -> int:
     return 0
 
 
+def boxes_labelled(results: dict, strategy: str, seeds: list[int]) -> list[float]:
+    """The mean over `seeds` of the boxes labelled at each round of `strategy` (its labelled.json files)."""
+    import numpy as np
+
+    per_seed = []
+    for seed in seeds:
+        keys = [f"seed{seed}/round0"] + [f"seed{seed}/{strategy}/round{r}" for r in range(1, 100)
+                                         if f"seed{seed}/{strategy}/round{r}" in results]
+        per_seed.append([len(json.loads(Path(results[k]["labels"]).read_text())["annotations"]) for k in keys])
+    rounds = min(len(p) for p in per_seed)
+    return [float(np.mean([p[r] for p in per_seed])) for r in range(rounds)]
+
+
 def report(results: dict, strategies: list[str], seeds: list[int], args, out: Path) -> None:
     import numpy as np
 
@@ -308,16 +323,30 @@ def report(results: dict, strategies: list[str], seeds: list[int], args, out: Pa
                       "labelled_to_reach_random_last": needed, "saving": saving,
                       "mean_gain_over_rounds": float(np.mean([m for _, m in curves[s]["mean"][1:]]) - np.mean(
                           [np.mean([p[r][1] for p in same]) for r in range(1, last + 1)]))}
-        print(f"  {s:<12} random: {name} {target:.3f} at {target_n}; " +
-              ("not reached" if needed is None else f"{s} reaches it at {needed:.1f} ({100 * saving:.0f}% fewer)") +
+        # The same in boxes: a person's work is also the objects drawn, and some strategies pick fuller images.
+        own_boxes = boxes_labelled(results, s, curves[s]["seeds"])
+        target_boxes = boxes_labelled(results, "random", curves[s]["seeds"])[last]
+        boxes_needed = labels_to_reach([(b, m) for b, (_, m) in zip(own_boxes, curves[s]["mean"])], target)
+        summary[s].update(random_last_boxes=target_boxes, boxes_to_reach_random_last=boxes_needed,
+                          box_saving=None if boxes_needed is None else 1.0 - boxes_needed / target_boxes)
+        print(f"  {s:<12} random: {name} {target:.3f} at {target_n} images ({target_boxes:.0f} boxes); " +
+              ("not reached" if needed is None else
+               f"{s} reaches it at {needed:.1f} images ({100 * saving:.0f}% fewer), {boxes_needed:.0f} boxes "
+               f"({100 * summary[s]['box_saving']:.0f}% fewer)") +
               f"; mean {name} gain over rounds 1-{last}: {summary[s]['mean_gain_over_rounds']:+.3f}")
+    print("\nlabelled boxes (objects a person drew) against labelled images, mean over the same seeds:")
+    print("labelled".ljust(10) + "".join(s.rjust(14) for s in strategies))
+    boxes = {s: boxes_labelled(results, s, curves[s]["seeds"]) for s in strategies}
+    for r, (n, _) in enumerate(curves["random"]["mean"]):
+        print(str(n).ljust(10) + "".join((f"{boxes[s][r]:.0f}" if r < len(boxes[s]) else "").rjust(14)
+                                         for s in strategies))
     target = curves["random"]["mean"][-1]
     trainings = [v["seconds"] for v in results.values() if "seconds" in v]
     suggests = [v["suggest_seconds"] for k, v in results.items() if "suggest_seconds" in v and "/random/" not in k]
     if trainings and suggests:
         print(f"mean round (data, config, train, eval, export): {np.mean(trainings):.0f} s; mean make suggest "
               f"(model strategies, whole command): {np.mean(suggests):.0f} s")
-    (out / "summary.json").write_text(json.dumps({"curves": curves, "reach": summary}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"curves": curves, "reach": summary, "boxes": boxes}, indent=1))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
