@@ -15,10 +15,11 @@ evaluation during training), `make eval` (COCO AP on the test set, or mean IoU w
 `make export`, and `make suggest --strategy S --count PER_ROUND`, whose images' labels are then revealed.
 The first round is the same for every strategy of a seed (trained once).
 
-With `--cost RUN_FOLDER [--cost-images 1000]` it measures instead what ranking costs against predicting:
-the bundled sample generator writes that many images, all taken as unlabelled (an empty annotation
-file), and RUN_FOLDER's export drafts them all (`make prelabel`: one prediction pass, drafts written) and
-ranks them all (`make suggest`, hybrid), each command timed as a whole, start-up included.
+With `--cost RUN_FOLDER [--cost-images 1000] [--cost-repeats 3]` it measures instead what ranking costs
+against predicting: the bundled sample generator writes that many images, all taken as unlabelled (an empty
+annotation file), and RUN_FOLDER's export drafts them all (`make prelabel`: one prediction pass, drafts written) and
+ranks them all (`make suggest`, hybrid), each command timed as a whole, start-up included, the two taking
+turns --cost-repeats times.
 
 Printed and written (OUT/results.json, OUT/curves.png): the metric against the number of labelled images
 per strategy and seed, and their mean; for each strategy, the labelled images it needed to reach what
@@ -183,10 +184,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-suggest"))
     ap.add_argument("--cost", type=Path, metavar="RUN_FOLDER", help="measure ranking against predicting instead")
     ap.add_argument("--cost-images", type=int, default=1000)
+    ap.add_argument("--cost-repeats", type=int, default=3)
     ap.add_argument("--report-only", action="store_true", help="print the results OUT holds, train nothing")
     args = ap.parse_args()
     if args.cost:
-        return cost(args.cost.resolve(), args.cost_images, args.out)
+        return cost(args.cost.resolve(), args.cost_images, args.out, args.cost_repeats)
     strategies = args.strategies.split(",")
     if "random" not in strategies:
         raise SystemExit("--strategies must include random (the baseline)")
@@ -243,7 +245,7 @@ def main() -> int:
     return 0
 
 
-def cost(run: Path, images: int, out: Path) -> int:
+def cost(run: Path, images: int, out: Path, repeats: int) -> int:
     out.mkdir(parents=True, exist_ok=True)
     folder = out / f"cost-{images}"
     env = {**os.environ, "PIPELINES_WORKSPACE": str(run.parent)}
@@ -251,17 +253,21 @@ def cost(run: Path, images: int, out: Path) -> int:
         sh(["sample", "--out", str(folder), "--images", str(images), "--seed", "7"], env, out / "cost-sample.log")
     empty = out / "no-labels.json"
     empty.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
-    timings = {}
-    for name, command in (("predict (make prelabel, every image)", ["prelabel", "--run", run.name, "--dataset",
-                                                                     str(folder), "--annotations", str(empty)]),
-                          ("rank (make suggest, hybrid)", ["suggest", "--run", run.name, "--dataset", str(folder),
-                                                           "--annotations", str(empty), "--count", "50"])):
-        started = time.perf_counter()
-        sh(command, env, out / f"cost-{command[0]}.log")
-        timings[name] = time.perf_counter() - started
-    base = timings["predict (make prelabel, every image)"]
+    timings: dict[str, list[float]] = {}
+    commands = (("predict (make prelabel, every image)", ["prelabel", "--run", run.name, "--dataset", str(folder),
+                                                          "--annotations", str(empty)]),
+                ("rank (make suggest, hybrid)", ["suggest", "--run", run.name, "--dataset", str(folder),
+                                                 "--annotations", str(empty), "--count", "50"]))
+    for _ in range(repeats):  # interleaved, so that a slow spell of a shared machine hits both alike
+        for name, command in commands:
+            started = time.perf_counter()
+            sh(command, env, out / f"cost-{command[0]}.log")
+            timings.setdefault(name, []).append(time.perf_counter() - started)
+    base = timings[commands[0][0]]
     for name, seconds in timings.items():
-        print(f"{name:<40} {seconds:7.1f} s  {images / seconds:6.1f} images/s  {seconds / base:.2f}x")
+        ratios = [t / b for t, b in zip(seconds, base)]
+        print(f"{name:<40} {' '.join(f'{t:6.1f}' for t in seconds)} s  {images / min(seconds):6.1f} images/s (best)  "
+              f"{' '.join(f'{r:.2f}' for r in ratios)}x (each repeat)")
     return 0
 
 
