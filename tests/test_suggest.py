@@ -246,3 +246,23 @@ def test_detector_uncertainty_of_known_detections():
     other_class, _ = score([(box, 0.9, 1)], [(flipped, 0.9, 2)])
     assert other_class == pytest.approx(2.0)  # two boxes, each seen in one view only
     assert score([(box, 0.98, 1), (box, 0.5, 2)], [(flipped, 0.98, 1), (flipped, 0.5, 2)])[0] > doubtful
+
+
+def test_detector_uncertainty_weighs_boxes_by_labelled_class_frequency():
+    from pipelines.detection.suggest import MAX_WEIGHT, Uncertainty, class_weights
+
+    labels = {"1": "cell", "2": "platelet", "3": "other"}
+    # 90 cells, 10 platelets, no 'other': the mean count 33.3 over each class's count; none labelled: the cap.
+    weights = class_weights(labels, {"cell": 90, "platelet": 10, "unknown": 5})
+    assert weights == pytest.approx({1: 100 / 3 / 90, 2: 100 / 3 / 10, 3: MAX_WEIGHT})
+    assert class_weights(labels, {}) == {} and class_weights(labels, {"unknown": 3}) == {}
+    part = Uncertainty({"score_threshold": 0.5, "label_map": labels}, {"cell": 90, "platelet": 10})
+    box = np.array([[0.1, 0.1, 0.4, 0.4]])
+    one = lambda cls: part.view({"num_detections": np.array([1.0]), "detection_boxes": box[None],  # noqa: E731
+                                 "detection_scores": np.array([[0.5]]), "detection_classes": np.array([[cls]])})
+    # The same doubtful box: a platelet counts 9 times a cell; both views weighted alike.
+    assert part(one(2))[0] == pytest.approx(9 * part(one(1))[0])
+    assert part(one(2), one(2))[0] == pytest.approx(weights[2])  # the mirror image's box, mapped back: a pair
+    assert part(one(2), one(1))[0] == pytest.approx(0.75 * (weights[1] + weights[2]))  # two one-view boxes
+    # Unweighted without labelled boxes.
+    assert Uncertainty({"score_threshold": 0.5, "label_map": labels})(one(2))[0] == pytest.approx(1.0)

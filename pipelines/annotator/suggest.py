@@ -166,7 +166,12 @@ def suggest(run: str, dataset: str, count: int = DEFAULT_COUNT, strategy: str = 
     if strategy != "random" and images:
         from pipelines.model_store import FEATURES_OUTPUT, export_identity, read_metadata
 
-        serve, part = _suggest_signature(export_dir, task, read_metadata(export_dir) or {})
+        metadata = read_metadata(export_dir) or {}
+        serve, part = _suggest_signature(export_dir, task, metadata, labelled_boxes(export) if export else {})
+        if getattr(part, "weights", None):
+            labels = metadata.get("label_map") or {}
+            notes.append("boxes weighted by class, from the labelled boxes per class: " + ", ".join(
+                f"{labels.get(str(k), k)} x{w:.2f}" for k, w in sorted(part.weights.items())))
         needs_centres = strategy in ("diversity", "hybrid")
         rng = np.random.default_rng(seed)
         centre_images = [labelled[i] for i in sorted(rng.permutation(len(labelled))[:MAX_CENTRES])] \
@@ -251,15 +256,29 @@ def suggest(run: str, dataset: str, count: int = DEFAULT_COUNT, strategy: str = 
     return result
 
 
-def _suggest_signature(export_dir: Path, task, metadata: dict):
+def labelled_boxes(export: Path) -> dict[str, int]:
+    """{category name: annotations of it} in a COCO file (the labelled set the task's uncertainty weighs by)."""
+    from pipelines.data.coco import read_json
+
+    data = read_json(export)
+    names = {c.get("id"): str(c.get("name")) for c in data.get("categories") or [] if isinstance(c, dict)}
+    counts: dict[str, int] = {}
+    for a in data.get("annotations") or []:
+        if isinstance(a, dict) and a.get("category_id") in names:
+            counts[names[a["category_id"]]] = counts.get(names[a["category_id"]], 0) + 1
+    return counts
+
+
+def _suggest_signature(export_dir: Path, task, metadata: dict, class_counts: dict[str, int]):
     """(serve(uint8 image [H, W, 3]) -> numpy outputs of the export's suggest signature, the task's
-    uncertainty part); UserError for an export written before the signature existed."""
+    uncertainty part, given the labelled boxes per class); UserError for an export written before the
+    signature existed."""
     import tensorflow as tf
 
     from pipelines.model_store import FEATURES_OUTPUT, INPUT_NAME, SUGGEST_SIGNATURE
 
     signatures = tf.saved_model.load(str(export_dir / "saved_model")).signatures
-    part = task.load("uncertainty")(metadata)
+    part = task.load("uncertainty")(metadata, class_counts)
     signature = signatures.get(SUGGEST_SIGNATURE)
     produced = set(signature.structured_outputs) if signature is not None else set()
     missing = [key for key in (*part.outputs, FEATURES_OUTPUT) if key not in produced]

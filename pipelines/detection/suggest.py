@@ -12,6 +12,12 @@ times 1.5, so a confident box the mirror image does not have counts fully. The i
 over its detections, capped at 1 each: about the number of boxes the person will have to fix, so an image
 with many doubtful objects comes before one with a single one (Brust et al. 2019, sum of per-box
 uncertainties; Elezi et al. 2022 and Yu et al. 2022, CALD: agreement between an image and its flipped copy).
+
+Each box's part is weighted by its class: the labelled boxes' mean count per class over that class's count
+(clipped to MIN_WEIGHT..MAX_WEIGHT), so that every class counts alike, as it does in the mean AP, and a
+folder where one class makes most of the boxes does not rank images by that class's boxes alone (Brust et al.
+2019, class weights by labelled frequency). Without labelled boxes, or when the labels name none of the
+model's classes, every weight is 1.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pipelines.detection.predict import default_score_threshold
 from pipelines.model_store import DETECTION_OUTPUTS
 
 MATCH_IOU = 0.5
+MIN_WEIGHT, MAX_WEIGHT = 0.1, 10.0  # class weights (module docstring); a class with no labelled box: MAX_WEIGHT
 
 
 class View(NamedTuple):
@@ -54,9 +61,13 @@ class Uncertainty:
     outputs = DETECTION_OUTPUTS
     mirrored = True  # the shortlisted images' score takes their mirror image's view too
 
-    def __init__(self, metadata: dict):
+    def __init__(self, metadata: dict, class_counts: dict[str, int] | None = None):
         self.threshold = default_score_threshold(metadata)
         self.floor = self.threshold / 2
+        self.weights = class_weights(metadata.get("label_map") or {}, class_counts or {})
+
+    def weight(self, class_id) -> float:
+        return self.weights.get(int(class_id), 1.0)
 
     def view(self, outputs: dict, mirror: bool = False) -> View:
         """The first image's detections scored floor / 2 or more; `mirror`: it was the mirror image, its boxes
@@ -80,7 +91,8 @@ class Uncertainty:
         per_box, near, one_view = [], 0, 0
         if mirror is None:
             closeness = self.nearness(image.scores)
-            per_box, near = list(closeness), int((closeness >= 0.5).sum())
+            per_box = [c * self.weight(k) for c, k in zip(closeness, image.classes)]
+            near = int((closeness >= 0.5).sum())
         else:
             free = np.ones(len(mirror.scores), bool)
             for i in np.argsort(-image.scores, kind="stable"):
@@ -96,9 +108,9 @@ class Uncertainty:
                     one_view += 1
                 closeness = float(self.nearness(np.asarray(mean)))
                 near += closeness >= 0.5
-                per_box.append(min(1.0, max(closeness, disagreement)))
+                per_box.append(min(1.0, max(closeness, disagreement)) * self.weight(image.classes[i]))
             for j in np.flatnonzero(free & (mirror.scores >= self.floor)):  # seen in the mirror image only
-                per_box.append(min(1.0, 1.5 * mirror.scores[j]))
+                per_box.append(min(1.0, 1.5 * mirror.scores[j]) * self.weight(mirror.classes[j]))
                 one_view += 1
         if not per_box:
             return 0.0, f"nothing scored {self.floor:.2f} or more"
@@ -108,3 +120,15 @@ class Uncertainty:
         if one_view:
             parts.append(f"{one_view} seen in only one of the image and its mirror image")
         return float(np.sum(per_box)), ", ".join(parts)
+
+
+def class_weights(label_map: dict, counts: dict[str, int]) -> dict[int, float]:
+    """{class id: weight} (module docstring) from the export's label map ({id: name}) and the labelled boxes
+    per class name; {} (every weight 1) when the labelled boxes name none of the classes."""
+    names = {int(k): str(v) for k, v in label_map.items()}
+    seen = {k: counts.get(name, 0) for k, name in names.items()}
+    total = sum(seen.values())
+    if not total:
+        return {}
+    mean = total / len(seen)
+    return {k: float(np.clip(mean / n, MIN_WEIGHT, MAX_WEIGHT)) if n else MAX_WEIGHT for k, n in seen.items()}

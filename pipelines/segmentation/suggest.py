@@ -25,8 +25,8 @@ class Uncertainty:
     outputs = (PROBABILITIES_OUTPUT,)
     mirrored = False
 
-    def __init__(self, metadata: dict):
-        del metadata
+    def __init__(self, metadata: dict, class_counts: dict[str, int] | None = None):
+        del metadata, class_counts
 
     def __call__(self, view: tuple[float, float] | None, mirror=None) -> tuple[float, str]:
         if view is None:
