@@ -341,10 +341,11 @@ def report(results: dict, strategies: list[str], seeds: list[int], args, out: Pa
                f"({100 * summary[s]['box_saving']:.0f}% fewer)") +
               f"; mean {name} gain over rounds 1-{last}: {summary[s]['mean_gain_over_rounds']:+.3f}")
     print("\nlabelled boxes (objects a person drew) against labelled images, mean over the same seeds:")
-    print("labelled".ljust(10) + "".join(s.rjust(14) for s in strategies))
+    widths = {s: max(14, len(s) + 2) for s in strategies}
+    print("labelled".ljust(10) + "".join(s.rjust(widths[s]) for s in strategies))
     boxes = {s: boxes_labelled(results, s, curves[s]["seeds"]) for s in strategies}
     for r, (n, _) in enumerate(curves["random"]["mean"]):
-        print(str(n).ljust(10) + "".join((f"{boxes[s][r]:.0f}" if r < len(boxes[s]) else "").rjust(14)
+        print(str(n).ljust(10) + "".join((f"{boxes[s][r]:.0f}" if r < len(boxes[s]) else "").rjust(widths[s])
                                          for s in strategies))
     target = curves["random"]["mean"][-1]
     trainings = [v["seconds"] for v in results.values() if "seconds" in v]
