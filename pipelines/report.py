@@ -78,6 +78,8 @@ def training_series(train_dir: Path) -> dict[str, dict[str, list[tuple[int, floa
         tags = read_scalars(train_dir / split) if (train_dir / split).is_dir() else {}
         kept: dict[str, list[tuple[int, float]]] = {}
         for tag, points in sorted(tags.items()):  # one loss curve once (Model Garden logs it as two tags)
+            if tag.startswith("best_"):  # Model Garden's running best: the best-checkpoint line says it
+                continue
             if "loss" not in tag or points not in [v for k, v in kept.items() if "loss" in k]:
                 kept[tag] = points
         series[split] = kept
@@ -103,7 +105,7 @@ def curves_png(series: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes |
     losses.update({f"validation {tag}": points for tag, points in validation.items() if "loss" in tag})
     rate = train.get("learning_rate")
     metrics = {f"validation {tag}": points for tag, points in validation.items()  # the headline ones (all: the table)
-               if "loss" not in tag and not tag.startswith(("best_", "AR")) and tag not in ("APs", "APm", "APl")}
+               if "loss" not in tag and not tag.startswith("AR") and tag not in ("APs", "APm", "APl")}
     metrics.update({f"train {tag}": points for tag, points in train.items()
                     if tag in ("mean_iou", "iou")})
     panels = [(title, lines) for title, lines in (("loss", losses), ("learning rate", {"learning_rate": rate} if rate

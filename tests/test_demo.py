@@ -125,6 +125,7 @@ def test_report_has_every_section(demo, run):
     assert "loss" in training and "learning_rate" in training
     # make train evaluates during training by default: the validation metric over training is on the page
     assert ("validation/AP" in training) if run == "demo-detector" else ("validation/mean_iou" in training)
+    assert "validation/best_" not in training  # Model Garden's running best repeats the metric: not a series
     if run == "demo-detector":  # Model Garden logs its loss as total_loss and training_loss: shown once
         assert training.count("train/total_loss") == 1 and "train/training_loss" not in training
 
