@@ -11,6 +11,8 @@ from PIL import Image
 
 from conftest import REPO, run_cli
 
+from pipelines.common import gpu_device_files
+
 TEMPLATE = REPO / "configs" / "unet_efficientnetb0_320x320.config"
 
 
@@ -36,6 +38,8 @@ def test_config_train_eval_export_predict(workspace, sample_dir, tmp_path):
     assert "train | step" not in train.stdout and "saved checkpoint to" not in train.stdout, train.stdout
     assert "eval at step 6: val mean IoU" in train.stdout
     assert "next: make eval RUN=seg" in train.stdout
+    # Nothing else on stderr (no GPU here): Model Garden's FLOPs count printed grappler and TF1 profiler lines
+    assert train.stderr == "" or gpu_device_files(), train.stderr
     assert (run_dir / "train" / "ckpt-6.index").is_file() and (run_dir / "train" / "best" / "info.json").is_file()
     again = run_cli("train", "--run", "seg", workspace=workspace, check=True, env=env)
     assert "already trained to step 6" in again.stdout

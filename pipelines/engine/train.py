@@ -271,7 +271,19 @@ class _Runner(train_lib.OrbitExperimentRunner):
     the chief keeps its checkpoints in its own folder (`worker_dir`, which holds a copy of the chief's
     latest): in the fresh temporary folder Model Garden gives it, it would initialise the model while the
     chief restores, and the two would run different collectives (TensorFlow stops both: "Collective
-    instance N expected ... but got ...")."""
+    instance N expected ... but got ...").
+
+    Nor does it count the model's FLOPs after training: Model Garden freezes the whole graph for TF1's
+    profiler there, only to log the number; for a Keras functional model (the segmenter) that takes seconds
+    and prints grappler's INFO lines and the profiler's deprecation warning, twice."""
+
+    def run(self):
+        count_flops = train_utils.try_count_flops
+        train_utils.try_count_flops = lambda *args, **kwargs: None
+        try:
+            return super().run()
+        finally:
+            train_utils.try_count_flops = count_flops
 
     def _maybe_build_checkpoint_manager(self):
         if not self.trainer.checkpoint or self.strategy.extended.should_checkpoint:
