@@ -7,7 +7,7 @@ it: detection from random weights and segmentation (README.md), detection from a
 commands with bash from a folder laid out like a checkout (the Makefile, .venv and the package linked in,
 `datasets/NAME` a copy of the bundled sample in coco-annotator's layout, `checkpoints/` for the zoo block).
 `NAME` is the dataset's name; the one setting changed is the step count, given as `STEPS=N` in the
-environment (README: "Recipes and STEPS"). Each command of a block is recognised below, or the test fails:
+environment (docs/layout.md, `make test-recipes`). Each command of a block is recognised below, or the test fails:
 what cannot run here is named with the reason (coco-annotator itself: docker compose), `make serve` is
 started on a free port and `curl` asks it, as written but for that port and a val photo of the sample.
 
