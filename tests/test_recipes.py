@@ -36,7 +36,7 @@ from conftest import EXTERNAL, REPO
 
 pytestmark = [pytest.mark.recipes, pytest.mark.timeout(3600)]
 if os.environ.get("PIPELINES_RECIPES") != "1":
-    pytestmark.append(pytest.mark.skip(reason="the recipes train real models (about 40 min): make test-recipes"))
+    pytestmark.append(pytest.mark.skip(reason="the recipes train real models (about an hour on 2 cores): make test-recipes"))
 
 # The step count each block runs with (STEPS= in the environment): enough for the sample's shapes.
 STEPS = {"detection": 600, "segmentation": 1000, "zoo": 300}
