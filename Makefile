@@ -267,7 +267,7 @@ test: $(STAMP) browser
 test-slow: $(STAMP)
 	$(PY) -m pytest tests -m slow --durations=10
 
-# The own-data recipes of README.md and docs/, run as written on a copy of the sample (about 40 min on 2 cores).
+# The own-data recipes of README.md and docs/, run as written on a copy of the sample (about an hour on 2 cores).
 test-recipes: $(STAMP)
 	PIPELINES_RECIPES=1 $(PY) -m pytest tests/test_recipes.py -s
 
