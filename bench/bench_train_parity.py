@@ -17,7 +17,7 @@ Two starts:
 Printed: AP, AP50, the loss at matching steps, images/s (after the first loop, which includes tracing)
 and the ratios; targets: our AP >= the OD API's - 0.01 in both starts, our images/s >= 1.2x the OD API's.
 
-    python bench/bench_train_parity.py --dataset ../shared/external/bccd_voc/BCCD --steps 300 --batch 8
+    python bench/bench_train_parity.py --dataset ../shared/external/bccd_voc/BCCD --steps 300 --batch 8 [--seed N]
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--image-size", default="320")
     ap.add_argument("--starts", default="random,finetune")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the random start's weights and of our trainer (make config --seed); the OD API's "
+                         "train_loop takes none")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-train-parity"))
     args = ap.parse_args()
 
@@ -118,7 +121,7 @@ def main() -> int:
 
     def config(run: str, steps: int, checkpoint: str | None) -> Path:
         cmd = ["config", "--dataset", name, "--run", run, "--batch-size", str(args.batch), "--num-steps", str(steps),
-               "--image-size", args.image_size]
+               "--image-size", args.image_size, "--seed", str(args.seed)]
         if checkpoint:
             cmd += ["--checkpoint", checkpoint, "--checkpoint-type", "full"]
         sh(cmd, env, logs / f"config-{run}.log")
@@ -128,7 +131,7 @@ def main() -> int:
     import numpy as np
 
     layout = config("layout", args.steps, None)
-    random_start = run_oracle(layout, [np.zeros((64, 64, 3), np.uint8)], out / "random-start", seed=0)["checkpoint"]
+    random_start = run_oracle(layout, [np.zeros((64, 64, 3), np.uint8)], out / "random-start", seed=args.seed)["checkpoint"]
     template = random_start
     starts = {"random": random_start}
     if "finetune" in args.starts:
@@ -156,7 +159,7 @@ def main() -> int:
                                                args.batch)
         print("  loss (step: ours / OD API): " + ", ".join(
             f"{s}: {v:.3f} / {their_losses.get(s, float('nan')):.3f}" for s, v in sorted(ours["losses"].items())))
-        row = {"start": start, "ap_ours": ap_ours[0], "ap50_ours": ap_ours[1], "ap_odapi": ap_theirs[0],
+        row = {"start": start, "seed": args.seed, "ap_ours": ap_ours[0], "ap50_ours": ap_ours[1], "ap_odapi": ap_theirs[0],
                "ap50_odapi": ap_theirs[1], "img_s_ours": ours["images_per_sec"],
                "img_s_odapi": theirs["images_per_sec"], "wall_ours_s": ours_wall,
                "wall_odapi_s": theirs["train_loop_s"], "losses_ours": ours["losses"],
