@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_suggest.py [--dataset ../shared/external/bccd_voc/BCCD | sample]
         [--strategies random,hybrid,uncertainty,diversity] [--seeds 0,1] [--initial 20] [--per-round 20]
         [--rounds 5] [--steps 600] [--size 256] [--batch 8] [--out /tmp/bench-suggest]
+        [--retrain ROUND [--retrain-seed-offset 100]]
 
 A labelled dataset is split once into a pool and a fixed test set (BCCD: its own test list; a
 coco-annotator folder such as the bundled sample: 20% drawn with seed 0); the pool leaves out images without
@@ -20,6 +21,10 @@ against predicting: the bundled sample generator writes that many images, all ta
 annotation file), and RUN_FOLDER's export drafts them all (`make prelabel`: one prediction pass, drafts written) and
 ranks them all (`make suggest`, hybrid), each command timed as a whole, start-up included, the two taking
 turns --cost-repeats times.
+
+With `--retrain ROUND` it trains each seed's and strategy's labelled set of that round (of the runs OUT holds)
+once more with another seed, and prints both trainings' metric: how much of a gap between strategies is the
+training's own noise rather than the images picked.
 
 Printed and written (OUT/results.json, OUT/curves.png): the metric against the number of labelled images
 per strategy and seed, and their mean; for each strategy, the labelled images it needed to reach what
@@ -186,6 +191,10 @@ def main() -> int:
     ap.add_argument("--cost-images", type=int, default=1000)
     ap.add_argument("--cost-repeats", type=int, default=3)
     ap.add_argument("--report-only", action="store_true", help="print the results OUT holds, train nothing")
+    ap.add_argument("--retrain", type=int, metavar="ROUND",
+                    help="train each seed's and strategy's ROUND labelled set of OUT again, with the seed plus "
+                         "--retrain-seed-offset: how much of a difference is the training's own noise")
+    ap.add_argument("--retrain-seed-offset", type=int, default=100)
     args = ap.parse_args()
     if args.cost:
         return cost(args.cost.resolve(), args.cost_images, args.out, args.cost_repeats)
@@ -214,7 +223,7 @@ def main() -> int:
           f"+{args.per_round} each; {args.steps} steps of {args.batch} at {args.size}", flush=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for seed in [] if args.report_only else (int(s) for s in args.seeds.split(",")):
+    for seed in [] if args.report_only or args.retrain is not None else (int(s) for s in args.seeds.split(",")):
         start = set(random.Random(seed).sample(pool, args.initial))
         first_key = f"seed{seed}/round0"
         if first_key not in results:
@@ -241,7 +250,37 @@ def main() -> int:
                 previous = arm
                 print(f"seed {seed} {strategy} round {r}: {results[key]['labelled']} labelled, metric "
                       f"{results[key]['metric']:.3f}", flush=True)
+    if args.retrain is not None:
+        return retrain(results, strategies, [int(s) for s in args.seeds.split(",")], args, coco, out)
     report(results, strategies, [int(s) for s in args.seeds.split(",")], args, out)
+    return 0
+
+
+def retrain(results: dict, strategies: list[str], seeds: list[int], args, coco: dict, out: Path) -> int:
+    """--retrain ROUND: the labelled sets of that round trained again with another seed (OUT/retrain.json, resumable);
+    printed: each set's metric from both trainings, and per strategy the mean over seeds of the two trainings' mean."""
+    import numpy as np
+
+    path = out / "retrain.json"
+    again = json.loads(path.read_text()) if path.is_file() else {}
+    means: dict[str, list[float]] = {}
+    for seed in seeds:
+        for strategy in strategies:
+            key = f"seed{seed}/round0" if args.retrain == 0 else f"seed{seed}/{strategy}/round{args.retrain}"
+            if key not in results:
+                continue
+            if key not in again:
+                names = {im["file_name"] for im in json.loads(Path(results[key]["labels"]).read_text())["images"]}
+                again[key] = train_round(out / "retrain" / key, names, coco, out, args,
+                                         seed + args.retrain_seed_offset, export=False)
+                path.write_text(json.dumps(again, indent=1))
+            first, second = results[key]["metric"], again[key]["metric"]
+            means.setdefault(strategy, []).append((first + second) / 2)
+            print(f"{key}: {results[key]['labelled']} labelled, metric {first:.3f} (seed {seed}), {second:.3f} "
+                  f"(seed {seed + args.retrain_seed_offset}): difference {second - first:+.3f}", flush=True)
+    for strategy, values in means.items():
+        print(f"{strategy}: mean of both trainings, over seeds {', '.join(f'{v:.3f}' for v in values)}: "
+              f"{np.mean(values):.3f}")
     return 0
 
 
