@@ -198,6 +198,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.cost:
         return cost(args.cost.resolve(), args.cost_images, args.out, args.cost_repeats)
+    if args.retrain is not None and args.retrain < 1:
+        raise SystemExit(f"--retrain {args.retrain}: a round from 1 on (round 0 is the same for every strategy)")
     strategies = args.strategies.split(",")
     if "random" not in strategies:
         raise SystemExit("--strategies must include random (the baseline)")
@@ -266,7 +268,7 @@ def retrain(results: dict, strategies: list[str], seeds: list[int], args, coco: 
     means: dict[str, list[float]] = {}
     for seed in seeds:
         for strategy in strategies:
-            key = f"seed{seed}/round0" if args.retrain == 0 else f"seed{seed}/{strategy}/round{args.retrain}"
+            key = f"seed{seed}/{strategy}/round{args.retrain}"
             if key not in results:
                 continue
             if key not in again:

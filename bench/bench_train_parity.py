@@ -131,7 +131,8 @@ def main() -> int:
     import numpy as np
 
     layout = config("layout", args.steps, None)
-    random_start = run_oracle(layout, [np.zeros((64, 64, 3), np.uint8)], out / "random-start", seed=args.seed)["checkpoint"]
+    random_start = run_oracle(layout, [np.zeros((64, 64, 3), np.uint8)], out / "random-start",
+                              seed=args.seed)["checkpoint"]
     template = random_start
     starts = {"random": random_start}
     if "finetune" in args.starts:
@@ -159,8 +160,8 @@ def main() -> int:
                                                args.batch)
         print("  loss (step: ours / OD API): " + ", ".join(
             f"{s}: {v:.3f} / {their_losses.get(s, float('nan')):.3f}" for s, v in sorted(ours["losses"].items())))
-        row = {"start": start, "seed": args.seed, "ap_ours": ap_ours[0], "ap50_ours": ap_ours[1], "ap_odapi": ap_theirs[0],
-               "ap50_odapi": ap_theirs[1], "img_s_ours": ours["images_per_sec"],
+        row = {"start": start, "seed": args.seed, "ap_ours": ap_ours[0], "ap50_ours": ap_ours[1],
+               "ap_odapi": ap_theirs[0], "ap50_odapi": ap_theirs[1], "img_s_ours": ours["images_per_sec"],
                "img_s_odapi": theirs["images_per_sec"], "wall_ours_s": ours_wall,
                "wall_odapi_s": theirs["train_loop_s"], "losses_ours": ours["losses"],
                "losses_odapi": {s: their_losses[s] for s in ours["losses"] if s in their_losses}}

@@ -41,7 +41,7 @@ def op_kind(name: str, op_type: str) -> str:
         return "batch norm (forward and gradients)"
     if op_type.startswith("Relu"):
         return "activations"
-    if "FocalLoss" in name or "huber_loss" in name or "Loss" in name.split("/")[0]:
+    if "FocalLoss" in name or "huber_loss" in name:
         return "loss (focal, Huber; forward and gradients)"
     if op_type.startswith("ResourceApply") or "Regularizer" in name:
         return "optimizer and regularizer"
@@ -52,6 +52,7 @@ def profile(fn, args, steps: int) -> dict[str, float]:
     """ms per step of each op kind (op_kind): the ops' wall times from a profiler trace, summed."""
     import collections
     import glob
+    import shutil
     import tempfile
 
     import tensorflow as tf
@@ -64,7 +65,8 @@ def profile(fn, args, steps: int) -> dict[str, float]:
     tf.nest.map_structure(lambda t: t.numpy(), out)
     tf.profiler.experimental.stop()
     space = xplane_pb2.XSpace()
-    space.ParseFromString(open(sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))[-1], "rb").read())
+    space.ParseFromString(Path(sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))[-1]).read_bytes())
+    shutil.rmtree(logdir)
     kinds: collections.Counter = collections.Counter()
     for plane in space.planes:
         for line in plane.lines:
