@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_suggest.py [--dataset ../shared/external/bccd_voc/BCCD | sample]
         [--strategies random,hybrid,uncertainty,diversity] [--seeds 0,1] [--initial 20] [--per-round 20]
         [--rounds 5] [--steps 600] [--size 256] [--batch 8] [--out /tmp/bench-suggest]
-        [--retrain ROUND [--retrain-seed-offset 100]]
+        [--retrain ROUND [--retrain-seed-offset 100]] [--typicality]
 
 A labelled dataset is split once into a pool and a fixed test set (BCCD: its own test list; a
 coco-annotator folder such as the bundled sample: 20% drawn with seed 0); the pool leaves out images without
@@ -25,6 +25,12 @@ turns --cost-repeats times.
 With `--retrain ROUND` it trains each seed's and strategy's labelled set of that round (of the runs OUT holds)
 once more with another seed, and prints both trainings' metric: how much of a gap between strategies is the
 training's own noise rather than the images picked.
+
+With `--typicality` it reports, for the runs OUT holds, how typical each strategy's picks were: where each
+picked image ranks in typicality among the images unlabelled when it was picked (0 the least typical, 1 the
+most; a random draw averages 0.5), in the feature space of the export that picked it (the image features
+`make suggest` uses). Typicality is the inverse mean distance to the 20 nearest unlabelled images (TypiClust's
+measure, Hacohen et al. 2022, who find typical images worth more than outlying ones at small budgets).
 
 Printed and written (OUT/results.json, OUT/curves.png): the metric against the number of labelled images
 per strategy and seed, and their mean; for each strategy, the labelled images it needed to reach what
@@ -195,6 +201,8 @@ def main() -> int:
                     help="train each seed's and strategy's ROUND labelled set of OUT again, with the seed plus "
                          "--retrain-seed-offset: how much of a difference is the training's own noise")
     ap.add_argument("--retrain-seed-offset", type=int, default=100)
+    ap.add_argument("--typicality", action="store_true",
+                    help="how typical each strategy's picks were among the unlabelled images (module docstring)")
     args = ap.parse_args()
     if args.cost:
         return cost(args.cost.resolve(), args.cost_images, args.out, args.cost_repeats)
@@ -225,7 +233,7 @@ def main() -> int:
           f"+{args.per_round} each; {args.steps} steps of {args.batch} at {args.size}", flush=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for seed in [] if args.report_only or args.retrain is not None else (int(s) for s in args.seeds.split(",")):
+    for seed in [] if args.report_only or args.retrain is not None or args.typicality else (int(s) for s in args.seeds.split(",")):
         start = set(random.Random(seed).sample(pool, args.initial))
         first_key = f"seed{seed}/round0"
         if first_key not in results:
@@ -252,6 +260,8 @@ def main() -> int:
                 previous = arm
                 print(f"seed {seed} {strategy} round {r}: {results[key]['labelled']} labelled, metric "
                       f"{results[key]['metric']:.3f}", flush=True)
+    if args.typicality:
+        return typicality(results, strategies, [int(s) for s in args.seeds.split(",")], args, out)
     if args.retrain is not None:
         return retrain(results, strategies, [int(s) for s in args.seeds.split(",")], args, coco, out)
     report(results, strategies, [int(s) for s in args.seeds.split(",")], args, out)
@@ -283,6 +293,54 @@ def retrain(results: dict, strategies: list[str], seeds: list[int], args, coco: 
     for strategy, values in means.items():
         print(f"{strategy}: mean of both trainings, over seeds {', '.join(f'{v:.3f}' for v in values)}: "
               f"{np.mean(values):.3f}")
+    return 0
+
+
+def typicality(results: dict, strategies: list[str], seeds: list[int], args, out: Path, neighbours: int = 20) -> int:
+    """--typicality (module docstring): per strategy and round, the picks' mean typicality percentile over seeds."""
+    import numpy as np
+    import tensorflow as tf
+
+    from pipelines.annotator.prelabel import read_pixels
+    from pipelines.annotator.suggest import project
+    from pipelines.model_store import FEATURES_OUTPUT, INPUT_NAME, SUGGEST_SIGNATURE
+
+    pool = sorted(p.name for p in (out / "pool").iterdir())
+
+    def names(labels: str) -> set[str]:
+        return {im["file_name"] for im in json.loads(Path(labels).read_text())["images"]}
+
+    table: dict[str, dict[int, list[float]]] = {}
+    for seed in seeds:
+        for strategy in strategies:
+            before = results.get(f"seed{seed}/round0")
+            for r in range(1, args.rounds):
+                after = results.get(f"seed{seed}/{strategy}/round{r}")
+                if before is None or after is None:
+                    break
+                labelled = names(before["labels"])
+                picked = names(after["labels"]) - labelled
+                export = Path(before["labels"]).parent / "ws" / "al" / "export" / "saved_model"
+                signature = tf.saved_model.load(str(export)).signatures[SUGGEST_SIGNATURE]
+                unlabelled = [n for n in pool if n not in labelled]
+                features = np.concatenate([
+                    project(signature(**{INPUT_NAME: tf.constant(read_pixels(out / "pool" / n)[None])})[FEATURES_OUTPUT])
+                    for n in unlabelled])
+                squared = (features ** 2).sum(1)
+                gaps = np.sqrt(np.clip(squared[:, None] - 2 * features @ features.T + squared[None], 0, None))
+                np.fill_diagonal(gaps, np.inf)
+                typical = 1.0 / np.sort(gaps, axis=1)[:, :neighbours].mean(axis=1)
+                percentile = typical.argsort().argsort() / max(len(typical) - 1, 1)
+                place = {n: i for i, n in enumerate(unlabelled)}
+                value = float(np.mean([percentile[place[n]] for n in picked]))
+                table.setdefault(strategy, {}).setdefault(r, []).append(value)
+                print(f"seed {seed} {strategy} round {r}: {len(picked)} picked of {len(unlabelled)} unlabelled, "
+                      f"mean typicality percentile {value:.2f}", flush=True)
+                before = after
+    print("\nmean typicality percentile of the picks (0.5: as typical as a random draw), mean over seeds:")
+    for strategy, rounds in table.items():
+        print(f"  {strategy:<12} " + "  ".join(f"round {r}: {np.mean(v):.2f}" for r, v in sorted(rounds.items()))
+              + f"  (seeds: {len(rounds[1])})")
     return 0
 
 
