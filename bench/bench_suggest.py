@@ -233,7 +233,8 @@ def main() -> int:
           f"+{args.per_round} each; {args.steps} steps of {args.batch} at {args.size}", flush=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for seed in [] if args.report_only or args.retrain is not None or args.typicality else (int(s) for s in args.seeds.split(",")):
+    train = not (args.report_only or args.retrain is not None or args.typicality)
+    for seed in (int(s) for s in args.seeds.split(",")) if train else []:
         start = set(random.Random(seed).sample(pool, args.initial))
         first_key = f"seed{seed}/round0"
         if first_key not in results:
@@ -321,13 +322,14 @@ def typicality(results: dict, strategies: list[str], seeds: list[int], args, out
                 labelled = names(before["labels"])
                 picked = names(after["labels"]) - labelled
                 export = Path(before["labels"]).parent / "ws" / "al" / "export" / "saved_model"
+                if not export.is_dir():
+                    raise SystemExit(f"{export}: no export to read the picks' features from (the run was moved?)")
                 signature = tf.saved_model.load(str(export)).signatures[SUGGEST_SIGNATURE]
                 unlabelled = [n for n in pool if n not in labelled]
                 features = np.concatenate([
                     project(signature(**{INPUT_NAME: tf.constant(read_pixels(out / "pool" / n)[None])})[FEATURES_OUTPUT])
                     for n in unlabelled])
-                squared = (features ** 2).sum(1)
-                gaps = np.sqrt(np.clip(squared[:, None] - 2 * features @ features.T + squared[None], 0, None))
+                gaps = np.linalg.norm(features[:, None] - features[None], axis=-1)  # a pool of hundreds
                 np.fill_diagonal(gaps, np.inf)
                 typical = 1.0 / np.sort(gaps, axis=1)[:, :neighbours].mean(axis=1)
                 percentile = typical.argsort().argsort() / max(len(typical) - 1, 1)
